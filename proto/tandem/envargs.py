@@ -21,7 +21,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
 
     def add_argument(self, *names: str, **kw: Any):  # type: ignore[override]
         long = next((n for n in names if n.startswith("--")), None)
-        if long is not None and "default" in kw or long is not None and kw.get("action") not in ("help",):
+        if long is not None and kw.get("action") not in ("help", "version"):
             var = env_name(long)
             if var in os.environ:
                 raw = os.environ[var]
