@@ -54,6 +54,11 @@ class TandemStub:
                 request_serializer=tandem_dot_v1_dot_api__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_api__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/tandem.v1.Tandem/GetStats',
+                request_serializer=tandem_dot_v1_dot_api__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_api__pb2.ServerStats.FromString,
+                _registered_method=True)
 
 
 class TandemServicer:
@@ -86,6 +91,13 @@ class TandemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Live scheduler figures: queue, KV blocks, preemptions, worker busy fraction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TandemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +120,11 @@ def add_TandemServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=tandem_dot_v1_dot_api__pb2.GetModelInfoRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_api__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=tandem_dot_v1_dot_api__pb2.GetStatsRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_api__pb2.ServerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +235,33 @@ class Tandem:
             '/tandem.v1.Tandem/GetModelInfo',
             tandem_dot_v1_dot_api__pb2.GetModelInfoRequest.SerializeToString,
             tandem_dot_v1_dot_api__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Tandem/GetStats',
+            tandem_dot_v1_dot_api__pb2.GetStatsRequest.SerializeToString,
+            tandem_dot_v1_dot_api__pb2.ServerStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,67 @@
+"""`python -m scheduler_svc`: the CPU scheduler process (gRPC API + engine link). Never imports torch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from scheduler_svc.engine import EngineConfig
+from scheduler_svc.server import SchedulerServer, ServerConfig
+from scheduler_svc.validation import RequestLimits
+from tandem.envargs import EnvArgumentParser, default_engine_address
+
+
+def parse_args(argv: list[str] | None = None):
+    p = EnvArgumentParser(prog="python -m scheduler_svc", description="Tandem scheduler process (CPU).")
+    p.add_argument("--address", default="localhost:50051", help="gRPC listen address.")
+    p.add_argument("--engine-address", default=default_engine_address(),
+                   help="ZeroMQ address the worker connects to (ipc:// or tcp://).")
+    p.add_argument("--pipeline-depth", type=int, choices=(1, 2), default=2,
+                   help="Steps in flight: 2 = asynchronous (run ahead with carry-over), 1 = synchronous.")
+    p.add_argument("--sync", action="store_true", help="Same as --pipeline-depth 1.")
+    p.add_argument("--max-waiting", type=int, default=256, help="Waiting-queue bound (RESOURCE_EXHAUSTED past it).")
+    p.add_argument("--max-num-rows", type=int, default=0, help="Cap on requests per step (0 = worker's).")
+    p.add_argument("--max-num-tokens", type=int, default=0, help="Cap on tokens per step (0 = worker's).")
+    p.add_argument("--default-max-new-tokens", type=int, default=256,
+                   help="max_new_tokens when a request gives none (capped by the context).")
+    p.add_argument("--max-stop-strings", type=int, default=16)
+    p.add_argument("--max-stop-length", type=int, default=256)
+    p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        address=args.address,
+        engine_address=args.engine_address,
+        engine=EngineConfig(
+            pipeline_depth=1 if args.sync else args.pipeline_depth,
+            max_waiting=args.max_waiting,
+            max_num_rows=args.max_num_rows,
+            max_num_tokens=args.max_num_tokens,
+        ),
+        limits=RequestLimits(
+            default_max_new_tokens=args.default_max_new_tokens,
+            max_stop_strings=args.max_stop_strings,
+            max_stop_length=args.max_stop_length,
+            max_logprobs=args.max_logprobs,
+        ),
+    )
+
+    async def run() -> None:
+        await SchedulerServer(config).serve_forever()
+
+    try:
+        asyncio.run(run())
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

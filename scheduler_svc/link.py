@@ -1,0 +1,88 @@
+"""The scheduler's end of the engine link: a ZeroMQ ROUTER socket the worker connects to.
+
+Owns the socket, its heartbeat settings and the detection of a dead worker. The scheduler binds so
+that a worker can die and reconnect without the scheduler restarting; the ROUTER tells us which
+connection (peer identity) a message came from, so a restarted worker is told apart from the old
+one. ZMTP heartbeats run in libzmq's I/O thread and the socket monitor reports DISCONNECTED, so a
+dead or wedged peer is noticed without any application-level thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from tandem import wire
+from tandem.envargs import prepare_ipc_address
+
+log = logging.getLogger("tandem.link")
+
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
+MAX_MESSAGE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Incoming:
+    peer: bytes
+    kind: bytes
+    header: bytes
+    frames: list
+
+
+class EngineLink:
+    """Receives HELLO/RESULT from the worker and sends PLAN/FLUSH to it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never drops silently
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        prepare_ipc_address(address)
+        sock.bind(address)
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
+
+    async def recv(self) -> Incoming:
+        """Next well-formed message; garbage is logged and skipped, never raised to the caller."""
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            peer, body = frames[0].bytes, frames[1:]
+            try:
+                kind, header, arrays = wire.split(body)
+            except wire.WireError as exc:
+                log.warning("dropping malformed message from worker: %s", exc)
+                continue
+            return Incoming(peer, kind, header, arrays)
+
+    def send(self, peer: bytes, frames: list) -> None:
+        """Queues a message for `peer` without blocking; raises zmq.ZMQError if the peer is gone."""
+        self._sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
+
+    async def watch_disconnects(self, on_disconnect: Callable[[], Awaitable[None] | None]) -> None:
+        """Calls `on_disconnect` whenever a connection drops (closed socket, heartbeat timeout)."""
+        while True:
+            msg = parse_monitor_message(await self._monitor.recv_multipart())
+            if msg["event"] == zmq.EVENT_DISCONNECTED:
+                log.warning("engine link: worker connection dropped")
+                result = on_disconnect()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+        self._ctx.term()

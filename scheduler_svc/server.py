@@ -1,0 +1,99 @@
+"""The scheduler process: gRPC server (API, health, reflection) + engine link + engine loop.
+
+Owns start-up and shutdown order: bind the engine link, start gRPC reporting NOT_SERVING, flip to
+SERVING when a worker's handshake arrives (and back when it goes), stop cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from scheduler_svc.engine import Engine, EngineConfig
+from scheduler_svc.link import EngineLink
+from scheduler_svc.servicer import TandemServicer
+from scheduler_svc.validation import RequestLimits
+from tandem.v1 import api_pb2, api_pb2_grpc
+
+log = logging.getLogger("tandem.server")
+
+SERVICE_NAME = api_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
+MAX_RECEIVE_MESSAGE_BYTES = 16 << 20
+
+
+@dataclass
+class ServerConfig:
+    address: str
+    engine_address: str
+    engine: EngineConfig
+    limits: RequestLimits
+    shutdown_grace_s: float = 5.0
+
+
+class SchedulerServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.health = health_aio.HealthServicer()
+        self.link = EngineLink(config.engine_address)
+        self.engine = Engine(self.link, config.engine, on_serving_change=self._serving_changed)
+        self.grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ])
+        api_pb2_grpc.add_TandemServicer_to_server(TandemServicer(self.engine, config.limits), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc,
+        )
+        self.port = self.grpc.add_insecure_port(config.address)
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC address {config.address}")
+        self._tasks: list[asyncio.Future] = []
+
+    def _serving_changed(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self._tasks.append(asyncio.ensure_future(self.health.set(name, status)))
+
+    async def start(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.start()
+        self._engine_task = asyncio.ensure_future(self.engine.run())
+        log.info("gRPC on %s (port %d), engine link on %s, waiting for a worker",
+                 self.config.address, self.port, self.config.engine_address)
+
+    async def stop(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc.stop(self.config.shutdown_grace_s)
+        self._engine_task.cancel()
+        try:
+            await self._engine_task
+        except (asyncio.CancelledError, Exception):
+            pass
+        self.link.close()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        done, _ = await asyncio.wait(
+            [asyncio.ensure_future(stop.wait()), self._engine_task], return_when=asyncio.FIRST_COMPLETED
+        )
+        if self._engine_task in done and self._engine_task.exception() is not None:
+            log.error("engine loop died", exc_info=self._engine_task.exception())
+            await self.stop()
+            raise SystemExit(1)
+        log.info("shutting down")
+        await self.stop()

@@ -1,0 +1,200 @@
+"""The public gRPC API (tandem.v1.Tandem) on grpc.aio.
+
+Owns the mapping between RPCs and the engine: validate, admit, stream deltas back, and turn every
+failure into an explicit status with google.rpc details (never UNKNOWN). A client cancel or an
+expired deadline cancels the handler, whose `finally` aborts the request so its KV blocks return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from scheduler_svc.detokenizer import OutputText
+from scheduler_svc.engine import Engine, Unavailable
+from scheduler_svc.handle import Completion, Delta, RequestHandle
+from scheduler_svc.scheduler import NeverFits, QueueFull
+from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request, prompt_ids
+from tandem.v1 import api_pb2, api_pb2_grpc
+
+log = logging.getLogger("tandem.api")
+
+SERVER_VERSION = "0.1.0"
+
+
+def _status(code: grpc.StatusCode, message: str, *details) -> grpc.Status:
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=packed))
+
+
+def invalid_argument(field: str, description: str) -> grpc.Status:
+    bad = error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=description)]
+    )
+    return _status(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", bad)
+
+
+def resource_exhausted(message: str, retry_after_s: float = 1.0) -> grpc.Status:
+    retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=int(retry_after_s * 1e9)))
+    return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message, retry)
+
+
+def _completion_pb(c: Completion) -> api_pb2.Completion:
+    out = api_pb2.Completion(
+        finish_reason=int(c.finish_reason),
+        usage=api_pb2.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+        timings=api_pb2.Timings(queue_s=c.queue_s, ttft_s=c.ttft_s, total_s=c.total_s),
+    )
+    if c.stop_string is not None:
+        out.stop_string = c.stop_string
+    elif c.stop_token_id is not None:
+        out.stop_token_id = c.stop_token_id
+    return out
+
+
+def _logprobs_pb(items) -> list[api_pb2.TokenLogprob]:
+    return [
+        api_pb2.TokenLogprob(token_id=t, logprob=lp, top=[api_pb2.TopLogprob(token_id=i, logprob=v) for i, v in top])
+        for t, lp, top in items
+    ]
+
+
+@contextlib.asynccontextmanager
+async def internal_errors(context: grpc.aio.ServicerContext):
+    """A bug surfaces as INTERNAL with a message, never as UNKNOWN."""
+    try:
+        yield
+    except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:
+        log.exception("internal error")
+        await context.abort_with_status(_status(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"))
+
+
+class TandemServicer(api_pb2_grpc.TandemServicer):
+    def __init__(self, engine: Engine, limits: RequestLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}"
+
+    async def _admit(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
+        client_id = request.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", "")
+        client_id = client_id or uuid.uuid4().hex
+        try:
+            tokenizer = self.engine.tokenizer()
+            hello = self.engine.hello()
+            req, stops = build_request(request, f"{self._prefix}-{next(self._ids)}", tokenizer, hello, self.limits)
+            handle = RequestHandle(req, client_id, OutputText(tokenizer, stops))
+            self.engine.submit(handle)
+        except InvalidArgument as exc:
+            await context.abort_with_status(invalid_argument(exc.field, exc.description))
+        except NeverFits as exc:
+            await context.abort_with_status(invalid_argument("max_new_tokens", str(exc)))
+        except QueueFull as exc:
+            await context.abort_with_status(resource_exhausted(f"queue full: {exc}"))
+        except Unavailable as exc:
+            await context.abort_with_status(_status(grpc.StatusCode.UNAVAILABLE, str(exc)))
+        return handle
+
+    async def _deltas(self, handle: RequestHandle) -> AsyncIterator[Delta]:
+        while True:
+            await handle.changed.wait()
+            delta = handle.take()
+            yield delta
+            if delta.completion is not None or delta.error is not None:
+                return
+
+    async def _end_with_error(self, context: grpc.aio.ServicerContext, error) -> None:
+        code, message = error
+        await context.abort_with_status(_status(code, message))
+
+    async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
+        async with internal_errors(context):
+            handle = await self._admit(request, context)
+            text, ids, logprobs = [], [], []
+            try:
+                async for delta in self._deltas(handle):
+                    text.append(delta.text)
+                    ids.extend(delta.token_ids)
+                    logprobs.extend(delta.logprobs)
+                    if delta.error is not None:
+                        await self._end_with_error(context, delta.error)
+                    if delta.completion is not None:
+                        return api_pb2.GenerateResponse(
+                            request_id=handle.client_request_id, text="".join(text), token_ids=ids,
+                            logprobs=_logprobs_pb(logprobs), completion=_completion_pb(delta.completion),
+                        )
+            finally:
+                if not handle.done:
+                    self.engine.abort(handle.req_id)
+
+    async def GenerateStream(self, request, context):  # noqa: N802
+        async with internal_errors(context):
+            handle = await self._admit(request, context)
+            try:
+                async for delta in self._deltas(handle):
+                    if delta.error is not None:
+                        await self._end_with_error(context, delta.error)
+                    msg = api_pb2.GenerateResponse(
+                        request_id=handle.client_request_id, text=delta.text, token_ids=delta.token_ids,
+                        logprobs=_logprobs_pb(delta.logprobs),
+                    )
+                    if delta.completion is not None:
+                        msg.completion.CopyFrom(_completion_pb(delta.completion))
+                    yield msg
+            finally:
+                if not handle.done:
+                    self.engine.abort(handle.req_id)
+
+    async def Tokenize(self, request, context):  # noqa: N802
+        async with internal_errors(context):
+            try:
+                tokenizer = self.engine.tokenizer()
+                _, ids = prompt_ids(request.WhichOneof("prompt"), request, tokenizer,
+                                    self.engine.hello().vocab_size, self.limits)
+            except InvalidArgument as exc:
+                await context.abort_with_status(invalid_argument(exc.field, exc.description))
+            except Unavailable as exc:
+                await context.abort_with_status(_status(grpc.StatusCode.UNAVAILABLE, str(exc)))
+            return api_pb2.TokenizeResponse(token_ids=ids, tokens=tokenizer.token_strings(ids))
+
+    async def GetModelInfo(self, request, context):  # noqa: N802
+        async with internal_errors(context):
+            info = api_pb2.ModelInfo(
+                pipeline_depth=self.engine.config.pipeline_depth, server_version=SERVER_VERSION,
+                worker_connected=self.engine.serving, max_new_tokens_default=self.limits.default_max_new_tokens,
+            )
+            if self.engine.serving:
+                h = self.engine.hello()
+                info.model, info.vocab_size, info.max_context = h.model_name, h.vocab_size, h.max_context
+                info.eos_token_ids.extend(h.eos_token_ids)
+                info.dtype, info.device = h.dtype, h.device
+                info.kv_blocks, info.kv_block_size = h.num_blocks, h.block_size
+            return info
+
+
+    async def GetStats(self, request, context):  # noqa: N802
+        async with internal_errors(context):
+            st = self.engine.stats()
+            return api_pb2.ServerStats(
+                num_running=int(st.get("running", 0)), num_waiting=int(st.get("waiting", 0)),
+                kv_blocks_total=int(st.get("kv_blocks_total", 0)), kv_blocks_free=int(st.get("kv_blocks_free", 0)),
+                num_preemptions=int(st.get("preemptions", 0)), steps=int(st.get("steps", 0)),
+                worker_busy_ratio=float(st.get("busy_ratio", 0.0)), worker_connected=self.engine.serving,
+                requests_finished=self.engine.requests_finished,
+            )

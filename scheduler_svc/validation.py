@@ -1,0 +1,132 @@
+"""Validation of public API requests: a GenerateRequest in, a schedulable Request out, or an error
+naming the offending field.
+
+Owns the rules and the defaults of every request parameter. Checks that need the model (vocabulary,
+context length) use the facts of the connected worker's handshake.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from scheduler_svc.request import Request, SamplingParams
+from scheduler_svc.tokenizer import TandemTokenizer
+from tandem import wire
+from tandem.v1 import api_pb2
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+class InvalidArgument(Exception):
+    def __init__(self, field: str, description: str) -> None:
+        super().__init__(f"{field}: {description}")
+        self.field = field
+        self.description = description
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    default_max_new_tokens: int = 256
+    max_stop_strings: int = 16
+    max_stop_length: int = 256  # characters per stop string
+    max_stop_token_ids: int = 64
+    max_logprobs: int = 20
+    max_prompt_chars: int = 1 << 20
+    max_chat_messages: int = 1024
+
+
+def _check(cond: bool, field: str, description: str) -> None:
+    if not cond:
+        raise InvalidArgument(field, description)
+
+
+def prompt_ids(
+    prompt_field: str | None, msg: api_pb2.GenerateRequest | api_pb2.TokenizeRequest,
+    tokenizer: TandemTokenizer, vocab_size: int, limits: RequestLimits,
+) -> tuple[str, list[int]]:
+    """Tokenizes the request's prompt (text, token ids or chat); returns (field name, ids)."""
+    if prompt_field is None:
+        raise InvalidArgument("prompt", "one of text, token_ids or chat is required")
+    if prompt_field == "text":
+        _check(len(msg.text) > 0, "text", "must not be empty")
+        _check(len(msg.text) <= limits.max_prompt_chars, "text", f"longer than {limits.max_prompt_chars} characters")
+        ids = tokenizer.encode(msg.text)
+    elif prompt_field == "token_ids":
+        ids = list(msg.token_ids.ids)
+        _check(len(ids) > 0, "token_ids.ids", "must not be empty")
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        _check(bad is None, "token_ids.ids", f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    else:
+        messages = msg.chat.messages
+        _check(len(messages) > 0, "chat.messages", "must not be empty")
+        _check(len(messages) <= limits.max_chat_messages, "chat.messages",
+               f"more than {limits.max_chat_messages} messages")
+        for i, m in enumerate(messages):
+            _check(m.role in CHAT_ROLES, f"chat.messages[{i}].role",
+                   f"unknown role {m.role!r}; expected one of {sorted(CHAT_ROLES)}")
+        total = sum(len(m.content) for m in messages)
+        _check(total <= limits.max_prompt_chars, "chat.messages", f"longer than {limits.max_prompt_chars} characters")
+        try:
+            ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
+        except ValueError as exc:
+            raise InvalidArgument("chat.messages", f"chat template failed: {exc}") from exc
+    _check(len(ids) > 0, prompt_field, "tokenizes to no tokens")
+    return prompt_field, ids
+
+
+def build_request(
+    msg: api_pb2.GenerateRequest, req_id: str, tokenizer: TandemTokenizer, hello: wire.Hello,
+    limits: RequestLimits,
+) -> tuple[Request, list[str]]:
+    """Validates `msg` fully (before anything is queued); returns the Request and its stop strings."""
+    field, ids = prompt_ids(msg.WhichOneof("prompt"), msg, tokenizer, hello.vocab_size, limits)
+    ctx = hello.max_context
+    _check(len(ids) < ctx, field, f"prompt is {len(ids)} tokens; the context holds {ctx} (prompt + at least 1 new)")
+    room = ctx - len(ids)
+    if msg.HasField("max_new_tokens"):
+        _check(msg.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
+        _check(msg.max_new_tokens <= room, "max_new_tokens",
+               f"{msg.max_new_tokens} new tokens after a {len(ids)}-token prompt exceed the {ctx}-token context")
+        max_new = msg.max_new_tokens
+    else:
+        max_new = min(limits.default_max_new_tokens, room)
+
+    temperature = msg.temperature if msg.HasField("temperature") else 1.0
+    _check(math.isfinite(temperature) and temperature >= 0, "temperature", "must be a finite number >= 0")
+    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    _check(math.isfinite(top_p) and 0 < top_p <= 1, "top_p", "must be in (0, 1]")
+    top_k = msg.top_k if msg.HasField("top_k") else 0
+    _check(top_k >= 0, "top_k", "must be >= 0 (0 = off)")
+    min_p = msg.min_p if msg.HasField("min_p") else 0.0
+    _check(math.isfinite(min_p) and 0 <= min_p <= 1, "min_p", "must be in [0, 1]")
+    seed = msg.seed if msg.HasField("seed") else secrets.randbits(64)
+    num_logprobs = -1
+    if msg.HasField("logprobs"):
+        _check(msg.logprobs <= limits.max_logprobs, "logprobs", f"at most {limits.max_logprobs}")
+        num_logprobs = msg.logprobs
+
+    stops = list(msg.stop)
+    _check(len(stops) <= limits.max_stop_strings, "stop", f"at most {limits.max_stop_strings} stop strings")
+    for i, s in enumerate(stops):
+        _check(0 < len(s) <= limits.max_stop_length, f"stop[{i}]",
+               f"must be 1 to {limits.max_stop_length} characters")
+    stop_ids = list(msg.stop_token_ids)
+    _check(len(stop_ids) <= limits.max_stop_token_ids, "stop_token_ids",
+           f"at most {limits.max_stop_token_ids} stop token ids")
+    for i, t in enumerate(stop_ids):
+        _check(0 <= t < hello.vocab_size, f"stop_token_ids[{i}]",
+               f"token id {t} outside the vocabulary [0, {hello.vocab_size})")
+
+    request = Request(
+        req_id=req_id,
+        prompt_ids=ids,
+        max_new_tokens=max_new,
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                seed=seed, num_logprobs=num_logprobs),
+        stop_token_ids=frozenset(stop_ids),
+        eos_token_ids=frozenset(hello.eos_token_ids),
+        ignore_eos=msg.ignore_eos,
+    )
+    return request, stops
