@@ -1,0 +1,181 @@
+"""Streaming output text: sampled token ids -> text deltas, with stop strings cut out exactly.
+
+Owns the two hazards of streaming text (docs/internals.md, design "Stop strings span token
+boundaries"): a token may end in the middle of a multi-byte UTF-8 character, and a stop string may
+be spread over many tokens. Text that could still change or still turn out to be part of a stop is
+held back; everything else is released as soon as it is final.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scheduler_svc.tokenizer import TandemTokenizer
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Token ids in, only the new text out; the deltas concatenate to `tokenizer.decode(all ids)`.
+
+    Each push decodes a short window `ids[prefix:]` and compares it with the decode of
+    `ids[prefix:read]` (tokens already turned into text). Decoding the context tokens too, rather
+    than the new tokens alone, keeps the decoder's word-boundary rules (leading-space stripping,
+    byte merging) the same as in a full decode. Cost per token is bounded by the window, not by the
+    length of the output.
+    """
+
+    def __init__(
+        self, tokenizer: TandemTokenizer, skip_special_tokens: bool = True, max_held_tokens: int = 16
+    ) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        # A trailing U+FFFD may be an incomplete character (at most 3 bytes, so a few tokens) or
+        # genuinely invalid bytes the model produced; past this many pending tokens assume the latter
+        # rather than holding (and re-decoding) garbage forever.
+        self._max_held = max_held_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: context tokens decoded again for the decoder's sake
+        self._read = 0  # tokens before this are fully released as text
+        self._prefix_len = 0  # len(decode(ids[prefix:read]))
+        self._partial = 0  # chars after prefix_len already released from a window ending in U+FFFD
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._ids
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        self._ids.extend(int(t) for t in token_ids)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Release whatever is held (generation ended): the output is final even if invalid UTF-8."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        text = self._tok.decode(self._ids[self._prefix :], self._skip)
+        settled = final or not text.endswith(REPLACEMENT) or len(self._ids) - self._read > self._max_held
+        # Everything before the trailing U+FFFD run is fixed: later bytes cannot change it.
+        safe = text if settled else text.rstrip(REPLACEMENT)
+        start = self._prefix_len + self._partial
+        delta = safe[start:]
+        if not settled:
+            self._partial += len(delta)
+            return delta
+        # Slide the window: the tokens just released become the context of the next decode. Keep
+        # the old context when the new one would decode to nothing (only skipped special tokens),
+        # since decoders treat the first visible token of a decode specially.
+        window = self._ids[self._read :]
+        if any(not (self._skip and self._tok.is_special(t)) for t in window):
+            self._prefix = self._read
+        self._read = len(self._ids)
+        self._prefix_len = len(self._tok.decode(self._ids[self._prefix : self._read], self._skip))
+        self._partial = 0
+        return delta
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text; holds back text that may still become a stop.
+
+    The match reported is the one that completes first in the stream (ties: the one starting
+    first), so the outcome does not depend on how the text was split into chunks.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        self.stops = list(dict.fromkeys(stops))
+        self._held = ""
+        self.matched: str | None = None
+
+    def push(self, text: str) -> tuple[str, str | None]:
+        """(text safe to emit now, the stop just matched or None). After a match, returns ('', None)."""
+        if self.matched is not None:
+            return "", None
+        buf = self._held + text
+        best: tuple[int, int, str] | None = None  # (end, start, stop)
+        for stop in self.stops:
+            at = buf.find(stop)
+            if at >= 0:
+                cand = (at + len(stop), at, stop)
+                if best is None or cand[:2] < best[:2]:
+                    best = cand
+        if best is not None:
+            self._held = ""
+            self.matched = best[2]
+            return buf[: best[1]], best[2]
+        keep = self._longest_partial(buf)
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], None
+
+    def flush(self) -> str:
+        """Release held text when generation ends for another reason than a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+    def _longest_partial(self, buf: str) -> int:
+        """Length of the longest suffix of buf that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), best, -1):
+                if buf.endswith(stop[:k]):
+                    best = k
+                    break
+        return best
+
+
+@dataclass
+class TextDelta:
+    text: str
+    matched_stop: str | None = None
+
+
+class OutputText:
+    """One request's output: token ids in, stop-aware text deltas out."""
+
+    def __init__(
+        self, tokenizer: TandemTokenizer, stops: Sequence[str] = (), skip_special_tokens: bool = True
+    ) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        self._stops = StopStringMatcher(stops) if stops else None
+        self._chunks: list[str] = []
+        self.matched_stop: str | None = None
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._chunks)
+
+    @property
+    def stopped(self) -> bool:
+        return self.matched_stop is not None
+
+    def push(self, token_ids: Sequence[int]) -> TextDelta:
+        if self.stopped:
+            return TextDelta("")
+        return self._filter(self._detok.push(token_ids))
+
+    def finish(self) -> str:
+        """Text still held when generation ends (EOS, length, abort); '' after a stop matched."""
+        if self.stopped:
+            return ""
+        delta = self._filter(self._detok.flush())
+        if self.stopped or self._stops is None:
+            return delta.text
+        held = self._stops.flush()
+        self._chunks.append(held)
+        return delta.text + held
+
+    def _filter(self, text: str) -> TextDelta:
+        if self._stops is None:
+            out, stop = text, None
+        elif not text:
+            return TextDelta("")
+        else:
+            out, stop = self._stops.push(text)
+        self.matched_stop = stop
+        self._chunks.append(out)
+        return TextDelta(out, stop)

@@ -1,0 +1,88 @@
+"""Shared fixtures: real Tandem servers (scheduler + worker processes), started once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import TandemServer
+
+# Small enough that prompts of a few hundred tokens take several prefill chunks.
+TINY_WORKER_ARGS = ["--max-num-tokens", "128", "--max-num-rows", "32", "--num-blocks", "512"]
+
+
+class ServerPool:
+    """Servers keyed by configuration, so tests that need the same one share it."""
+
+    def __init__(self) -> None:
+        self._servers: dict[tuple, TandemServer] = {}
+
+    def get(self, model: str = "random:tiny-llama", *, depth: int = 2, worker_args: tuple[str, ...] = (),
+            scheduler_args: tuple[str, ...] = ()) -> TandemServer:
+        key = (model, depth, worker_args, scheduler_args)
+        if key not in self._servers:
+            server = TandemServer(
+                model=model,
+                scheduler_args=["--pipeline-depth", str(depth), *scheduler_args],
+                worker_args=list(worker_args),
+            )
+            self._servers[key] = server.start()
+        return self._servers[key]
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def servers():
+    pool = ServerPool()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="session")
+def tiny(servers) -> TandemServer:
+    return servers.get(worker_args=tuple(TINY_WORKER_ARGS))
+
+
+@pytest.fixture(scope="session")
+def tiny_sync(servers) -> TandemServer:
+    return servers.get(depth=1, worker_args=tuple(TINY_WORKER_ARGS))
+
+
+@pytest.fixture(scope="session")
+def smol(servers) -> TandemServer:
+    return servers.get("smollm2-135m-instruct", worker_args=("--max-num-tokens", "256"))
+
+
+@pytest.fixture(scope="session")
+def smol_sync(servers) -> TandemServer:
+    return servers.get("smollm2-135m-instruct", depth=1, worker_args=("--max-num-tokens", "256"))
+
+
+def _reference(spec: str):
+    """The same weights the worker loads, with transformers' stock attention, as the oracle."""
+    from worker_svc.models import load
+
+    model = load(spec).model
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return _reference("random:tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smol_model():
+    return _reference("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from worker_svc.models import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())

@@ -1,0 +1,79 @@
+"""Acceptance: real text from real processes over real gRPC, token-for-token equal to transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from client import AsyncTandemClient
+from tests.reference import assert_matches, hf_generate
+
+TANDEM = os.path.join(os.path.dirname(sys.executable), "tandem")
+
+
+def test_cli_chat_answers_paris(smol):
+    """What a new user does after `make run`."""
+    out = subprocess.run(
+        [TANDEM, "generate", "What is the capital of France?", "--chat", "--address", smol.address,
+         "--temperature", "0", "--max-new-tokens", "32"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_tiny_llama_matches_transformers_generate(tiny, tiny_model):
+    """16 concurrent greedy requests, prompts 1-300 tokens (several prefill chunks of 128), 1-64 new."""
+    rng = random.Random(2)
+    lengths = [1, 2, 7, 31, 64, 100, 127, 128, 129, 170, 200, 233, 256, 257, 290, 300]
+    news = [1, 64, *[rng.randint(1, 64) for _ in range(14)]]
+    cases = [([rng.randrange(3, 49152) for _ in range(n)], m) for n, m in zip(lengths, news, strict=True)]
+
+    async def run():
+        async with AsyncTandemClient(tiny.address) as c:
+            return await asyncio.gather(*(
+                c.generate(token_ids=p, max_new_tokens=m, temperature=0, ignore_eos=True) for p, m in cases
+            ))
+
+    results = asyncio.run(run())
+    full = 0
+    for i, ((prompt, m), r) in enumerate(zip(cases, results, strict=True)):
+        assert r.finish_reason == "length"
+        assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == m
+        full += assert_matches(r.token_ids, hf_generate(tiny_model, prompt, m), f"request {i} (prompt {len(prompt)})")
+    assert full >= 14, f"only {full}/16 sequences matched all the way"
+    assert tiny.wait_idle().kv_blocks_free == tiny.stats().kv_blocks_total
+
+
+CHATS = [
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+    "List three colours.",
+    "What is 2 + 2?",
+]
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers_generate(smol, smol_model, smol_tokenizer):
+    async def run():
+        async with AsyncTandemClient(smol.address) as c:
+            return await asyncio.gather(*(
+                c.generate(messages=[{"role": "user", "content": q}], max_new_tokens=40, temperature=0)
+                for q in CHATS
+            ))
+
+    results = asyncio.run(run())
+    for q, r in zip(CHATS, results, strict=True):
+        prompt = smol_tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert r.usage.prompt_tokens == len(prompt)
+        ref = hf_generate(smol_model, list(prompt), 40, stop_at_eos=True)
+        assert r.finish_reason in ("eos", "length")
+        assert_matches(r.token_ids, ref, q)
+        assert r.text == smol_tokenizer.decode(r.token_ids, skip_special_tokens=True)
