@@ -134,7 +134,7 @@ class Engine:
             "kv_usage": s.scheduler.kv_usage,
             "preemptions": s.scheduler.num_preemptions,
             "kv_blocks_total": s.hello.num_blocks,
-            "kv_blocks_free": s.scheduler.num_free_blocks,
+            "kv_blocks_free": s.scheduler.blocks.num_free,
             "steps": s.meter.steps,
             "busy_ratio": s.meter.busy_ratio,
             "compute_ms": s.meter.compute_ms,
@@ -219,7 +219,6 @@ class Engine:
                 if built is None:
                     break
                 plan, _info = built
-                plan.flush = depth == 1
                 self.link.send(s.peer, plan.encode())
                 s.flushed = False
             else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import TandemServer
+from client.local_server import TandemServer
 
 # Small enough that prompts of a few hundred tokens take several prefill chunks.
 TINY_WORKER_ARGS = ["--max-num-tokens", "128", "--max-num-rows", "32", "--num-blocks", "512"]

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from client import AsyncTandemClient, TandemError
-from tests.harness import TandemServer
+from client.local_server import TandemServer
 
 
 async def _expect(coro, code: grpc.StatusCode, field: str | None = None) -> TandemError:

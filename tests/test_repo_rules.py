@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 
-from tests.harness import ROOT
+from client.local_server import ROOT
 
 
 def test_generated_stubs_are_fresh():

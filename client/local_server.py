@@ -1,7 +1,8 @@
-"""Real Tandem servers for tests: a scheduler process and a worker process on a private ipc:// link.
+"""A private local Tandem (scheduler + worker processes) for tests, benchmarks and notebooks.
 
 Nothing here stands in for a component: `TandemServer` starts `python -m scheduler_svc` and
-`python -m worker_svc` exactly as a user would, on a free port, and waits for gRPC health SERVING.
+`python -m worker_svc` exactly as a user would, on a free port and a private ipc:// link in a 0700
+directory, and waits for gRPC health SERVING. Depends only on grpc and the stubs, like all of client/.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.v1 import api_pb2, api_pb2_grpc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for `python -m`
 
 
 def free_port() -> int:

@@ -1,0 +1,128 @@
+"""One generation request as the scheduler sees it: what was asked, and how far it has got.
+
+Owns the request's identity, sampling parameters and scheduling state. A request's token sequence is
+`prompt_ids + output_ids` (confirmed tokens) followed by `num_inflight` samples that steps already
+sent will produce; `num_computed` of those tokens have their KV written or scheduled. Everything else
+(lengths, what is left to compute) is derived, so there is one source of truth.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass, field
+
+UINT64_MAX = (1 << 64) - 1
+
+
+class FinishReason(enum.IntEnum):
+    """Same values as tandem.v1.api_pb2.FinishReason (0 = UNSPECIFIED is never a finish)."""
+
+    EOS = 1
+    STOP_STRING = 2
+    STOP_TOKEN = 3
+    LENGTH = 4
+    ABORTED = 5
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted: no KV blocks held
+    RUNNING = "running"  # admitted: holds KV blocks, scheduled each step it can be
+    FINISHED = "finished"
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    # The worker's counter-based RNG is keyed by (seed, position); a fresh seed when the client gave none.
+    seed: int = field(default_factory=lambda: secrets.randbits(64))
+    num_logprobs: int = -1  # -1 = none, 0 = the sampled token's only, n = plus the top n
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.seed <= UINT64_MAX, f"seed {self.seed} is not a uint64"
+
+
+@dataclass(eq=False)
+class Request:
+    req_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()
+    eos_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    # Scheduling state, owned by the Scheduler.
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_inflight: int = 0  # samples scheduled in sent steps whose results have not arrived
+    last_sample: tuple[int, int] | None = None  # (step_id, row) of the newest in-flight sample
+    block_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        assert len(self.prompt_ids) > 0, "empty prompt"
+        assert self.max_new_tokens >= 1, "max_new_tokens must be >= 1"
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus confirmed outputs: the tokens whose ids the scheduler has."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens plus the in-flight samples that will follow them."""
+        return self.num_known_tokens + self.num_inflight
+
+    @property
+    def num_to_compute(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def num_promised_outputs(self) -> int:
+        """Outputs this request will have once every in-flight sample has arrived."""
+        return len(self.output_ids) + self.num_inflight
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Known token ids at positions [start, end)."""
+        assert 0 <= start <= end <= self.num_known_tokens
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def ttft(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time

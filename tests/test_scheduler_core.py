@@ -1,0 +1,325 @@
+"""Scheduler core (request, block manager, scheduler) driven by an array-level fake worker.
+
+The fake worker plays the GPU's role on the StepPlan arrays only: it resolves carry-over from the
+previous step's `sampled`, writes input tokens into a slot->token KV dict through `slot_mapping`, reads
+every row's context back through `block_tables`, and samples a token that is a pure function of that
+context and the row's seed (so outputs cannot depend on batching, chunking, preemption or depth).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+
+import numpy as np
+import pytest
+from tandem.wire import StepPlan, StepResult
+
+from scheduler_svc.request import FinishReason, Request, RequestStatus, SamplingParams
+from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits
+
+V = 40
+EOS = 3
+STOP = 5
+
+
+def next_token(history: list[int], seed: int) -> int:
+    x = (sum(history) * 31 + len(history) * 7 + seed * 131 + 1) * 2654435761 % (1 << 32)
+    return (x >> 9) % V
+
+
+def oracle(req: Request) -> tuple[list[int], list[int], FinishReason]:
+    """(full token sequence ignoring finishes, expected outputs, expected finish) for `req`."""
+    seq = list(req.prompt_ids)
+    out: list[int] = []
+    reason = FinishReason.LENGTH
+    while len(out) < req.max_new_tokens:
+        t = next_token(seq, req.sampling.seed)
+        seq.append(t)
+        out.append(t)
+        if t in req.eos_token_ids and not req.ignore_eos:
+            reason = FinishReason.EOS
+            break
+        if t in req.stop_token_ids:
+            reason = FinishReason.STOP_TOKEN
+            break
+    while len(seq) < len(req.prompt_ids) + req.max_new_tokens:  # the truth past a finish, for prefix checks
+        seq.append(next_token(seq, req.sampling.seed))
+    return seq, out, reason
+
+
+def limits(depth: int, **kw) -> SchedulerLimits:
+    base = dict(num_blocks=24, block_size=4, max_num_tokens=16, max_num_rows=8, max_blocks_per_row=32,
+                max_context=128, max_waiting=64, pipeline_depth=depth)
+    base.update(kw)
+    return SchedulerLimits(**base)
+
+
+def make_request(i: int, prompt_len: int, max_new: int, **kw) -> Request:
+    rng = random.Random(i)
+    return Request(req_id=f"r{i}", prompt_ids=[rng.randrange(V) for _ in range(prompt_len)],
+                   max_new_tokens=max_new, sampling=SamplingParams(seed=1000 + i),
+                   eos_token_ids=frozenset({EOS}), **kw)
+
+
+class FakeWorker:
+    def __init__(self, lim: SchedulerLimits, truth: dict[str, list[int]]) -> None:
+        self.lim = lim
+        self.truth = truth
+        self.kv: dict[int, int] = {}
+        self.prev: tuple[int, np.ndarray] | None = None
+
+    def run(self, plan: StepPlan, requests: list[Request]) -> StepResult:
+        bs = self.lim.block_size
+        plan.validate(self.lim.max_num_tokens, self.lim.max_num_rows, self.lim.max_blocks_per_row, V)
+        ids = plan.input_ids.astype(np.int64)
+        qs = plan.query_start
+        for r in np.nonzero(plan.carry_index >= 0)[0]:
+            assert self.prev is not None and plan.carry_from_step == self.prev[0] == plan.step_id - 1
+            assert ids[qs[r]] == 0, "carried row must have placeholder 0"
+            ids[qs[r]] += self.prev[1][plan.carry_index[r]]
+            assert self.prev[1][plan.carry_index[r]] >= 0, "carried from a row that did not sample"
+        for r in range(plan.num_rows):
+            s, e = qs[r], qs[r + 1]
+            assert list(plan.positions[s:e]) == list(range(plan.kv_lens[r] - (e - s), plan.kv_lens[r]))
+            for t in range(s, e):
+                p = plan.positions[t]
+                assert plan.slot_mapping[t] == plan.block_tables[r, p // bs] * bs + p % bs
+                self.kv[int(plan.slot_mapping[t])] = int(ids[t])
+        sampled = np.full(plan.num_rows, -1, np.int32)
+        for r in range(plan.num_rows):
+            n = int(plan.kv_lens[r])
+            ctx = [self.kv.get(int(plan.block_tables[r, p // bs]) * bs + p % bs, -1) for p in range(n)]
+            assert ctx == self.truth[requests[r].req_id][:n], f"step {plan.step_id}: row {r} reads wrong KV"
+            if plan.sample[r]:
+                sampled[r] = next_token(ctx, int(plan.seed[r]))
+        self.prev = (plan.step_id, sampled)
+        return StepResult(step_id=plan.step_id, sampled=sampled)
+
+
+def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: int = 3) -> dict:
+    """A minimal engine loop with invariant checks; returns per-request outputs and statistics."""
+    lim = sched.limits
+    truth = {r.req_id: oracle(r)[0] for r in reqs}
+    worker = FakeWorker(lim, truth)
+    queue = deque(reqs)
+    inflight: deque[tuple[StepResult, list]] = deque()
+    events: dict[str, list] = {r.req_id: [] for r in reqs}
+    samples = Counter()  # sampling rows scheduled per request
+    last_ref: dict[int, tuple[tuple[str, int], int]] = {}  # block -> ((req, incarnation), step)
+    reported = -1
+    stats = Counter()
+    while queue or not sched.is_idle:
+        for _ in range(arrive_per_step):
+            if queue:
+                sched.add(queue.popleft())
+        while sched.in_flight < lim.pipeline_depth:
+            built = sched.build_plan()
+            if built is None:
+                break
+            plan, info = built
+            stats["steps"] += 1
+            stats["carried"] += info.num_carried
+            for r, req in enumerate(info.requests):
+                n = int(plan.query_start[r + 1] - plan.query_start[r])
+                stats["chunked"] += n > 1 and plan.kv_lens[r] < req.num_prompt_tokens
+                owner = (req.req_id, req.num_preemptions)
+                for b in plan.block_tables[r][plan.block_tables[r] >= 0]:
+                    prev = last_ref.get(int(b))
+                    if prev is not None and prev[0] != owner:
+                        assert prev[1] <= reported, f"block {b} reused while step {prev[1]} is in flight"
+                    assert prev is None or prev[1] < plan.step_id or prev[0] == owner, "block in two rows"
+                    last_ref[int(b)] = (owner, plan.step_id)
+                if plan.sample[r]:
+                    samples[req.req_id] += 1
+                    assert samples[req.req_id] <= req.max_new_tokens, "sample scheduled past max_new_tokens"
+                    assert plan.kv_lens[r] < lim.max_context
+            inflight.append((worker.run(plan, info.requests), info.requests))
+        if not inflight:
+            assert sched.is_idle, "nothing schedulable but work remains (deadlock)"
+            continue  # more arrivals, or done
+        result, rows = inflight.popleft()
+        live_before = [not req.is_finished for req in rows]
+        evs = sched.process_result(result)
+        reported = result.step_id
+        stats["overruns"] += sum(1 for r in range(len(rows)) if result.sampled[r] >= 0 and not live_before[r])
+        for ev in evs:
+            assert not events[ev.request.req_id] or events[ev.request.req_id][-1].finish is None
+            events[ev.request.req_id].append(ev)
+        sched.check_integrity()
+    sched.check_integrity()
+    assert sched.blocks.num_free == lim.num_blocks
+    stats["preemptions"] = sched.num_preemptions
+    return {"events": events, "samples": samples, "stats": stats}
+
+
+def mixed_requests() -> list[Request]:
+    rng = random.Random(7)
+    reqs = []
+    for i in range(32):
+        kw = {}
+        if i % 7 == 3:
+            kw["ignore_eos"] = True
+        if i % 5 == 1:
+            kw["stop_token_ids"] = frozenset({STOP})
+        reqs.append(make_request(i, rng.randint(1, 40), rng.randint(1, 40), **kw))
+    return reqs
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_outputs_match_oracle_with_chunking_and_preemption(depth: int) -> None:
+    reqs = mixed_requests()
+    out = run_to_completion(Scheduler(limits(depth)), reqs)
+    stats = out["stats"]
+    assert stats["preemptions"] > 0 and stats["chunked"] > 0
+    if depth == 2:
+        assert stats["carried"] > 0 and stats["overruns"] > 0
+    else:
+        assert stats["carried"] == 0 and stats["overruns"] == 0
+    reasons = Counter()
+    for req in reqs:
+        _, expected, reason = oracle(req)
+        evs = out["events"][req.req_id]
+        assert [e.token_id for e in evs] == expected == req.output_ids, req.req_id
+        assert evs[-1].finish == reason == req.finish_reason and req.is_finished
+        assert all(e.finish is None for e in evs[:-1])
+        # Length finishes are known in advance: no sample was ever scheduled past the end.
+        extra = out["samples"][req.req_id] - len(expected)
+        assert extra == 0 if (depth == 1 or reason == FinishReason.LENGTH) else extra in (0, 1)
+        reasons[reason] += 1
+    assert reasons[FinishReason.EOS] and reasons[FinishReason.LENGTH] and reasons[FinishReason.STOP_TOKEN]
+
+
+def test_depth_1_and_2_identical_and_timestamps_set() -> None:
+    a, b = mixed_requests(), mixed_requests()
+    run_to_completion(Scheduler(limits(1)), a)
+    run_to_completion(Scheduler(limits(2, max_num_tokens=24, num_blocks=30)), b, arrive_per_step=5)
+    for x, y in zip(a, b, strict=True):
+        assert x.output_ids == y.output_ids and x.finish_reason == y.finish_reason
+        assert x.arrival_time <= x.first_scheduled_time <= x.first_token_time <= x.finish_time
+
+
+def test_carry_over_arrays_at_depth_2() -> None:
+    s = Scheduler(limits(2, num_blocks=8))
+    req = make_request(0, 6, 5)
+    s.add(req)
+    p0, _ = s.build_plan()
+    assert list(p0.input_ids) == req.prompt_ids and list(p0.sample) == [1] and p0.carry_from_step == -1
+    p1, info1 = s.build_plan()  # built before step 0's token is known
+    assert p1.step_id == 1 and p1.carry_from_step == 0 and list(p1.carry_index) == [0]
+    assert list(p1.input_ids) == [0] and list(p1.positions) == [6] and list(p1.kv_lens) == [7]
+    assert list(p1.block_tables[0]) == req.block_ids == [0, 1]
+    assert list(p1.slot_mapping) == [1 * 4 + 2]
+    assert req.num_inflight == 2 and info1.num_carried == 1
+    with pytest.raises(AssertionError):
+        s.build_plan()  # pipeline full
+    with pytest.raises(AssertionError):
+        s.process_result(StepResult(step_id=1, sampled=np.array([7], np.int32)))  # out of order
+
+
+def test_plan_arrays_sampling_params_and_logprobs() -> None:
+    s = Scheduler(limits(1, max_num_tokens=64))
+    a = make_request(0, 9, 2)
+    a.sampling = SamplingParams(temperature=0.0, top_p=0.5, top_k=3, min_p=0.1, seed=(1 << 64) - 1,
+                                num_logprobs=2)
+    b = make_request(1, 3, 2)
+    s.add(a)
+    s.add(b)
+    plan, info = s.build_plan()
+    assert info.requests == [a, b] and list(plan.query_start) == [0, 9, 12]
+    assert plan.block_tables.shape == (2, 3) and list(plan.block_tables[1]) == [3, -1, -1]
+    assert plan.seed.dtype == np.uint64 and int(plan.seed[0]) == (1 << 64) - 1
+    assert list(plan.num_logprobs) == [2, -1] and list(plan.top_k) == [3, 0]
+    assert plan.temperature[0] == 0.0 and plan.top_p[0] == pytest.approx(0.5)
+    assert list(plan.sample) == [1, 1] and plan.flush
+    res = StepResult(step_id=0, sampled=np.array([11, 12], np.int32),
+                     logprob=np.array([-0.5, -1.0], np.float32),
+                     top_ids=np.array([[11, 9], [12, 8]], np.int32),
+                     top_logprobs=np.array([[-0.5, -2.0], [-1.0, -3.0]], np.float32))
+    ev_a, ev_b = s.process_result(res)
+    assert ev_a.logprob == -0.5 and ev_a.top == [(11, -0.5), (9, -2.0)]
+    assert ev_b.logprob is None and ev_b.top is None
+
+
+def test_blocks_of_aborted_request_freed_only_after_in_flight_step_reports() -> None:
+    s = Scheduler(limits(2, num_blocks=8))
+    a, b = make_request(0, 8, 10), make_request(1, 4, 10)
+    s.add(a)
+    p0, _ = s.build_plan()  # a: 8 tokens, 2 blocks, step 0 in flight
+    assert s.blocks.num_free == 6
+    assert s.abort("r0") is a and a.finish_reason == FinishReason.ABORTED
+    assert s.blocks.num_free == 6 and s.blocks.num_pending == 2  # step 0 still writes them
+    assert s.abort("r0") is None and s.finish("r0", FinishReason.STOP_STRING) is None
+    assert a.finish_reason == FinishReason.ABORTED
+    s.add(b)
+    p1, _ = s.build_plan()
+    assert not set(p1.block_tables[0]) & set(p0.block_tables[0])  # not handed out while in flight
+    events = s.process_result(StepResult(step_id=0, sampled=np.array([7], np.int32)))
+    assert events == [] and a.output_ids == []  # the aborted row's token is discarded
+    assert s.blocks.num_free == 6 - 1 + 2 and s.blocks.num_pending == 0  # freed exactly once
+    s.abort("r1")
+    s.process_result(StepResult(step_id=1, sampled=np.array([7], np.int32)))
+    assert s.is_idle
+    s.check_integrity()
+    assert s.blocks.num_free == 8
+
+
+def test_abort_waiting_and_finish_from_outside() -> None:
+    s = Scheduler(limits(1, max_num_rows=1))
+    a, b = make_request(0, 4, 10), make_request(1, 4, 10)
+    s.add(a)
+    s.add(b)
+    plan, _ = s.build_plan()
+    assert plan.num_rows == 1 and s.num_waiting == 1
+    assert s.abort("r1") is b and s.num_waiting == 0 and b.block_ids == []
+    s.process_result(StepResult(step_id=0, sampled=np.array([9], np.int32)))
+    assert s.finish("r0", FinishReason.STOP_STRING) is a
+    assert a.finish_reason == FinishReason.STOP_STRING and a.output_ids == [9]
+    assert s.abort("r0") is None and s.abort("nope") is None
+    assert s.build_plan() is None and s.is_idle
+    s.check_integrity()
+
+
+def test_length_finish_not_scheduled_past_end_at_depth_2() -> None:
+    s = Scheduler(limits(2))
+    req = make_request(0, 5, 2, ignore_eos=True)
+    s.add(req)
+    p0, _ = s.build_plan()
+    p1, _ = s.build_plan()
+    assert list(p0.sample) == [1] and list(p1.sample) == [1]
+    s.process_result(StepResult(step_id=0, sampled=np.array([1], np.int32)))
+    assert s.build_plan() is None  # two outputs promised: nothing more to schedule
+    (ev,) = s.process_result(StepResult(step_id=1, sampled=np.array([2], np.int32)))
+    assert ev.finish == FinishReason.LENGTH and req.output_ids == [1, 2] and s.is_idle
+
+
+def test_queue_full_and_never_fits() -> None:
+    s = Scheduler(limits(1, max_waiting=2, max_context=64, num_blocks=10, max_blocks_per_row=12))
+    s.add(make_request(0, 4, 4))
+    s.add(make_request(1, 4, 4))
+    with pytest.raises(QueueFull):
+        s.add(make_request(2, 4, 4))
+    with pytest.raises(NeverFits, match="context"):
+        s.add(make_request(3, 60, 5))
+    with pytest.raises(NeverFits, match="blocks"):
+        s.add(make_request(4, 30, 20))  # 49 KV tokens: 13 blocks > 10 in the pool
+    with pytest.raises(NeverFits, match="blocks"):
+        Scheduler(limits(1, max_blocks_per_row=2)).add(make_request(5, 8, 2))  # 9 KV tokens: 3 blocks
+    Scheduler(limits(1, max_blocks_per_row=2)).add(make_request(6, 8, 1))  # 8 KV tokens fit 2 blocks
+    assert s.num_waiting == 2
+
+
+def test_drain_returns_unfinished_and_resets() -> None:
+    s = Scheduler(limits(2))
+    reqs = [make_request(i, 10, 10) for i in range(3)]
+    for r in reqs:
+        s.add(r)
+    s.build_plan()
+    s.build_plan()
+    lost = s.drain()
+    assert set(lost) == set(reqs) and all(r.status is RequestStatus.FINISHED for r in reqs)
+    assert s.is_idle and s.in_flight == 0 and s.next_step_id == 0
+    s.check_integrity()
+    s.add(make_request(9, 4, 1))
+    plan, _ = s.build_plan()
+    assert plan.step_id == 0
