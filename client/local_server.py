@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tandem.v1 import api_pb2, api_pb2_grpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, for `python -m`

@@ -6,10 +6,11 @@ import asyncio
 import logging
 import sys
 
+from tandem.envargs import EnvArgumentParser, default_engine_address
+
 from scheduler_svc.engine import EngineConfig
 from scheduler_svc.server import SchedulerServer, ServerConfig
 from scheduler_svc.validation import RequestLimits
-from tandem.envargs import EnvArgumentParser, default_engine_address
 
 
 def parse_args(argv: list[str] | None = None):

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import grpc
 import zmq
+from tandem import wire
 
 from scheduler_svc.handle import RequestHandle
 from scheduler_svc.link import EngineLink
 from scheduler_svc.request import FinishReason
 from scheduler_svc.scheduler import Scheduler, SchedulerLimits
 from scheduler_svc.tokenizer import TandemTokenizer
-from tandem import wire
 
 log = logging.getLogger("tandem.engine")
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
-
 from tandem import wire
 from tandem.envargs import prepare_ipc_address
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger("tandem.link")
 

@@ -15,12 +15,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from tandem.v1 import api_pb2, api_pb2_grpc
 
 from scheduler_svc.engine import Engine, EngineConfig
 from scheduler_svc.link import EngineLink
 from scheduler_svc.servicer import TandemServicer
 from scheduler_svc.validation import RequestLimits
-from tandem.v1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger("tandem.server")
 

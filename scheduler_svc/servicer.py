@@ -19,13 +19,13 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from tandem.v1 import api_pb2, api_pb2_grpc
 
 from scheduler_svc.detokenizer import OutputText
 from scheduler_svc.engine import Engine, Unavailable
 from scheduler_svc.handle import Completion, Delta, RequestHandle
 from scheduler_svc.scheduler import NeverFits, QueueFull
 from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request, prompt_ids
-from tandem.v1 import api_pb2, api_pb2_grpc
 
 log = logging.getLogger("tandem.api")
 

@@ -11,10 +11,11 @@ import math
 import secrets
 from dataclasses import dataclass
 
-from scheduler_svc.request import Request, SamplingParams
-from scheduler_svc.tokenizer import TandemTokenizer
 from tandem import wire
 from tandem.v1 import api_pb2
+
+from scheduler_svc.request import Request, SamplingParams
+from scheduler_svc.tokenizer import TandemTokenizer
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 

@@ -1,0 +1,385 @@
+"""The `tandem` command line: generate / info / health / tokenize against a server, and `serve`.
+
+Owns argument parsing (every `--foo-bar` flag also reads TANDEM_FOO_BAR, via EnvArgumentParser),
+output formatting and exit codes: 0 success, 1 a failed RPC (printed as `error: CODE: message`),
+2 a usage error, 130 interrupted. `serve` builds the scheduler/worker command lines and hands them to
+`client.serve.Supervisor`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import grpc
+from tandem.envargs import EnvArgumentParser, default_engine_address, prepare_ipc_address
+
+from .serve import ChildSpec, Supervisor
+from .sync_client import DEFAULT_ADDRESS, TandemClient
+from .types import StreamChunk, TandemError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_HEALTH_TIMEOUT_S = 5.0
+# Polling a server that is still starting: without a cap, gRPC's reconnect backoff grows to minutes.
+POLL_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
+UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _json_dump(obj: Any, out: TextIO) -> None:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+def _print_error(err: TandemError) -> None:
+    print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+    for field, description in err.field_violations:
+        print(f"  {field}: {description}", file=sys.stderr)
+    if err.retry_delay is not None:
+        print(f"  retry after {err.retry_delay:g} s", file=sys.stderr)
+
+
+def _summary(finish_reason: str, matched: str | int | None, usage: Any, timings: Any) -> str:
+    finish = finish_reason if matched is None else f"{finish_reason} ({matched!r})"
+    return (
+        f"[finish: {finish} | tokens: {usage.prompt_tokens} prompt, {usage.completion_tokens} completion"
+        f" | queue {timings.queue_s:.3f} s, ttft {timings.ttft_s:.3f} s, total {timings.total_s:.3f} s]"
+    )
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
+    p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", help="the prompt text; '-' reads it from stdin")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    p.add_argument("--system", default=None, help="system message (implies --chat)")
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = EnvArgumentParser(prog="tandem", description="Tandem LLM inference server: client and launcher.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate a completion", description="Generate a completion.")
+    _prompt_args(g)
+    g.add_argument("--token-ids", type=_token_ids, default=None, help="prompt as token ids, e.g. '1,2,3'")
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (server default 1)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--stop-token-id", type=int, action="append", default=None, help="stop token (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", type=int, default=None, help="return logprobs with this many alternatives")
+    g.add_argument("--request-id", default=None)
+    g.add_argument("--json", action="store_true", help="print JSON (one object per chunk with --stream)")
+    _client_args(g)
+    g.set_defaults(func=cmd_generate, subparser=g)
+
+    i = sub.add_parser("info", help="show the served model", description="Show the served model.")
+    i.add_argument("--json", action="store_true")
+    _client_args(i)
+    i.set_defaults(func=cmd_info, subparser=i)
+
+    h = sub.add_parser(
+        "health",
+        help="check whether the server is serving",
+        description="Print SERVING, NOT_SERVING or UNREACHABLE; exit 0 only when SERVING.",
+    )
+    h.add_argument(
+        "--wait", type=float, default=None, metavar="SECONDS", help="poll until serving, at most this long"
+    )
+    _client_args(h)
+    h.set_defaults(func=cmd_health, subparser=h)
+
+    t = sub.add_parser("tokenize", help="tokenize text as generate would", description="Tokenize a prompt.")
+    _prompt_args(t)
+    t.add_argument("--json", action="store_true")
+    _client_args(t)
+    t.set_defaults(func=cmd_tokenize, subparser=t)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the scheduler and the worker on this host",
+        description="Run the scheduler and the worker as two supervised child processes. Flags the user "
+        "sets are forwarded under the same names; unset ones are left to the children's own defaults.",
+    )
+    sg = s.add_argument_group("scheduler")
+    sg.add_argument("--address", default=None, help=f"gRPC listen address (default {DEFAULT_ADDRESS})")
+    sg.add_argument(
+        "--pipeline-depth", type=int, choices=(1, 2), default=None, help="1 = sync, 2 = async (default 2)"
+    )
+    sg.add_argument("--sync", action="store_true", help="same as --pipeline-depth 1")
+    sg.add_argument("--max-waiting", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
+    sg.add_argument("--default-max-new-tokens", type=int, default=None)
+    both = s.add_argument_group("scheduler and worker")
+    both.add_argument(
+        "--engine-address", default=None, help=f"scheduler<->worker link (default {default_engine_address()})"
+    )
+    both.add_argument("--log-level", default=None)
+    wg = s.add_argument_group("worker")
+    wg.add_argument("--model", default=None, help=f"model to serve (default {DEFAULT_MODEL})")
+    wg.add_argument("--device", default=None)
+    wg.add_argument("--dtype", default=None)
+    wg.add_argument("--block-size", type=int, default=None)
+    wg.add_argument("--num-blocks", type=int, default=None)
+    wg.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    wg.add_argument("--max-num-tokens", type=int, default=None)
+    wg.add_argument("--max-num-rows", type=int, default=None)
+    wg.add_argument("--max-context", type=int, default=None)
+    wg.add_argument("--seed", type=int, default=None)
+    s.add_argument("--grace", type=float, default=10.0, help="seconds children get to exit before SIGKILL")
+    s.set_defaults(func=cmd_serve, subparser=s)
+    return parser
+
+
+def _messages(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[str, str]] | None:
+    if not (args.chat or args.system is not None):
+        return None
+    if args.prompt is None:
+        parser.error("--chat needs a prompt")
+    msgs = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return msgs + [{"role": "user", "content": args.prompt}]
+
+
+def _read_prompt(args: argparse.Namespace) -> None:
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
+
+
+def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _read_prompt(args)
+    if args.prompt is None and args.token_ids is None:
+        parser.error("give a PROMPT (or '-' for stdin) or --token-ids")
+    if args.prompt is not None and args.token_ids is not None:
+        parser.error("give either a PROMPT or --token-ids, not both")
+    if args.token_ids is not None and (args.chat or args.system is not None):
+        parser.error("--chat/--system need a text PROMPT, not --token-ids")
+    messages = _messages(args, parser)
+    kwargs: dict[str, Any] = dict(
+        prompt=None if messages is not None else args.prompt,
+        token_ids=args.token_ids,
+        messages=messages,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        stop_token_ids=args.stop_token_id,
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+        request_id=args.request_id,
+    )
+    with TandemClient(args.address, timeout=args.timeout) as client:
+        try:
+            if not args.stream:
+                result = client.generate(**kwargs)
+                if args.json:
+                    _json_dump(result, sys.stdout)
+                else:
+                    print(result.text, flush=True)
+                    print(
+                        _summary(result.finish_reason, result.matched_stop, result.usage, result.timings),
+                        file=sys.stderr,
+                    )
+                return 0
+            with client.generate_stream(**kwargs) as stream:
+                last: StreamChunk | None = None
+                for chunk in stream:
+                    last = chunk
+                    if args.json:
+                        _json_dump(chunk, sys.stdout)
+                    elif chunk.text:
+                        sys.stdout.write(chunk.text)
+                        sys.stdout.flush()
+            if not args.json:
+                print(flush=True)
+                if last is not None and last.completion is not None:
+                    c = last.completion
+                    print(_summary(c.finish_reason, c.matched_stop, c.usage, c.timings), file=sys.stderr)
+            return 0
+        except TandemError as e:
+            if args.stream and not args.json:
+                print(flush=True)  # end the partial line before the error
+            _print_error(e)
+            return 1
+
+
+def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    with TandemClient(args.address, timeout=args.timeout) as client:
+        try:
+            info = client.model_info()
+        except TandemError as e:
+            _print_error(e)
+            return 1
+    if args.json:
+        _json_dump(info, sys.stdout)
+    else:
+        for key, value in dataclasses.asdict(info).items():
+            if isinstance(value, list):
+                value = ", ".join(map(str, value))
+            print(f"{key}: {value}")
+    return 0
+
+
+def _health_once(client: TandemClient, timeout: float) -> tuple[str, TandemError | None]:
+    try:
+        return client.health_status(timeout=timeout), None
+    except TandemError as e:
+        return "UNREACHABLE", e
+
+
+def cmd_health(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    per_call = args.timeout if args.timeout is not None else DEFAULT_HEALTH_TIMEOUT_S
+    with TandemClient(args.address, options=POLL_CHANNEL_OPTIONS) as client:
+        status, err = _health_once(client, per_call)
+        if args.wait is not None:
+            deadline = time.monotonic() + args.wait
+            while status != "SERVING" and (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(0.25, left))
+                status, err = _health_once(client, max(0.05, min(per_call, deadline - time.monotonic())))
+    print(status, flush=True)
+    if err is not None and err.code not in UNREACHABLE_CODES:
+        _print_error(err)
+    return 0 if status == "SERVING" else 1
+
+
+def cmd_tokenize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _read_prompt(args)
+    if args.prompt is None:
+        parser.error("give a PROMPT (or '-' for stdin)")
+    messages = _messages(args, parser)
+    with TandemClient(args.address, timeout=args.timeout) as client:
+        try:
+            result = client.tokenize(None if messages is not None else args.prompt, messages=messages)
+        except TandemError as e:
+            _print_error(e)
+            return 1
+    if args.json:
+        _json_dump(result, sys.stdout)
+    else:
+        tokens = result.tokens if len(result.tokens) == len(result.token_ids) else [""] * len(result)
+        for tid, tok in zip(result.token_ids, tokens, strict=True):
+            print(f"{tid}\t{tok!r}")
+        print(f"[{len(result)} tokens]", file=sys.stderr)
+    return 0
+
+
+# (dest, flag) pairs forwarded to each child when the user set them.
+SCHEDULER_FLAGS = [
+    ("address", "--address"),
+    ("engine_address", "--engine-address"),
+    ("pipeline_depth", "--pipeline-depth"),
+    ("max_waiting", "--max-waiting"),
+    ("default_max_new_tokens", "--default-max-new-tokens"),
+    ("log_level", "--log-level"),
+]
+WORKER_FLAGS = [
+    ("model", "--model"),
+    ("engine_address", "--engine-address"),
+    ("device", "--device"),
+    ("dtype", "--dtype"),
+    ("block_size", "--block-size"),
+    ("num_blocks", "--num-blocks"),
+    ("kv_cache_memory_gb", "--kv-cache-memory-gb"),
+    ("max_num_tokens", "--max-num-tokens"),
+    ("max_num_rows", "--max-num-rows"),
+    ("max_context", "--max-context"),
+    ("seed", "--seed"),
+    ("log_level", "--log-level"),
+]
+
+
+def _forward(args: argparse.Namespace, flags: list[tuple[str, str]]) -> list[str]:
+    out: list[str] = []
+    for dest, flag in flags:
+        value = getattr(args, dest)
+        if dest == "pipeline_depth" and args.sync:
+            value = 1  # forwarded as the depth, which the scheduler reads whatever its --sync spelling
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def serve_commands(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The scheduler's and the worker's command lines for parsed `tandem serve` arguments."""
+    return (
+        [sys.executable, "-m", "scheduler_svc", *_forward(args, SCHEDULER_FLAGS)],
+        [sys.executable, "-m", "worker_svc", *_forward(args, WORKER_FLAGS)],
+    )
+
+
+def _announce_when_serving(sup: Supervisor, address: str, out: TextIO) -> None:
+    hint = "" if address == DEFAULT_ADDRESS else f" --address {address}"
+    with TandemClient(address, options=POLL_CHANNEL_OPTIONS) as client:
+        while not sup.stopping.is_set():
+            status, _ = _health_once(client, 1.0)
+            if status == "SERVING":
+                print(
+                    f"Tandem is serving on {address} — try: "
+                    f'tandem generate "What is the capital of France?" --chat{hint}',
+                    file=out,
+                    flush=True,
+                )
+                return
+            sup.stopping.wait(0.5)
+
+
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.sync and args.pipeline_depth == 2:
+        parser.error("--sync contradicts --pipeline-depth 2")
+    address = args.address or DEFAULT_ADDRESS
+    # The scheduler creates it too; doing it first means the worker never waits on a missing directory.
+    prepare_ipc_address(args.engine_address or default_engine_address())
+    scheduler, worker = serve_commands(args)
+    sup = Supervisor(
+        [ChildSpec("scheduler", scheduler), ChildSpec("worker", worker)],
+        grace_s=args.grace,
+        name="tandem serve",
+    )
+
+    def on_started(s: Supervisor) -> None:
+        threading.Thread(target=_announce_when_serving, args=(s, address, sys.stdout), daemon=True).start()
+
+    return sup.run(on_started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Usage errors of a subcommand are reported by that subcommand's parser (its usage line).
+    sub_parser: argparse.ArgumentParser = args.subparser
+    try:
+        return args.func(args, sub_parser)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except ValueError as e:
+        # Client-side argument checks (e.g. a value out of a proto field's range) are usage errors.
+        sub_parser.error(str(e))
+        return 2  # not reached: error() exits
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""A supervisor of named child commands (what `tandem serve` runs the scheduler and the worker with).
+
+Owns the children's lifetime: each runs in its own process group (so a terminal Ctrl-C reaches only
+the supervisor, which then shuts the children down in order of its choosing); SIGINT/SIGTERM to the
+supervisor become SIGTERM to every child group, then SIGKILL after a grace period; a child exiting on
+its own takes the others down and makes the supervisor exit non-zero. On Linux every child also gets
+PR_SET_PDEATHSIG=SIGKILL, so even a SIGKILLed supervisor leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ChildSpec:
+    name: str
+    argv: list[str]
+    env: Mapping[str, str] | None = None  # None: inherit the supervisor's environment
+
+
+@dataclass
+class _Running:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes]
+    exited_at: float | None = field(default=None)
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        # Resolved before fork: the child only makes the syscall. If the supervisor already died between
+        # fork and prctl, the death signal will never come, so the child must not start at all.
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+class Supervisor:
+    """Runs `children` until one exits on its own (exit code: its code, or 1 if that was 0 or a signal)
+    or until SIGINT/SIGTERM (exit code 0 once all children are down). Call `run()` from the main thread:
+    signal handlers can only be installed there, and PR_SET_PDEATHSIG fires when the forking thread dies.
+    """
+
+    def __init__(
+        self,
+        children: Sequence[ChildSpec],
+        *,
+        grace_s: float = 10.0,
+        poll_s: float = 0.05,
+        log: TextIO | None = None,
+        name: str = "supervisor",
+    ) -> None:
+        if not children:
+            raise ValueError("nothing to supervise")
+        names = [c.name for c in children]
+        if len(set(names)) != len(names):
+            raise ValueError(f"child names must be unique: {names}")
+        self.children = list(children)
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self.name = name
+        self._log = log if log is not None else sys.stderr
+        self._running: list[_Running] = []
+        self._signals: list[int] = []
+        # Set as soon as shutdown begins, for helper threads (e.g. a readiness probe) to give up.
+        self.stopping = threading.Event()
+
+    def log(self, message: str) -> None:
+        print(f"{self.name}: {message}", file=self._log, flush=True)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {r.spec.name: r.proc.pid for r in self._running}
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def start(self) -> None:
+        preexec = _pdeathsig_preexec()
+        for spec in self.children:
+            env = None if spec.env is None else dict(spec.env)
+            proc = subprocess.Popen(spec.argv, env=env, process_group=0, preexec_fn=preexec)
+            self._running.append(_Running(spec, proc))
+            self.log(f"started {spec.name} (pid {proc.pid}): {' '.join(spec.argv)}")
+
+    def _signal_groups(self, sig: int, only_alive: bool = True) -> None:
+        for r in self._running:
+            if only_alive and r.proc.poll() is not None:
+                continue
+            try:
+                os.killpg(r.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def stop(self) -> None:
+        """SIGTERM to every child's group, SIGKILL to whatever still runs after the grace period (or at
+        once on a further SIGINT/SIGTERM)."""
+        self.stopping.set()
+        self._signal_groups(signal.SIGTERM)
+        seen = len(self._signals)
+        deadline = time.monotonic() + self.grace_s
+        while any(r.proc.poll() is None for r in self._running):
+            if len(self._signals) > seen:
+                self.log("second signal: killing children now")
+                break
+            if time.monotonic() >= deadline:
+                self.log(f"children still running after {self.grace_s:g} s: killing them")
+                break
+            time.sleep(self.poll_s)
+        self._signal_groups(signal.SIGKILL)
+        for r in self._running:
+            r.proc.wait()
+
+    def run(self, on_started: Callable[[Supervisor], None] | None = None) -> int:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, self._on_signal) for s in handled}
+        try:
+            try:
+                self.start()
+            except OSError as e:
+                self.log(f"cannot start child: {e}")
+                self.stop()
+                return 1
+            if on_started is not None:
+                on_started(self)
+            while True:
+                if self._signals:
+                    self.log(f"got {signal.Signals(self._signals[0]).name}: stopping children")
+                    self.stop()
+                    return 0
+                for r in self._running:
+                    rc = r.proc.poll()
+                    if rc is None:
+                        continue
+                    how = f"with code {rc}" if rc >= 0 else f"by signal {signal.Signals(-rc).name}"
+                    others = [o.spec.name for o in self._running if o is not r]
+                    self.log(f"{r.spec.name} exited {how}; stopping {', '.join(others) or 'nothing'}")
+                    self.stop()
+                    return rc if rc > 0 else 1
+                time.sleep(self.poll_s)
+        finally:
+            if any(r.proc.poll() is None for r in self._running):
+                self.stop()  # an exception escaped the loop: still leave nothing behind
+            for s, handler in previous.items():
+                signal.signal(s, handler)
