@@ -220,9 +220,7 @@ def test_seeded_samples_follow_tempered_softmax(temperature: float, seed: int) -
 def test_filtered_samples_follow_renormalised_distribution(
     temperature: float, top_k: int, top_p: float, min_p: float
 ) -> None:
-    counts = _seeded_counts(
-        SMALL_LOGITS, 20_000, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p
-    )
+    counts = _seeded_counts(SMALL_LOGITS, 20_000, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     expected = _reference_filtered_probs(SMALL_LOGITS, temperature, top_k, top_p, min_p)
     # The reference must actually filter something, otherwise the case tests nothing.
     assert (expected == 0).any()
@@ -266,6 +264,28 @@ def test_filters_that_are_off_or_non_binding_change_no_token() -> None:
     # A row whose filters are off is unaffected by a filtering batch-mate.
     mixed = _run(logits, seed=77, counter=list(range(rows)), top_k=[0, 1] * (rows // 2)).token_ids
     assert torch.equal(mixed[0::2], base[0::2])
+
+
+def test_sort_filters_hint_off_skips_only_top_k_and_top_p() -> None:
+    gen = torch.Generator().manual_seed(9)
+    rows, vocab = 256, 64
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    params = {"seed": 5, "counter": list(range(rows)), "temperature": 0.8, "min_p": 0.1}
+    base = _run(logits, **params).token_ids
+    hinted = sample(
+        logits,
+        torch.full((rows,), 0.8),
+        torch.ones(rows),
+        torch.zeros(rows, dtype=torch.int32),
+        torch.full((rows,), 0.1),
+        torch.full((rows,), 5, dtype=torch.int64),
+        torch.arange(rows),
+        0,
+        sort_filters=False,
+    ).token_ids
+    # With no row asking for top-k/top-p the hint changes nothing, and min-p still applies.
+    assert torch.equal(hinted, base)
+    assert not torch.equal(base, _run(logits, seed=5, counter=list(range(rows)), temperature=0.8).token_ids)
 
 
 def test_low_probability_tail_is_reachable_when_filters_are_off() -> None:
@@ -329,16 +349,13 @@ def test_non_finite_logits_do_not_crash_and_are_flagged_by_nan_logprob() -> None
     logits[3, :] = float("nan")
     logits[4, :10] = float("-inf")  # ordinary masking: must stay a healthy row
     for temperature in (0.0, 1.0):
-        out = _run(
-            logits, temperature=temperature, top_k=4, top_p=0.9, min_p=0.1, counter=list(range(6)), num_top=3
-        )
+        out = _run(logits, temperature=temperature, top_k=4, top_p=0.9, min_p=0.1, counter=list(range(6)), num_top=3)
         assert ((out.token_ids >= 0) & (out.token_ids < vocab)).all()
         assert out.logprob[:4].isnan().all()
+        assert out.top_logprobs[:4].isnan().all()
         assert torch.isfinite(out.logprob[4:]).all()
         assert out.token_ids[4] >= 10
-        healthy = _run(
-            logits[4:], temperature=temperature, top_k=4, top_p=0.9, min_p=0.1, counter=[4, 5], num_top=3
-        )
+        healthy = _run(logits[4:], temperature=temperature, top_k=4, top_p=0.9, min_p=0.1, counter=[4, 5], num_top=3)
         assert torch.equal(out.token_ids[4:], healthy.token_ids)
 
 

@@ -1,0 +1,174 @@
+"""Token sampling for the worker: one vectorised call turns a step's logits into tokens.
+
+This module owns:
+- greedy decoding (temperature 0: argmax of the raw logits, ties -> lowest index);
+- the top-k -> top-p -> min-p filters, applied to the tempered distribution;
+- the counter-based RNG: the noise for row r is a pure function of (seed[r], counter[r], vocab index),
+  so a seeded request gets the same token whatever else shares its batch, its row, or the batch size;
+- the logprob outputs (sampled token and top-K alternatives), always under the raw log_softmax.
+
+Everything is tensor ops on the logits' device with shapes fixed by (R, V, num_top): no python loop
+over rows, no host sync, no data-dependent shapes, so the same code runs on CPU and inside a CUDA graph.
+
+Filters keep every token whose tempered logit is >= a per-row cut, so tokens tied with the last one
+that top-k/top-p would keep are kept as well (ties are rare outside low-precision logits).
+
+Non-finite logits: a row whose logits contain NaN or +inf, or are all -inf, never crashes and always
+yields a token id in [0, V) (so the next embedding lookup stays in bounds), but that token is
+meaningless, and all of the row's `logprob` and `top_logprobs` are NaN. NaN logprob is therefore the
+signal for "this row's logits were broken"; callers that must fail such rows test `logprob.isnan()`.
+-inf entries in an otherwise finite row are ordinary masking: those tokens are never sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+# Multipliers of the "lowbias32" integer finaliser (from Chris Wellons' hash-prospector search), a
+# 32-bit bijection with lower avalanche bias than murmur3's fmix32.
+_MIX_C1 = 0x7FEB352D
+_MIX_C2 = 0x846CA68B
+# Distinct salts so that seed words, counter words and vocab indices enter the hash differently.
+_SALT_SEED = 0x243F6A88
+_SALT_COUNTER = 0xB7E15162
+_SALT_VOCAB = 0x9E3779B9
+
+
+@dataclass
+class SampleOutput:
+    token_ids: torch.Tensor  # [R] int32
+    logprob: torch.Tensor  # [R] float32, raw log_softmax of the sampled token
+    top_ids: torch.Tensor  # [R, K] int32, by raw logprob, descending
+    top_logprobs: torch.Tensor  # [R, K] float32
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x in [0, 2**32) with one int64 multiply that cannot overflow.
+
+    A constant c >= 2**31 is replaced by c - 2**32 (same residue mod 2**32), so |c| < 2**31 and
+    |x * c| < 2**63; `& _M32` then reads the low 32 bits of the two's-complement product.
+    """
+    if c >= 1 << 31:
+        c -= 1 << 32
+    return (x * c) & _M32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A bijection on [0, 2**32) with full avalanche (xorshift-multiply, lowbias32 parameters)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, _MIX_C1)
+    h = h ^ (h >> 15)
+    h = _mul32(h, _MIX_C2)
+    return h ^ (h >> 16)
+
+
+def _row_key(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """[R] 32-bit key from all 64 bits of seed and of counter (int64 two's-complement bits)."""
+    seed = seed.to(torch.int64)
+    counter = counter.to(torch.int64)
+    # `&` on negative int64 keeps the two's-complement bits, so uint64 seeds >= 2**63 work too.
+    h = _mix32((seed & _M32) ^ _SALT_SEED)
+    h = _mix32(h ^ ((seed >> 32) & _M32))
+    h = _mix32(h ^ (counter & _M32) ^ _SALT_COUNTER)
+    return _mix32(h ^ ((counter >> 32) & _M32))
+
+
+def _gumbel_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, V] float32 Gumbel(0, 1) noise, a pure function of (seed[r], counter[r], v)."""
+    key = _row_key(seed, counter)[:, None]
+    # The per-vocab term is only [1, V]; the [R, V] work is one xor and one finaliser, which is what
+    # dominates the sampler's cost on a large vocabulary. For a fixed row this is a bijection of v.
+    v = torch.arange(vocab, device=seed.device, dtype=torch.int64)[None, :]
+    h = _mix32(key ^ _mix32(v ^ _SALT_VOCAB))
+    # Top 24 bits with the lowest forced to 1: u = m / 2**24 for odd m, exact in float32 and strictly
+    # inside (0, 1), so neither log below can produce an infinity.
+    u = ((h >> 8) | 1).to(torch.float32) * (2.0**-24)
+    return -torch.log(-torch.log(u))
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    counter: torch.Tensor,
+    num_top: int,
+    *,
+    sort_filters: bool = True,
+) -> SampleOutput:
+    """Sample one token per row; see the module docstring for the contract.
+
+    logits [R, V] (any float dtype, upcast to float32); temperature [R] >= 0 (0 = greedy);
+    top_p [R] in (0, 1] (1 = off); top_k [R] >= 0 (0 = off); min_p [R] in [0, 1] (0 = off);
+    seed [R] int64 (uint64 bits); counter [R] int64 (position of the sampled token);
+    num_top: K, the number of top alternatives to report (0 <= K <= V).
+
+    sort_filters: a host-side hint. Top-k and top-p need an O(V log V) sort per row, the largest
+    fixed cost here; a caller that knows from its (host) batch plan that no row has top_k > 0 or
+    top_p < 1 may pass False to skip it. It cannot be checked without a host sync: with False, any
+    row's top-k/top-p is silently ignored (min-p and temperature still apply).
+    """
+    num_rows, vocab = logits.shape
+    if not 0 <= num_top <= vocab:
+        raise ValueError(f"num_top={num_top} must be in [0, {vocab}]")
+    x = logits.to(torch.float32)
+    # logprobs = x - logsumexp: same values as log_softmax without materialising another [R, V].
+    lse = torch.logsumexp(x, dim=-1)
+
+    greedy = temperature <= 0
+    temp = torch.where(greedy, torch.ones_like(temperature), temperature).to(torch.float32)[:, None]
+    row_max = x.amax(dim=-1, keepdim=True)
+    # Subtracting the row max first keeps a tiny temperature from overflowing a logit to +inf, and
+    # makes tempered = log(p / p_max) of the tempered distribution, which min-p compares directly.
+    tempered = (x - row_max) / temp
+
+    # The filters reduce to one cut per row on the tempered logits: keep tokens >= cut.
+    cut = torch.log(min_p.to(torch.float32))[:, None]  # min_p = 0 -> -inf: keeps everything
+    if sort_filters:
+        # Sort the raw logits (native dtype: a bf16 sort is cheaper); tempering is monotone, and the
+        # same elementwise formula gives bit-identical tempered values for the sorted entries.
+        sorted_raw = torch.sort(logits, dim=-1, descending=True, stable=True).values
+        sorted_t = (sorted_raw.to(torch.float32) - row_max) / temp
+        rank = torch.arange(vocab, device=x.device)[None, :]
+        k = top_k.to(torch.int64)[:, None]
+        k = torch.where((k <= 0) | (k > vocab), vocab, k)
+        # Nucleus over the top-k survivors (renormalised): a token is kept while the mass strictly
+        # before it is short of top_p, so the top token always is. top_p >= 1 is forced off because a
+        # float32 cumsum can reach 1.0 early and would drop the far tail.
+        probs = torch.softmax(sorted_t.masked_fill(rank >= k, float("-inf")), dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        p = top_p.to(torch.float32)[:, None]
+        n_p = (mass_before < p).sum(dim=-1, keepdim=True)
+        n_keep = torch.minimum(k, torch.where(p >= 1.0, vocab, n_p)).clamp(min=1)
+        cut = torch.maximum(cut, sorted_t.gather(1, n_keep - 1))
+
+    # Gumbel-max: argmax(log p + G) is an exact draw from p; log p's shared normaliser cancels.
+    scores = tempered + _gumbel_noise(seed, counter, vocab)
+    scores = torch.where(tempered >= cut, scores, float("-inf"))
+    sampled = scores.argmax(dim=-1)
+
+    # torch.argmax returns the first maximal index, which is the documented greedy tie-break.
+    token = torch.where(greedy, x.argmax(dim=-1), sampled)
+    # A row is broken iff its logsumexp is not finite (any NaN, any +inf, or all -inf); NaN marks it
+    # in every logprob output (x - lse alone would give -inf for some of those rows).
+    lse = torch.where(torch.isfinite(lse), lse, float("nan"))
+    logprob = x.gather(1, token[:, None]).squeeze(1) - lse
+
+    if num_top > 0:
+        top_vals, top_ids = torch.topk(x, num_top, dim=-1, largest=True, sorted=True)
+        top_logprobs = top_vals - lse[:, None]
+    else:
+        top_logprobs = x.new_empty((num_rows, 0))
+        top_ids = torch.empty((num_rows, 0), dtype=torch.int64, device=x.device)
+
+    return SampleOutput(
+        token_ids=token.to(torch.int32),
+        logprob=logprob,
+        top_ids=top_ids.to(torch.int32),
+        top_logprobs=top_logprobs,
+    )
