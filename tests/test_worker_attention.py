@@ -18,6 +18,8 @@ from worker_svc.kv_cache import KVCacheConfig, PagedKVCache
 
 HEAD_DIM = 16
 NUM_BLOCKS = 96
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
 def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -65,7 +67,8 @@ class Batch:
         for r, blocks in enumerate(self.blocks):
             tables[r, : len(blocks)] = blocks
         step = PagedStep.from_arrays(cache, np.concatenate(slots), tables, np.array(starts), np.array(kv_lens))
-        return step, torch.cat(qs), torch.cat(ks), torch.cat(vs)
+        dev = cache.cfg.device
+        return step, torch.cat(qs).to(dev), torch.cat(ks).to(dev), torch.cat(vs).to(dev)
 
 
 def run_layer(step: PagedStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -78,11 +81,12 @@ def run_layer(step: PagedStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out[0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-def test_ragged_batch_matches_dense_causal(block_size: int, heads: int, kv_heads: int) -> None:
+def test_ragged_batch_matches_dense_causal(block_size: int, heads: int, kv_heads: int, device: str) -> None:
     gen = torch.Generator().manual_seed(block_size * 100 + heads)
-    cache = PagedKVCache(KVCacheConfig(1, kv_heads, HEAD_DIM, block_size, NUM_BLOCKS, torch.float32, "cpu"))
+    cache = PagedKVCache(KVCacheConfig(1, kv_heads, HEAD_DIM, block_size, NUM_BLOCKS, torch.float32, device))
     # (cached prefix, new tokens): fresh prompts of 1, 7 and 45 tokens, decode rows after short and
     # block-crossing histories, prefill chunks continuing a cached prefix (aligned and not).
     rows = [(0, 7), (12, 1), (0, 45), (31, 1), (20, 37), (0, 1), (64, 1), (32, 16), (5, 40)]
@@ -102,7 +106,7 @@ def test_ragged_batch_matches_dense_causal(block_size: int, heads: int, kv_heads
         at = 0
         for r, (a, b) in enumerate(spans):
             want = dense_causal(batch.q[r][a:b], batch.k[r][:b], batch.v[r][:b], scale)
-            got = out[at : at + b - a]
+            got = out[at : at + b - a].cpu()
             torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5, msg=f"row {r} span {a}:{b}")
             at += b - a
         assert at == out.shape[0]

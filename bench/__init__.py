@@ -1,0 +1,1 @@
+"""Benchmarks of Tandem against plain transformers; each module runs as `python -m bench.<name>`."""

@@ -1,0 +1,89 @@
+"""`python -m worker_svc` / `tandem-worker`: load the model, connect to the scheduler, serve steps.
+
+Owns the command line (every flag has a TANDEM_* environment twin), logging setup, signal
+handling and the exit status: 0 after SIGTERM/SIGINT, 1 when the scheduler goes away, 2 on bad
+arguments. Heavy imports (torch, transformers) happen after parsing so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from tandem.envargs import EnvArgumentParser, default_engine_address
+
+log = logging.getLogger("tandem.worker")
+
+
+def build_parser() -> EnvArgumentParser:
+    p = EnvArgumentParser(prog="tandem-worker", description="Tandem GPU worker: runs the scheduler's steps.")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="smollm2-135m-instruct, a model directory, a .gguf file, or random:<preset|config.json>")
+    p.add_argument("--engine-address", default=default_engine_address(),
+                   help="ZeroMQ address the scheduler's ROUTER is bound at")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--num-blocks", type=int, default=0, help="KV blocks; 0 = size from memory")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=0.0,
+                   help="KV cache budget when --num-blocks is 0; 0 = 1 GiB on CPU, most free memory on CUDA")
+    p.add_argument("--max-num-tokens", type=int, default=512, help="most tokens one step may carry")
+    p.add_argument("--max-num-rows", type=int, default=64, help="most requests one step may carry")
+    p.add_argument("--max-context", type=int, default=0, help="0 = the model's max_position_embeddings")
+    p.add_argument("--seed", type=int, default=0, help="seed of random:<...> weights")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loop_ref: list = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if loop_ref:
+            loop_ref[0].stop_requested = True  # the loop exits at its next poll
+        else:
+            raise SystemExit(0)  # still loading: nothing to tear down
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    import transformers
+
+    from worker_svc import models
+    from worker_svc.link import WorkerLink
+    from worker_svc.loop import WorkerLoop
+    from worker_svc.runner import Engine, EngineConfig
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        device = models.resolve_device(args.device)
+        dtype = models.resolve_dtype(args.dtype, device)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("loading %s on %s (%s)", args.model, device, dtype)
+    try:
+        loaded = models.load(args.model, device, dtype, seed=args.seed, max_context=args.max_context)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        log.error("cannot load --model %s: %s", args.model, exc)
+        return 2
+    engine = Engine(loaded, EngineConfig(
+        block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        max_num_tokens=args.max_num_tokens, max_num_rows=args.max_num_rows,
+    ), device)
+    link = WorkerLink(args.engine_address)
+    loop = WorkerLoop(engine, link)
+    loop_ref.append(loop)
+    log.info("model %s ready; connecting to %s", loaded.name, args.engine_address)
+    try:
+        return loop.run()
+    finally:
+        link.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

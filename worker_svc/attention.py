@@ -1,0 +1,166 @@
+"""Paged attention behind transformers' attention interface: the model code runs unmodified.
+
+The runner calls the model with batch 1 and every token of the step packed (`input_ids [1, T]`,
+`position_ids [1, T]`) and passes a `PagedStep` as the forward kwarg `tandem_step`; transformers
+threads it down to each layer's attention call. There, `paged_attention_forward` stores the step's
+K/V into the paged cache at `slot_mapping`, then computes, for each row, causal attention of the
+row's queries over the row's whole cached context (earlier chunks and decode history included),
+GQA-aware.
+
+This is the pure-PyTorch reference path (CPU, tests, any shape). Single-token rows (decode, or a
+one-token chunk) are batched into one padded gather; multi-token rows (prefill chunks) run one SDPA
+each, with the loop bounds taken from the plan on the host, never from the device. CUDA kernels
+will slot in behind the same function.
+
+No mask is built: the implementation name is deliberately NOT registered in
+`transformers.masking_utils.AttentionMaskInterface`. For unregistered names, transformers' mask
+preprocessing returns `None` straight away; registering even a None-returning mask function would
+instead run its packed-sequence detection, which reads a device value on the host every forward.
+The function asserts the mask is None so a model that builds one anyway fails loudly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from worker_svc.kv_cache import PagedKVCache
+
+ATTN_IMPLEMENTATION = "tandem_paged"
+STEP_KWARG = "tandem_step"
+
+
+@dataclass(frozen=True)
+class MultiRow:
+    """A row with several query tokens; host ints, so its slices need no device read."""
+
+    row: int
+    q_start: int
+    q_end: int
+    kv_len: int
+    num_blocks: int  # blocks of the row's block table that hold its context
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How a step's rows split between the batched single-token path and per-row prefill."""
+
+    single_rows: np.ndarray  # int32 [S]: rows with exactly one query token
+    single_tokens: np.ndarray  # int32 [S]: that token's index in the packed step
+    single_blocks: int  # block-table columns the single-token gather reads (covers the longest)
+    multi: tuple[MultiRow, ...]
+
+
+def row_layout(query_start: np.ndarray, kv_lens: np.ndarray, block_size: int) -> RowLayout:
+    """Splits rows by query length, from the plan's host arrays."""
+    n = np.diff(query_start)
+    single = np.flatnonzero(n == 1).astype(np.int32)
+    single_blocks = int(-(-int(kv_lens[single].max()) // block_size)) if single.size else 0
+    multi = tuple(
+        MultiRow(int(r), int(query_start[r]), int(query_start[r + 1]), int(kv_lens[r]),
+                 -(-int(kv_lens[r]) // block_size))
+        for r in np.flatnonzero(n > 1)
+    )
+    return RowLayout(single, query_start[:-1][single].astype(np.int32), single_blocks, multi)
+
+
+@dataclass
+class PagedStep:
+    """One step's attention metadata: device tensors (views of an I/O slot) plus the host layout."""
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # int32 [T]
+    block_tables: torch.Tensor  # int32 [R, B], -1 padded
+    kv_lens: torch.Tensor  # int32 [R]
+    single_rows: torch.Tensor  # int32 [S]
+    single_tokens: torch.Tensor  # int32 [S]
+    layout: RowLayout
+
+    @classmethod
+    def from_arrays(cls, cache: PagedKVCache, slot_mapping: np.ndarray, block_tables: np.ndarray,
+                    query_start: np.ndarray, kv_lens: np.ndarray) -> PagedStep:
+        """Builds a step from numpy arrays with fresh copies (tests, tools; the runner uses slot views)."""
+        layout = row_layout(query_start, kv_lens, cache.cfg.block_size)
+        dev = cache.cfg.device
+
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=dev)
+
+        return cls(cache, put(slot_mapping), put(block_tables), put(kv_lens), put(layout.single_rows),
+                   put(layout.single_tokens), layout)
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: PagedStep,
+                    scale: float) -> torch.Tensor:
+    """Attention of packed queries `[T, H, D]` over the paged context; returns `[T, H, D]`.
+
+    The step's K/V must already be in the cache. Row r's queries sit at context positions
+    `kv_lens[r] - n_r .. kv_lens[r] - 1` and see every cached position up to their own.
+    """
+    out = torch.empty_like(query)
+    lay = step.layout
+    if lay.single_rows.size:
+        rows, toks = step.single_rows, step.single_tokens
+        # -1 padding and blocks past a shorter row's end gather block 0; the length mask hides them.
+        blocks = step.block_tables[rows, : lay.single_blocks].clamp(min=0)
+        keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # [S, KVH, L, D]
+        values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+        ctx = torch.arange(keys.shape[2], device=query.device)
+        visible = ctx[None, :] < step.kv_lens[rows][:, None]  # [S, L]
+        o = F.scaled_dot_product_attention(
+            query[toks][:, :, None, :], keys, values, attn_mask=visible[:, None, None, :], scale=scale,
+            enable_gqa=True,
+        )
+        out.index_copy_(0, toks.to(torch.int64), o[:, :, 0, :])
+    for m in lay.multi:
+        n = m.q_end - m.q_start
+        blocks = step.block_tables[m.row, : m.num_blocks]
+        keys = k_cache[blocks].flatten(0, 1)[: m.kv_len].transpose(0, 1)[None]  # [1, KVH, L, D]
+        values = v_cache[blocks].flatten(0, 1)[: m.kv_len].transpose(0, 1)[None]
+        q = query[m.q_start : m.q_end].transpose(0, 1)[None]  # [1, H, n, D]
+        if m.kv_len == n:  # nothing cached before this chunk: plain causal
+            o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            ctx = torch.arange(m.kv_len, device=query.device)
+            qpos = torch.arange(m.kv_len - n, m.kv_len, device=query.device)
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=ctx[None, :] <= qpos[:, None], scale=scale, enable_gqa=True
+            )
+        out[m.q_start : m.q_end] = o[0].transpose(0, 1)
+    return out
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, KVH, T, D]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The `AttentionInterface` entry point; returns `[1, T, H, D]` like transformers' own paths."""
+    step: PagedStep | None = kwargs.get(STEP_KWARG)
+    assert step is not None, f"attention {ATTN_IMPLEMENTATION!r} needs the forward kwarg {STEP_KWARG!r}"
+    assert attention_mask is None, "a dense mask was built; see the module docstring"
+    assert query.shape[0] == 1, "the runner packs a step into batch 1"
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise NotImplementedError("sliding-window / softcapped attention is not supported by tandem_paged")
+    layer = module.layer_idx
+    k = key[0].transpose(0, 1)  # [T, KVH, D]
+    v = value[0].transpose(0, 1)
+    step.cache.store(layer, step.slot_mapping, k, v)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(query[0].transpose(0, 1), step.cache.k[layer], step.cache.v[layer], step, scale)
+    return out[None], None
+
+
+def install(model: torch.nn.Module) -> None:
+    """Registers the paged function (idempotent) and switches `model` to it."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -1,0 +1,249 @@
+"""I/O slots A/B and the stream/event plumbing that orders them.
+
+An `IOSlot` owns one step's buffers: a host input buffer (pinned on CUDA) into which a StepPlan is
+written, its device twin filled by ONE bulk copy on `h2d_stream`, and device/host output buffers
+(sampled ids, logprobs) joined by one copy on `d2h_stream`. Events `h2d_done`, `compute_done`,
+`d2h_done` order the three streams. Two slots alternate so the host fills step N+1 while step N
+computes; a slot is reloaded only once its previous step's results have been collected (which
+waited on its `d2h_done`), so no buffer is rewritten while a copy or kernel may still read it.
+
+`DeviceSync` hides the device: real CUDA streams/events on CUDA, no-op stand-ins on CPU (where
+every op is synchronous) so the same launch code runs on both. CPU events record perf_counter, so
+`elapsed_time` gives wall time of the (synchronous) compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tandem.wire import StepPlan
+
+from worker_svc.attention import RowLayout
+
+MAX_TOP_LOGPROBS = 20  # most alternatives a row may ask for (the scheduler's limit too)
+_ALIGN = 16
+
+
+class HostEvent:
+    """CPU stand-in for torch.cuda.Event: work before `record` is already done when it returns."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def record(self, stream: object = None) -> None:
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        return (end.t - self.t) * 1000.0
+
+
+class HostStream:
+    """CPU stand-in for torch.cuda.Stream."""
+
+    def wait_event(self, event: object) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class DeviceSync:
+    """Streams and events for a device; on CPU everything is an ordered no-op."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.h2d_stream = self.stream()
+        self.compute_stream = self.stream()
+        self.d2h_stream = self.stream()
+
+    def stream(self) -> torch.cuda.Stream | HostStream:
+        return torch.cuda.Stream() if self.cuda else HostStream()
+
+    def event(self, timing: bool = False) -> torch.cuda.Event | HostEvent:
+        return torch.cuda.Event(enable_timing=timing) if self.cuda else HostEvent()
+
+    @contextlib.contextmanager
+    def on(self, stream: torch.cuda.Stream | HostStream) -> Iterator[None]:
+        """Makes `stream` current, so every op issued inside runs on it (never the default stream)."""
+        if self.cuda:
+            with torch.cuda.stream(stream):
+                yield
+        else:
+            yield
+
+
+@dataclass(frozen=True)
+class SlotLimits:
+    max_num_tokens: int
+    max_num_rows: int
+    max_blocks_per_row: int
+
+
+class _Packed:
+    """Named typed fields laid out in one byte buffer, each starting on a 16-byte boundary."""
+
+    def __init__(self, fields: list[tuple[str, torch.dtype, int]]) -> None:
+        self.offsets: dict[str, tuple[int, torch.dtype, int, int]] = {}  # offset, dtype, capacity, itemsize
+        at = 0
+        for name, dtype, count in fields:
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            self.offsets[name] = (at, dtype, count, itemsize)
+            at += -(-count * itemsize // _ALIGN) * _ALIGN
+        self.nbytes = at
+
+    def end(self, name: str, count: int) -> int:
+        """Byte offset just past the first `count` elements of field `name`."""
+        at, _, _, itemsize = self.offsets[name]
+        return at + count * itemsize
+
+    def view(self, buf: torch.Tensor, name: str, count: int) -> torch.Tensor:
+        at, dtype, cap, itemsize = self.offsets[name]
+        assert count <= cap, f"{name}: {count} > capacity {cap}"
+        return buf[at : at + cap * itemsize].view(dtype)[:count]
+
+
+@dataclass
+class StepInputs:
+    """Device views of a loaded step (the slot's buffers; valid until the slot is reloaded)."""
+
+    input_ids: torch.Tensor  # int32 [T]
+    positions: torch.Tensor  # int32 [T]
+    slot_mapping: torch.Tensor  # int32 [T]
+    first_tokens: torch.Tensor  # int32 [R]: query_start[:-1]
+    kv_lens: torch.Tensor  # int32 [R]
+    block_tables: torch.Tensor  # int32 [R, B]
+    carry_index: torch.Tensor  # int32 [R]
+    single_rows: torch.Tensor  # int32 [S1]
+    single_tokens: torch.Tensor  # int32 [S1]
+    sample_rows: torch.Tensor  # int32 [S]: rows that sample
+    sample_tokens: torch.Tensor  # int32 [S]: their last token
+    temperature: torch.Tensor  # float32 [S] (sampling params compacted to the sampling rows)
+    top_p: torch.Tensor
+    top_k: torch.Tensor  # int32 [S]
+    min_p: torch.Tensor
+    seed: torch.Tensor  # int64 [S], the uint64 seed's bits
+    counter: torch.Tensor  # int64 [S] = kv_lens of the row: the position the sampled token takes
+
+
+# (field, dtype, how it is sized): T tokens, R rows, R1 = R + 1, BT = block table cells.
+_INPUT_FIELDS = [
+    ("input_ids", torch.int32, "T"), ("positions", torch.int32, "T"), ("slot_mapping", torch.int32, "T"),
+    ("first_tokens", torch.int32, "R"), ("kv_lens", torch.int32, "R"), ("carry_index", torch.int32, "R"),
+    ("single_rows", torch.int32, "R"), ("single_tokens", torch.int32, "R"),
+    ("sample_rows", torch.int32, "R"), ("sample_tokens", torch.int32, "R"),
+    ("temperature", torch.float32, "R"), ("top_p", torch.float32, "R"), ("top_k", torch.int32, "R"),
+    ("min_p", torch.float32, "R"), ("seed", torch.int64, "R"), ("counter", torch.int64, "R"),
+    # Last and packed at the plan's own width: the bulk copy stops right after the used cells.
+    ("block_tables", torch.int32, "BT"),
+]
+
+
+class IOSlot:
+    """One of the two alternating step buffers; see the module docstring for the protocol."""
+
+    def __init__(self, index: int, limits: SlotLimits, device: str, sync: DeviceSync) -> None:
+        self.index = index
+        self.limits = limits
+        self.sync = sync
+        sizes = {"T": limits.max_num_tokens, "R": limits.max_num_rows,
+                 "BT": limits.max_num_rows * limits.max_blocks_per_row}
+        self._in = _Packed([(n, dt, sizes[s]) for n, dt, s in _INPUT_FIELDS])
+        rows, k = limits.max_num_rows, MAX_TOP_LOGPROBS
+        self._out = _Packed([("sampled", torch.int32, rows), ("logprob", torch.float32, rows),
+                             ("top_ids", torch.int32, rows * k), ("top_logprobs", torch.float32, rows * k)])
+        pin = sync.cuda
+        self.host_in = torch.zeros(self._in.nbytes, dtype=torch.uint8, pin_memory=pin)
+        self.dev_in = torch.zeros(self._in.nbytes, dtype=torch.uint8, device=device)
+        self.dev_out = torch.zeros(self._out.nbytes, dtype=torch.uint8, device=device)
+        self.host_out = torch.zeros(self._out.nbytes, dtype=torch.uint8, pin_memory=pin)
+        # numpy views over the whole capacity of each field, built once: load() only slices them.
+        self._host_fields = {name: self._in.view(self.host_in, name, cap).numpy()
+                             for name, (_at, _dt, cap, _size) in self._in.offsets.items()}
+        self.h2d_done = sync.event()
+        self.compute_done = sync.event()
+        self.d2h_done = sync.event()
+        self.in_use = False  # launched and not yet collected
+
+    def load(self, plan: StepPlan, layout: RowLayout) -> StepInputs:
+        """Writes `plan` into the host buffer and issues the bulk H2D copy; returns device views."""
+        assert not self.in_use, f"slot {self.index} reloaded before its result was collected"
+        self.d2h_done.synchronize()  # already passed once collected; states the hazard
+        t, r = plan.num_tokens, plan.num_rows
+        bt = plan.block_tables
+        sample_rows = np.flatnonzero(plan.sample).astype(np.int32)
+        s, s1 = sample_rows.size, layout.single_rows.size
+        host = {
+            "input_ids": plan.input_ids, "positions": plan.positions, "slot_mapping": plan.slot_mapping,
+            "first_tokens": plan.query_start[:-1], "kv_lens": plan.kv_lens, "carry_index": plan.carry_index,
+            "single_rows": layout.single_rows, "single_tokens": layout.single_tokens,
+            "sample_rows": sample_rows, "sample_tokens": plan.query_start[1:][sample_rows] - 1,
+            "temperature": plan.temperature[sample_rows], "top_p": plan.top_p[sample_rows],
+            "top_k": plan.top_k[sample_rows], "min_p": plan.min_p[sample_rows],
+            "seed": plan.seed[sample_rows].view(np.int64), "counter": plan.kv_lens[sample_rows],
+            "block_tables": bt.reshape(-1),
+        }
+        for name, arr in host.items():
+            self._host_fields[name][: arr.shape[0]] = arr
+        nbytes = self._in.end("block_tables", bt.size)
+        with self.sync.on(self.sync.h2d_stream):
+            self.sync.h2d_stream.wait_event(self.compute_done)  # device inputs no longer read
+            self.dev_in[:nbytes].copy_(self.host_in[:nbytes], non_blocking=True)
+            self.h2d_done.record(self.sync.h2d_stream)
+        self.in_use = True
+
+        def dev(name: str, count: int) -> torch.Tensor:
+            return self._in.view(self.dev_in, name, count)
+
+        return StepInputs(
+            input_ids=dev("input_ids", t), positions=dev("positions", t), slot_mapping=dev("slot_mapping", t),
+            first_tokens=dev("first_tokens", r), kv_lens=dev("kv_lens", r),
+            block_tables=dev("block_tables", bt.size).view(bt.shape), carry_index=dev("carry_index", r),
+            single_rows=dev("single_rows", s1), single_tokens=dev("single_tokens", s1),
+            sample_rows=dev("sample_rows", s), sample_tokens=dev("sample_tokens", s),
+            temperature=dev("temperature", s), top_p=dev("top_p", s), top_k=dev("top_k", s),
+            min_p=dev("min_p", s), seed=dev("seed", s), counter=dev("counter", s),
+        )
+
+    # ----- outputs: written by the compute stream, copied out on the d2h stream ----------------------
+    def out_sampled(self, rows: int) -> torch.Tensor:
+        """Device int32 [rows]: this slot's sampled ids (carry-over reads them from the next step)."""
+        return self._out.view(self.dev_out, "sampled", rows)
+
+    def out_logprob(self, rows: int) -> torch.Tensor:
+        return self._out.view(self.dev_out, "logprob", rows)
+
+    def out_top(self, rows: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert k <= MAX_TOP_LOGPROBS
+        ids = self._out.view(self.dev_out, "top_ids", rows * k).view(rows, k)
+        return ids, self._out.view(self.dev_out, "top_logprobs", rows * k).view(rows, k)
+
+    def issue_d2h(self, rows: int, k: int) -> None:
+        """After compute_done: one copy of the used output prefix into host memory, then d2h_done."""
+        end = self._out.end("top_logprobs", rows * k) if k else self._out.end("logprob", rows)
+        with self.sync.on(self.sync.d2h_stream):
+            self.sync.d2h_stream.wait_event(self.compute_done)
+            self.host_out[:end].copy_(self.dev_out[:end], non_blocking=True)
+            self.d2h_done.record(self.sync.d2h_stream)
+
+    def read_outputs(self, rows: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Waits for d2h_done; returns copies (sampled, logprob, top_ids, top_logprobs) and frees the slot."""
+        assert self.in_use
+        self.d2h_done.synchronize()
+        # Copies: the results are sent zero-copy and the slot's host buffer is reused two steps on.
+        sampled = self._out.view(self.host_out, "sampled", rows).numpy().copy()
+        logprob = self._out.view(self.host_out, "logprob", rows).numpy().copy()
+        top_ids = self._out.view(self.host_out, "top_ids", rows * k).numpy().reshape(rows, k).copy()
+        top_lp = self._out.view(self.host_out, "top_logprobs", rows * k).numpy().reshape(rows, k).copy()
+        self.in_use = False
+        return sampled, logprob, top_ids, top_lp

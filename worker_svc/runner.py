@@ -1,0 +1,221 @@
+"""Executes StepPlans: the in-process engine (no ZeroMQ) the worker loop, tests and benchmarks drive.
+
+`Engine.launch(plan)` issues a step without waiting for it; `Engine.collect()` returns the oldest
+launched step's StepResult; `execute(plan)` does both. A launch, on the slot the step alternates
+onto:
+  h2d_stream:     bulk copy of the plan (IOSlot.load)           -> h2d_done
+  compute_stream: wait h2d_done; carry-over (add the previous step's sampled ids, which live in
+                  the other slot, to each carrying row's first input token); forward with paged
+                  attention; logits at the sampling rows' last tokens only; sample -> compute_done
+  d2h_stream:     wait compute_done; copy outputs to host        -> d2h_done
+Nothing in the launch path reads a device value on the host (.item(), .tolist(), .cpu()) or runs
+on the default stream; every shape and loop bound comes from the plan's host arrays. On CPU the
+streams and events are no-ops and the same code runs synchronously.
+
+Plans are checked on the host before any buffer is touched (`check_plan`): an out-of-range index
+would be a device-side assert on CUDA, which kills the process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tandem.wire import StepPlan, StepResult, WireError
+
+from worker_svc.attention import STEP_KWARG, PagedStep, install, row_layout
+from worker_svc.io_slots import MAX_TOP_LOGPROBS, DeviceSync, IOSlot, SlotLimits
+from worker_svc.kv_cache import PagedKVCache, config_for_model
+from worker_svc.models import LoadedModel
+from worker_svc.sampler import sample
+
+log = logging.getLogger("tandem.worker.runner")
+
+_TIMING_RING = 4  # event pairs: steps N-1, N, N+1 must be intact while N is collected
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 0  # 0 = size from memory
+    kv_cache_memory_gb: float = 0.0  # 0 = device default (see kv_cache.size_num_blocks)
+    max_num_tokens: int = 512
+    max_num_rows: int = 64
+
+
+@dataclass
+class _Launched:
+    step_id: int
+    slot: IOSlot
+    num_rows: int
+    sample: np.ndarray  # host copy of plan.sample (carry-over of the next step is checked against it)
+    num_top: int
+    want_logprob: bool
+    start: object  # timing events (torch.cuda.Event or HostEvent)
+    done: object
+    prev_done: object | None
+
+
+class Engine:
+    """Model + paged KV cache + two I/O slots; see the module docstring."""
+
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, device: str) -> None:
+        self.loaded = loaded
+        self.cfg = cfg
+        self.device = device
+        self.model = loaded.model
+        install(self.model)
+        dtype = next(self.model.parameters()).dtype
+        kv_cfg = config_for_model(loaded.config, cfg.block_size, cfg.num_blocks, cfg.kv_cache_memory_gb,
+                                  dtype, device)
+        self.cache = PagedKVCache(kv_cfg)
+        self.limits = SlotLimits(cfg.max_num_tokens, cfg.max_num_rows,
+                                 -(-loaded.max_context // cfg.block_size))
+        self.sync = DeviceSync(device)
+        self.slots = [IOSlot(i, self.limits, device, self.sync) for i in range(2)]
+        self._timing = [(self.sync.event(timing=True), self.sync.event(timing=True)) for _ in range(_TIMING_RING)]
+        self._in_flight: deque[_Launched] = deque()
+        self._last: _Launched | None = None
+        self._launches = 0
+        if self.sync.cuda:
+            torch.cuda.synchronize()  # weights and buffers were written on the default stream
+
+    @property
+    def is_async(self) -> bool:
+        """Whether launch returns before the step is computed (CUDA) or after (CPU)."""
+        return self.sync.cuda
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def last_step_id(self) -> int:
+        return self._last.step_id if self._last is not None else -1
+
+    # ----- host-side checks ------------------------------------------------------------------------
+    def check_plan(self, plan: StepPlan) -> None:
+        """Raises WireError for a plan this worker cannot run safely or correctly."""
+        lim = self.limits
+        plan.validate(lim.max_num_tokens, lim.max_num_rows, lim.max_blocks_per_row, self.loaded.vocab_size)
+        qs, kv = plan.query_start.astype(np.int64), plan.kv_lens.astype(np.int64)
+        n = np.diff(qs)
+        bs, nb = self.cache.cfg.block_size, self.cache.cfg.num_blocks
+        if np.any(kv < n) or np.any(kv > self.loaded.max_context):
+            raise WireError(f"kv_lens outside [row tokens, max_context {self.loaded.max_context}]")
+        tables = plan.block_tables.astype(np.int64)
+        if np.any(tables < -1) or np.any(tables >= nb):
+            raise WireError(f"block_tables: block id outside [-1, {nb})")
+        used = -(-kv // bs)
+        if np.any(used > tables.shape[1]):
+            raise WireError("block_tables narrower than a row's context")
+        in_use = np.arange(tables.shape[1])[None, :] < used[:, None]
+        if np.any(tables[in_use] < 0):
+            raise WireError("block_tables: -1 inside a row's context")
+        # Each token sits at position kv_len - n + i of its row and writes the slot its block table gives.
+        row = np.repeat(np.arange(plan.num_rows), n)
+        pos = np.repeat(kv - n, n) + np.arange(plan.num_tokens) - np.repeat(qs[:-1], n)
+        if not np.array_equal(plan.positions, pos):
+            raise WireError("positions do not match kv_lens / query_start")
+        slots = tables[row, pos // bs] * bs + pos % bs
+        if not np.array_equal(plan.slot_mapping, slots):
+            raise WireError("slot_mapping does not match block_tables")
+        if np.any(plan.num_logprobs > MAX_TOP_LOGPROBS):
+            raise WireError(f"num_logprobs above {MAX_TOP_LOGPROBS}")
+        s = plan.sample.astype(bool)
+        if not (np.all(plan.temperature[s] >= 0) and np.all((plan.top_p[s] > 0) & (plan.top_p[s] <= 1))
+                and np.all(plan.top_k[s] >= 0) and np.all((plan.min_p[s] >= 0) & (plan.min_p[s] <= 1))):
+            raise WireError("sampling parameter out of range")
+        carry = plan.carry_index[plan.carry_index >= 0]
+        if carry.size:
+            prev = self._last
+            if prev is None or plan.carry_from_step != prev.step_id:
+                raise WireError(f"carry from step {plan.carry_from_step}, but the last step was "
+                                f"{self.last_step_id}: only the immediately preceding step can be carried from")
+            if np.any(carry >= prev.num_rows) or not np.all(prev.sample[carry]):
+                raise WireError("carry_index points at a row that did not sample")
+
+    # ----- launch / collect ------------------------------------------------------------------------
+    def launch(self, plan: StepPlan) -> None:
+        """Issues `plan` (checked first; WireError leaves the engine untouched)."""
+        self.check_plan(plan)
+        assert len(self._in_flight) < len(self.slots), "both slots in flight: collect first"
+        slot = self.slots[self._launches % 2]
+        other = self.slots[(self._launches + 1) % 2]
+        layout = row_layout(plan.query_start, plan.kv_lens, self.cache.cfg.block_size)
+        sampling = plan.sample.astype(bool)
+        asked = plan.num_logprobs[sampling]
+        num_top = int(asked.max(initial=0))
+        want_logprob = bool(np.any(asked >= 0))
+        start, done = self._timing[self._launches % _TIMING_RING]
+        rows, num_sampled = plan.num_rows, int(sampling.sum())
+        carries = bool(np.any(plan.carry_index >= 0))
+        prev = self._last
+
+        inputs = slot.load(plan, layout)
+        compute = self.sync.compute_stream
+        with self.sync.on(compute), torch.inference_mode():
+            compute.wait_event(slot.h2d_done)
+            start.record(compute)
+            ids = inputs.input_ids
+            if carries:
+                assert prev is not None and prev.slot is other
+                src = other.out_sampled(prev.num_rows)
+                ci = inputs.carry_index
+                carried = torch.where(ci >= 0, src[ci.clamp(min=0)], 0)
+                ids.index_add_(0, inputs.first_tokens, carried)
+            step = PagedStep(self.cache, inputs.slot_mapping, inputs.block_tables, inputs.kv_lens,
+                             inputs.single_rows, inputs.single_tokens, layout)
+            out = self.model(input_ids=ids[None], position_ids=inputs.positions[None], use_cache=False,
+                             logits_to_keep=inputs.sample_tokens, **{STEP_KWARG: step})
+            sampled = slot.out_sampled(rows)
+            sampled.fill_(-1)
+            logprob = slot.out_logprob(rows)
+            logprob.fill_(0.0)
+            top_ids, top_lp = slot.out_top(rows, num_top)
+            top_ids.fill_(-1)
+            top_lp.fill_(0.0)
+            if num_sampled:
+                res = sample(out.logits[0].float(), inputs.temperature, inputs.top_p, inputs.top_k,
+                             inputs.min_p, inputs.seed, inputs.counter, num_top)
+                where = inputs.sample_rows.to(torch.int64)
+                sampled.index_copy_(0, where, res.token_ids)
+                logprob.index_copy_(0, where, res.logprob)
+                if num_top:
+                    top_ids.index_copy_(0, where, res.top_ids)
+                    top_lp.index_copy_(0, where, res.top_logprobs)
+            done.record(compute)  # before compute_done: d2h_done then implies `done` completed
+            slot.compute_done.record(compute)
+        slot.issue_d2h(rows, num_top)
+
+        launched = _Launched(plan.step_id, slot, rows, plan.sample.copy(), num_top, want_logprob, start, done,
+                             prev.done if prev is not None else None)
+        self._in_flight.append(launched)
+        self._last = launched
+        self._launches += 1
+
+    def collect(self) -> StepResult:
+        """Waits for the oldest launched step and returns its result."""
+        f = self._in_flight.popleft()
+        sampled, logprob, top_ids, top_lp = f.slot.read_outputs(f.num_rows, f.num_top)
+        f.done.synchronize()
+        compute_ms = f.start.elapsed_time(f.done)
+        idle_ms = max(0.0, f.prev_done.elapsed_time(f.start)) if f.prev_done is not None else 0.0
+        return StepResult(
+            step_id=f.step_id,
+            sampled=sampled,
+            compute_ms=compute_ms,
+            idle_gap_ms=idle_ms,
+            logprob=logprob if f.want_logprob else None,
+            top_ids=top_ids if f.num_top else None,
+            top_logprobs=top_lp if f.num_top else None,
+        )
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Synchronous launch + collect (nothing else may be in flight)."""
+        assert not self._in_flight, "execute() with steps in flight; collect them first"
+        self.launch(plan)
+        return self.collect()
