@@ -27,6 +27,11 @@ HEARTBEAT_TIMEOUT_MS = 5000
 MAX_MESSAGE_BYTES = 256 << 20
 
 
+def _log_send_failure(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("engine link: send failed: %s", fut.exception())
+
+
 @dataclass(frozen=True)
 class Incoming:
     peer: bytes
@@ -68,7 +73,13 @@ class EngineLink:
 
     def send(self, peer: bytes, frames: list) -> None:
         """Queues a message for `peer` without blocking; raises zmq.ZMQError if the peer is gone."""
-        self._sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
+        sent = self._sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
+        # zmq.asyncio reports errors through the returned future, which a non-blocking send has
+        # already settled: surface them here, where the caller can act on a vanished worker.
+        if sent.done():
+            sent.result()
+        else:
+            sent.add_done_callback(_log_send_failure)
 
     async def watch_disconnects(self, on_disconnect: Callable[[], Awaitable[None] | None]) -> None:
         """Calls `on_disconnect` whenever a connection drops (closed socket, heartbeat timeout)."""

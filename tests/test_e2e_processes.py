@@ -1,0 +1,122 @@
+"""Acceptance: the process model. `tandem serve` supervises both processes; a dead worker fails what it
+held with UNAVAILABLE, and serving resumes when a worker connects again, without restarting the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from client import AsyncTandemClient, TandemClient, TandemError
+from client.local_server import ROOT, TandemServer, free_port, health_status
+
+TANDEM = os.path.join(os.path.dirname(sys.executable), "tandem")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] == "Z"
+
+
+def _start_serve() -> tuple[subprocess.Popen, str]:
+    directory = tempfile.mkdtemp(prefix="tandem-serve-")
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [TANDEM, "serve", "--model", "random:tiny-llama", "--address", address,
+         "--engine-address", f"ipc://{directory}/engine.sock"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while health_status(address) != SERVING:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "tandem serve never became SERVING"
+        time.sleep(0.2)
+    return proc, address
+
+
+def test_tandem_serve_runs_and_stops_cleanly():
+    proc, address = _start_serve()
+    try:
+        kids = _children(proc.pid)
+        assert len(kids) == 2 and {"scheduler_svc" in _cmdline(k) for k in kids} == {True, False}
+        with TandemClient(address) as c:
+            r = c.generate(token_ids=[5, 6, 7], max_new_tokens=4, temperature=0)
+        assert len(r.token_ids) == 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        out = proc.stdout.read()
+        assert "tandem generate" in out  # it told the user how to call it
+        assert all(_gone(k) for k in kids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_tandem_serve_exits_nonzero_when_a_child_dies():
+    proc, _ = _start_serve()
+    try:
+        kids = _children(proc.pid)
+        worker = next(k for k in kids if "worker_svc" in _cmdline(k))
+        os.kill(worker, signal.SIGKILL)
+        assert proc.wait(30) != 0
+        assert all(_gone(k) for k in kids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_dead_worker_fails_inflight_then_serving_resumes():
+    with TandemServer(worker_args=["--max-num-tokens", "128"]) as server:
+        async def run():
+            async with AsyncTandemClient(server.address) as c:
+                stream = c.generate_stream(token_ids=[8] * 20, max_new_tokens=1500, ignore_eos=True)
+                waiting = asyncio.ensure_future(c.generate(token_ids=[9] * 20, max_new_tokens=1500, ignore_eos=True))
+                async for _chunk in stream:
+                    break
+                server.worker.send_signal(signal.SIGKILL)
+                killed = time.monotonic()
+                with pytest.raises(TandemError) as err:
+                    async for _chunk in stream:
+                        pass
+                assert err.value.code == grpc.StatusCode.UNAVAILABLE
+                with pytest.raises(TandemError) as err2:
+                    await waiting
+                assert err2.value.code == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() - killed < 2.0
+                assert not await c.health()
+                with pytest.raises(TandemError) as err3:
+                    await c.generate(token_ids=[1, 2], max_new_tokens=2)
+                assert err3.value.code == grpc.StatusCode.UNAVAILABLE
+
+        asyncio.run(run())
+        server.worker.wait(10)
+        server.start_worker_process()  # same scheduler process, a new worker
+        server.wait_serving(120)
+        with TandemClient(server.address) as c:
+            r = c.generate(token_ids=[1, 2, 3], max_new_tokens=5, temperature=0)
+        assert len(r.token_ids) == 5
+        st = server.wait_idle()
+        assert st.kv_blocks_free == st.kv_blocks_total
