@@ -22,6 +22,7 @@ The function asserts the mask is None so a model that builds one anyway fails lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -93,6 +94,34 @@ class PagedStep:
         return cls(cache, put(slot_mapping), put(block_tables), put(kv_lens), put(layout.single_rows),
                    put(layout.single_tokens), layout)
 
+    # Every layer of a step reads the same blocks: the gather indices and masks are built once per
+    # step, on the first layer, not once per layer.
+    @cached_property
+    def single_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids [S * B] to gather, visibility mask [S, 1, 1, B * block_size]) of single-token rows."""
+        rows = self.single_rows
+        # -1 padding and blocks past a shorter row's end gather block 0; the mask hides them.
+        blocks = self.block_tables[rows, : self.layout.single_blocks].clamp(min=0).to(torch.int64)
+        span = self.layout.single_blocks * self.cache.cfg.block_size
+        ctx = torch.arange(span, device=blocks.device)
+        visible = ctx[None, :] < self.kv_lens[rows][:, None]
+        return blocks.flatten(), visible[:, None, None, :]
+
+    @cached_property
+    def multi_gather(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per multi-token row: (its block ids, causal mask over its context or None when plain causal)."""
+        out = []
+        for m in self.layout.multi:
+            blocks = self.block_tables[m.row, : m.num_blocks].to(torch.int64)
+            n = m.q_end - m.q_start
+            mask = None
+            if m.kv_len != n:
+                ctx = torch.arange(m.kv_len, device=blocks.device)
+                qpos = torch.arange(m.kv_len - n, m.kv_len, device=blocks.device)
+                mask = ctx[None, :] <= qpos[:, None]
+            out.append((blocks, mask))
+        return out
+
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: PagedStep,
                     scale: float) -> torch.Tensor:
@@ -104,32 +133,24 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.empty_like(query)
     lay = step.layout
     if lay.single_rows.size:
-        rows, toks = step.single_rows, step.single_tokens
-        # -1 padding and blocks past a shorter row's end gather block 0; the length mask hides them.
-        blocks = step.block_tables[rows, : lay.single_blocks].clamp(min=0)
-        keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)  # [S, KVH, L, D]
-        values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
-        ctx = torch.arange(keys.shape[2], device=query.device)
-        visible = ctx[None, :] < step.kv_lens[rows][:, None]  # [S, L]
+        toks = step.single_tokens
+        blocks, visible = step.single_gather
+        num_rows = lay.single_rows.size
+        # index_select on the block axis is one contiguous copy per block, cheaper than fancy indexing.
+        keys = k_cache.index_select(0, blocks).view(num_rows, -1, *k_cache.shape[2:]).transpose(1, 2)
+        values = v_cache.index_select(0, blocks).view(num_rows, -1, *v_cache.shape[2:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            query[toks][:, :, None, :], keys, values, attn_mask=visible[:, None, None, :], scale=scale,
-            enable_gqa=True,
+            query[toks][:, :, None, :], keys, values, attn_mask=visible, scale=scale, enable_gqa=True,
         )
         out.index_copy_(0, toks.to(torch.int64), o[:, :, 0, :])
-    for m in lay.multi:
-        n = m.q_end - m.q_start
-        blocks = step.block_tables[m.row, : m.num_blocks]
-        keys = k_cache[blocks].flatten(0, 1)[: m.kv_len].transpose(0, 1)[None]  # [1, KVH, L, D]
-        values = v_cache[blocks].flatten(0, 1)[: m.kv_len].transpose(0, 1)[None]
+    for m, (blocks, mask) in zip(lay.multi, step.multi_gather, strict=True):
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[: m.kv_len].transpose(0, 1)[None]  # [1, KVH, L, D]
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[: m.kv_len].transpose(0, 1)[None]
         q = query[m.q_start : m.q_end].transpose(0, 1)[None]  # [1, H, n, D]
-        if m.kv_len == n:  # nothing cached before this chunk: plain causal
+        if mask is None:  # nothing cached before this chunk: plain causal
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ctx = torch.arange(m.kv_len, device=query.device)
-            qpos = torch.arange(m.kv_len - n, m.kv_len, device=query.device)
-            o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=ctx[None, :] <= qpos[:, None], scale=scale, enable_gqa=True
-            )
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         out[m.q_start : m.q_end] = o[0].transpose(0, 1)
     return out
 

@@ -46,6 +46,20 @@ class EngineConfig:
     max_num_rows: int = 64
 
 
+@dataclass(frozen=True)
+class SamplingHints:
+    """What the sampler may skip for a step, decided from the plan's host arrays (no device read)."""
+
+    any_random: bool  # some sampled row has temperature > 0
+    sort_filters: bool  # some random row uses top-k or top-p
+
+    @classmethod
+    def of(cls, plan: StepPlan, sampling: np.ndarray) -> SamplingHints:
+        random_rows = sampling & (plan.temperature > 0)
+        uses_sort = (plan.top_k[random_rows] > 0) | (plan.top_p[random_rows] < 1)
+        return cls(any_random=bool(random_rows.any()), sort_filters=bool(uses_sort.any()))
+
+
 @dataclass
 class _Launched:
     step_id: int
@@ -153,6 +167,7 @@ class Engine:
         start, done = self._timing[self._launches % _TIMING_RING]
         rows, num_sampled = plan.num_rows, int(sampling.sum())
         carries = bool(np.any(plan.carry_index >= 0))
+        hints = SamplingHints.of(plan, sampling)
         prev = self._last
 
         inputs = slot.load(plan, layout)
@@ -180,7 +195,8 @@ class Engine:
             top_lp.fill_(0.0)
             if num_sampled:
                 res = sample(out.logits[0].float(), inputs.temperature, inputs.top_p, inputs.top_k,
-                             inputs.min_p, inputs.seed, inputs.counter, num_top)
+                             inputs.min_p, inputs.seed, inputs.counter, num_top,
+                             sort_filters=hints.sort_filters, any_random=hints.any_random)
                 where = inputs.sample_rows.to(torch.int64)
                 sampled.index_copy_(0, where, res.token_ids)
                 logprob.index_copy_(0, where, res.logprob)

@@ -100,6 +100,7 @@ def sample(
     num_top: int,
     *,
     sort_filters: bool = True,
+    any_random: bool = True,
 ) -> SampleOutput:
     """Sample one token per row; see the module docstring for the contract.
 
@@ -112,6 +113,10 @@ def sample(
     fixed cost here; a caller that knows from its (host) batch plan that no row has top_k > 0 or
     top_p < 1 may pass False to skip it. It cannot be checked without a host sync: with False, any
     row's top-k/top-p is silently ignored (min-p and temperature still apply).
+
+    any_random: a host-side hint of the same kind. When the plan knows every row is greedy
+    (temperature 0), the noise and the filters, most of the cost on a large vocabulary, are skipped;
+    the tokens are the same argmax either way.
     """
     num_rows, vocab = logits.shape
     if not 0 <= num_top <= vocab:
@@ -121,6 +126,8 @@ def sample(
     lse = torch.logsumexp(x, dim=-1)
 
     greedy = temperature <= 0
+    if not any_random:
+        return _outputs(x, lse, x.argmax(dim=-1), num_top)
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).to(torch.float32)[:, None]
     row_max = x.amax(dim=-1, keepdim=True)
     # Subtracting the row max first keeps a tiny temperature from overflowing a logit to +inf, and
@@ -153,7 +160,12 @@ def sample(
     sampled = scores.argmax(dim=-1)
 
     # torch.argmax returns the first maximal index, which is the documented greedy tie-break.
-    token = torch.where(greedy, x.argmax(dim=-1), sampled)
+    return _outputs(x, lse, torch.where(greedy, x.argmax(dim=-1), sampled), num_top)
+
+
+def _outputs(x: torch.Tensor, lse: torch.Tensor, token: torch.Tensor, num_top: int) -> SampleOutput:
+    """The sampled tokens plus their logprobs and the top-K alternatives under the raw distribution."""
+    num_rows = x.shape[0]
     # A row is broken iff its logsumexp is not finite (any NaN, any +inf, or all -inf); NaN marks it
     # in every logprob output (x - lse alone would give -inf for some of those rows).
     lse = torch.where(torch.isfinite(lse), lse, float("nan"))
