@@ -9,10 +9,12 @@ they never share the cores:
 - transformers continuous batching (`model.generate_batch`), `use_async_batching` off and on;
 - transformers `model.generate` on the prompts as one left-padded batch.
 
-Each is measured after a warm-up on the same prompts, checked to produce exactly M tokens per request,
-and compared token for token with padded `generate`. Prints a markdown table and writes a JSON record.
+Each is measured after a warm-up on the same prompts: the measured round runs R times (`--repeats`, on the
+same running server or loaded model), each round timed alone, checked to produce exactly M tokens per
+request and compared token for token with padded `generate`. The headline is the median round, with the
+fastest and slowest beside it. Prints a markdown table and writes a JSON record.
 
-    python -m bench.cpu_e2e [--num-requests 16] [--max-new-tokens 64] [--json docs/bench/cpu_e2e.json]
+    python -m bench.cpu_e2e [--num-requests 16] [--max-new-tokens 64] [--repeats 3] [--json docs/bench/cpu_e2e.json]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 import traceback
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from client import AsyncTandemClient
 from client.local_server import TandemServer
@@ -59,31 +62,78 @@ QUESTIONS = (
 )
 
 
+R = TypeVar("R")
+
+
+@dataclass
+class Round(Generic[R]):
+    """One measured call: `start` is its `time.perf_counter()` at the call, `result` what it returned."""
+
+    start: float
+    wall_s: float
+    result: R
+
+
+def timed_rounds(run: Callable[[], R], repeats: int, settle: Callable[[], object] | None = None) -> list[Round[R]]:
+    """Calls `run` `repeats` times and times each call alone; `settle`, if given, runs untimed before each."""
+    rounds = []
+    for _ in range(repeats):
+        if settle is not None:
+            settle()
+        t0 = time.perf_counter()
+        result = run()
+        rounds.append(Round(t0, time.perf_counter() - t0, result))
+    return rounds
+
+
 @dataclass
 class Entry:
-    """One measured engine/mode. `outputs` holds the generated ids and stays out of the JSON."""
+    """One measured engine/mode. `outputs` holds each round's generated ids and stays out of the JSON."""
 
     name: str
-    wall_s: float | None = None
-    output_tok_s: float | None = None
-    mean_ttft_s: float | None = None
+    wall_s: float | None = None  # median over the measured rounds
+    walls_s: list[float] = field(default_factory=list)  # every measured round, in order
+    output_tok_s: float | None = None  # output tokens of a round / median wall
+    output_tok_s_min: float | None = None  # slowest round
+    output_tok_s_max: float | None = None  # fastest round
+    mean_ttft_s: float | None = None  # median over the rounds of each round's mean TTFT
     busy_ratio: float | None = None
-    tokens_ok: bool = False
-    same_as_generate: int | None = None  # requests whose tokens equal padded `generate`'s exactly
+    tokens_ok: bool = False  # every round produced exactly M tokens for each of the N requests
+    same_as_generate: int | None = None  # requests whose tokens equal padded `generate`'s exactly, worst round
+    same_as_generate_rounds: list[int] | None = None  # the same, per round
     error: str | None = None
     note: str = ""
     load_avg_before: float | None = None  # 1-min load average: other work on the shared cores skews the numbers
     required: bool = True  # False: a mode the engine may not support here; its failure is reported, not fatal
-    outputs: list[list[int]] = field(default_factory=list, repr=False)
+    outputs: list[list[list[int]]] = field(default_factory=list, repr=False)
 
-    def finish(self, wall_s: float, outputs: list[list[int]], num_requests: int, max_new_tokens: int) -> None:
-        self.wall_s = wall_s
-        self.outputs = outputs
-        self.output_tok_s = sum(len(o) for o in outputs) / wall_s
-        self.tokens_ok = len(outputs) == num_requests and all(len(o) == max_new_tokens for o in outputs)
-        if not self.tokens_ok:
-            lengths = sorted({len(o) for o in outputs})
-            self.error = f"expected {num_requests} x {max_new_tokens} tokens, got {len(outputs)} outputs of {lengths}"
+    def finish(self, rounds: list[Round[R]], read: Callable[[Round[R]], tuple[list[list[int]], float | None]],
+               num_requests: int, max_new_tokens: int) -> None:
+        """Records `rounds`; `read` gives one round's per-request output ids and its mean TTFT (or None)."""
+        read_rounds = [read(r) for r in rounds]
+        self.outputs = [outputs for outputs, _ in read_rounds]
+        self.walls_s = [r.wall_s for r in rounds]
+        self.wall_s = statistics.median(self.walls_s)
+        tokens = [sum(map(len, outputs)) for outputs in self.outputs]
+        self.output_tok_s = statistics.median(tokens) / self.wall_s
+        tok_s = [t / w for t, w in zip(tokens, self.walls_s, strict=True)]
+        self.output_tok_s_min, self.output_tok_s_max = min(tok_s), max(tok_s)
+        ttfts = [ttft for _, ttft in read_rounds if ttft is not None]
+        self.mean_ttft_s = statistics.median(ttfts) if ttfts else None
+        wrong = [
+            f"round {i + 1}: got {len(outputs)} outputs of {sorted({len(o) for o in outputs})}"
+            for i, outputs in enumerate(self.outputs)
+            if len(outputs) != num_requests or any(len(o) != max_new_tokens for o in outputs)
+        ]
+        self.tokens_ok = not wrong
+        if wrong:
+            self.error = f"expected {num_requests} x {max_new_tokens} tokens; " + "; ".join(wrong)
+
+    def compare(self, reference: list[list[int]]) -> None:
+        """Counts, per round, the requests whose tokens equal `reference`'s exactly."""
+        self.same_as_generate_rounds = [sum(a == b for a, b in zip(outputs, reference, strict=False))
+                                        for outputs in self.outputs]
+        self.same_as_generate = min(self.same_as_generate_rounds)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "outputs"}
@@ -111,33 +161,37 @@ def build_prompts(num_requests: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------- Tandem
 
 
-async def _tandem_rounds(server: TandemServer, prompts: list[list[int]], max_new_tokens: int,
-                         warmup_new_tokens: int) -> tuple[float, list[Any]]:
-    async def round_(n: int) -> list[Any]:
-        return await asyncio.gather(*(
-            client.generate(token_ids=p, max_new_tokens=n, temperature=0, ignore_eos=True) for p in prompts
-        ))
+async def _connect(address: str) -> AsyncTandemClient:
+    return AsyncTandemClient(address, timeout=900)  # inside the loop: the channel binds to the running loop
 
-    # One client for warm-up and measurement, so channel setup is not part of the measured wall time.
-    async with AsyncTandemClient(server.address, timeout=900) as client:
-        await round_(warmup_new_tokens)
-        await asyncio.to_thread(server.wait_idle)
-        t0 = time.perf_counter()
-        results = await round_(max_new_tokens)
-        return time.perf_counter() - t0, results
+
+async def _tandem_round(client: AsyncTandemClient, prompts: list[list[int]], n: int) -> list[Any]:
+    return await asyncio.gather(*(
+        client.generate(token_ids=p, max_new_tokens=n, temperature=0, ignore_eos=True) for p in prompts
+    ))
 
 
 def run_tandem(name: str, depth: int, prompts: list[list[int]], max_new_tokens: int, warmup_new_tokens: int,
-               worker_args: list[str]) -> Entry:
+               repeats: int, worker_args: list[str]) -> Entry:
     entry = Entry(name)
     server = TandemServer(model=MODEL, scheduler_args=["--pipeline-depth", str(depth)], worker_args=worker_args)
     try:
         server.start()
-        wall, results = asyncio.run(_tandem_rounds(server, prompts, max_new_tokens, warmup_new_tokens))
-        entry.finish(wall, [list(r.token_ids) for r in results], len(prompts), max_new_tokens)
-        entry.mean_ttft_s = sum(r.timings.ttft_s for r in results) / len(results)
+        # One loop and one client for warm-up and all rounds, so channel setup is not part of any wall time.
+        with asyncio.Runner() as loop:
+            client = loop.run(_connect(server.address))
+            try:
+                loop.run(_tandem_round(client, prompts, warmup_new_tokens))
+                rounds = timed_rounds(lambda: loop.run(_tandem_round(client, prompts, max_new_tokens)), repeats,
+                                      settle=server.wait_idle)
+            finally:
+                loop.run(client.close())
+        entry.finish(rounds, lambda r: ([list(x.token_ids) for x in r.result],
+                                        sum(x.timings.ttft_s for x in r.result) / len(r.result)),
+                     len(prompts), max_new_tokens)
         entry.busy_ratio = server.stats().worker_busy_ratio
-        entry.note = "TTFT: server-side, from request accepted; busy ratio: whole worker session incl. warm-up"
+        entry.note = ("TTFT: server-side, from request accepted; busy ratio: whole worker session incl. warm-up "
+                      "and every round")
     except Exception as e:  # a broken server must not hide the other measurements
         entry.error = f"{type(e).__name__}: {e}"
         traceback.print_exc()
@@ -150,7 +204,7 @@ def run_tandem(name: str, depth: int, prompts: list[list[int]], max_new_tokens: 
 
 
 def run_generate_batch(model: Any, prompts: list[list[int]], max_new_tokens: int, warmup_new_tokens: int,
-                       use_async_batching: bool) -> Entry:
+                       repeats: int, use_async_batching: bool) -> Entry:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -158,7 +212,7 @@ def run_generate_batch(model: Any, prompts: list[list[int]], max_new_tokens: int
     entry = Entry(f"transformers generate_batch (use_async_batching={use_async_batching})",
                   required=not use_async_batching)
 
-    def once(n: int) -> tuple[float, dict[str, Any]]:
+    def batch(n: int) -> Callable[[], dict[str, Any]]:
         # eos_token_id=-1 is what continuous batching itself uses for "no EOS"; None would fall back to the
         # model config's EOS and let requests stop early.
         gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1)
@@ -167,20 +221,19 @@ def run_generate_batch(model: Any, prompts: list[list[int]], max_new_tokens: int
         # Sized for the workload: left to itself, the cache takes 90% of host RAM on CPU.
         cb = ContinuousBatchingConfig(page_size=page, num_blocks=len(prompts) * blocks_per_request + 4,
                                       use_async_batching=use_async_batching)
-        t0 = time.perf_counter()
-        out = model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=cb,
-                                   record_timestamps=True, progress_bar=False)
-        return time.perf_counter() - t0, out
+        return lambda: model.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=cb,
+                                            record_timestamps=True, progress_bar=False)
+
+    def read(r: Round[dict[str, Any]]) -> tuple[list[list[int]], float | None]:
+        results = list(r.result.values())  # generate_batch returns them in input order
+        ttfts = [x.timestamps[0] - x.created_time for x in results if x.timestamps]
+        return [list(x.generated_tokens) for x in results], sum(ttfts) / len(ttfts) if ttfts else None
 
     try:
-        _, warm = once(warmup_new_tokens)
+        warm = batch(warmup_new_tokens)()
         if len(warm) != len(prompts):
             raise RuntimeError(f"warm-up returned {len(warm)}/{len(prompts)} results (see the log above)")
-        wall, out = once(max_new_tokens)
-        results = list(out.values())  # generate_batch returns them in input order
-        entry.finish(wall, [list(r.generated_tokens) for r in results], len(prompts), max_new_tokens)
-        ttfts = [r.timestamps[0] - r.created_time for r in results if r.timestamps]
-        entry.mean_ttft_s = sum(ttfts) / len(ttfts) if ttfts else None
+        entry.finish(timed_rounds(batch(max_new_tokens), repeats), read, len(prompts), max_new_tokens)
         entry.note = "TTFT: first token timestamp - request created (in process)"
     except Exception as e:
         entry.error = f"{type(e).__name__}: {e}"
@@ -211,7 +264,7 @@ def _first_token_clock() -> Any:
 
 
 def run_padded_generate(model: Any, pad_token_id: int, prompts: list[list[int]], max_new_tokens: int,
-                        warmup_new_tokens: int) -> Entry:
+                        warmup_new_tokens: int, repeats: int) -> Entry:
     import torch
 
     entry = Entry("transformers generate (one left-padded batch)")
@@ -222,21 +275,20 @@ def run_padded_generate(model: Any, pad_token_id: int, prompts: list[list[int]],
         input_ids[i, width - len(p):] = torch.tensor(p)
         attention_mask[i, width - len(p):] = 1
 
-    def once(n: int) -> tuple[float, list[list[int]], float | None]:
+    def once(n: int) -> tuple[Any, Any]:
         clock = _first_token_clock()
-        t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=n,
                                  min_new_tokens=n, do_sample=False, pad_token_id=pad_token_id, streamer=clock)
-        wall = time.perf_counter() - t0
-        ttft = clock.first_token_at - t0 if clock.first_token_at is not None else None
-        return wall, out[:, width:].tolist(), ttft
+        return out, clock
+
+    def read(r: Round[tuple[Any, Any]]) -> tuple[list[list[int]], float | None]:
+        out, clock = r.result
+        return out[:, width:].tolist(), None if clock.first_token_at is None else clock.first_token_at - r.start
 
     try:
         once(warmup_new_tokens)
-        wall, outputs, ttft = once(max_new_tokens)
-        entry.finish(wall, outputs, len(prompts), max_new_tokens)
-        entry.mean_ttft_s = ttft
+        entry.finish(timed_rounds(lambda: once(max_new_tokens), repeats), read, len(prompts), max_new_tokens)
         entry.note = "TTFT: one prefill of the whole padded batch (same for every request)"
     except Exception as e:
         entry.error = f"{type(e).__name__}: {e}"
@@ -253,17 +305,22 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(entries: list[Entry], num_requests: int) -> str:
     lines = [
-        "| engine / mode | wall s | output tok/s | mean TTFT s | worker busy | same tokens as `generate` |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| engine / mode | median wall s | median tok/s | range tok/s | mean TTFT s | worker busy "
+        "| same tokens as `generate` |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for e in entries:
         if e.error and e.wall_s is None:
-            lines.append(f"| {e.name} | failed: {e.error.splitlines()[0][:120]} | | | | |")
+            lines.append(f"| {e.name} | failed: {e.error.splitlines()[0][:120]} | | | | | |")
             continue
-        same = "-" if e.same_as_generate is None else f"{e.same_as_generate}/{num_requests}"
+        same = "-"
+        if e.same_as_generate_rounds:
+            lo, hi = min(e.same_as_generate_rounds), max(e.same_as_generate_rounds)
+            same = f"{lo}/{num_requests}" if lo == hi else f"{lo}..{hi}/{num_requests}"
         flag = "" if e.tokens_ok else " (token count wrong)"
         lines.append(
             f"| {e.name}{flag} | {_fmt(e.wall_s, '.2f')} | {_fmt(e.output_tok_s, '.1f')} | "
+            f"{_fmt(e.output_tok_s_min, '.1f')}..{_fmt(e.output_tok_s_max, '.1f')} | "
             f"{_fmt(e.mean_ttft_s, '.3f')} | {_fmt(e.busy_ratio, '.2f')} | {same} |"
         )
     return "\n".join(lines)
@@ -300,24 +357,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--warmup-new-tokens", type=int, default=8,
                    help="New tokens per request in each engine's warm-up round (same prompts).")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="Measured rounds per engine after its warm-up; the table reports the median and range.")
     p.add_argument("--worker-args", default="", help="Extra worker_svc flags for both Tandem servers (one string).")
     p.add_argument("--json", default="docs/bench/cpu_e2e.json", help="Where to write the JSON record.")
     p.add_argument("--engines", default="tandem-async,tandem-sync,cb-sync,cb-async,generate",
                    help="Comma-separated subset to run (for smoke tests; the record wants all five).")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     engines = set(args.engines.split(","))
-    n, m, w = args.num_requests, args.max_new_tokens, args.warmup_new_tokens
+    n, m, w, r = args.num_requests, args.max_new_tokens, args.warmup_new_tokens, args.repeats
 
     prompts = build_prompts(n)
-    print(f"{n} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens, {m} new tokens each",
-          flush=True)
+    print(f"{n} prompts of {min(map(len, prompts))}..{max(map(len, prompts))} tokens, {m} new tokens each, "
+          f"{r} measured rounds per engine", flush=True)
     worker_args = shlex.split(args.worker_args)
 
     entries: list[Entry] = []
     # Servers run one at a time and are stopped before the next measurement: the CPU has few cores.
     runners: list[tuple[str, Callable[[], Entry]]] = [
-        ("tandem-async", lambda: run_tandem("Tandem async (depth 2)", 2, prompts, m, w, worker_args)),
-        ("tandem-sync", lambda: run_tandem("Tandem sync (depth 1)", 1, prompts, m, w, worker_args)),
+        ("tandem-async", lambda: run_tandem("Tandem async (depth 2)", 2, prompts, m, w, r, worker_args)),
+        ("tandem-sync", lambda: run_tandem("Tandem sync (depth 1)", 1, prompts, m, w, r, worker_args)),
     ]
     for key, run in runners:
         if key in engines:
@@ -336,15 +397,15 @@ def main(argv: list[str] | None = None) -> int:
             else model.generation_config.pad_token_id
         for key, flag in (("cb-sync", False), ("cb-async", True)):
             if key in engines:
-                entries.append(_measured(key, lambda f=flag: run_generate_batch(model, prompts, m, w, f)))
+                entries.append(_measured(key, lambda f=flag: run_generate_batch(model, prompts, m, w, r, f)))
         if "generate" in engines:
-            reference = _measured("generate", lambda: run_padded_generate(model, pad, prompts, m, w))
+            reference = _measured("generate", lambda: run_padded_generate(model, pad, prompts, m, w, r))
             entries.append(reference)
 
     if reference is not None and reference.outputs:
         for e in entries:
             if e.outputs:
-                e.same_as_generate = sum(a == b for a, b in zip(e.outputs, reference.outputs, strict=False))
+                e.compare(reference.outputs[0])  # padded `generate`'s own later rounds are checked against it too
 
     table = markdown_table(entries, n)
     print()
@@ -354,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "workload": {"model": MODEL, "num_requests": n, "max_new_tokens": m, "warmup_new_tokens": w,
-                     "greedy": True, "prompt_lengths": [len(q) for q in prompts],
+                     "repeats": r, "greedy": True, "prompt_lengths": [len(q) for q in prompts],
                      "tandem_worker_args": worker_args, "hf_attn_implementation": attn},
         "entries": [e.to_json() for e in entries],
         "table_markdown": table,

@@ -202,6 +202,10 @@ def model_info_from_proto(m: api_pb2.ModelInfo) -> ModelInfo:
         server_version=m.server_version,
         worker_connected=m.worker_connected,
         max_new_tokens_default=m.max_new_tokens_default,
+        default_temperature=m.default_temperature,
+        default_top_p=m.default_top_p,
+        default_top_k=m.default_top_k,
+        default_min_p=m.default_min_p,
     )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import threading
 import time
@@ -330,6 +332,15 @@ def serve_commands(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     )
 
 
+def _tandem_command() -> str:
+    """How the user can type `tandem`: bare when it is on PATH, else the venv's path (after `make run`)."""
+    ours = os.path.join(os.path.dirname(sys.executable), "tandem")
+    found = shutil.which("tandem")
+    if found and os.path.realpath(found) == os.path.realpath(ours):
+        return "tandem"
+    return os.path.relpath(ours) if os.path.exists(ours) else "tandem"
+
+
 def _announce_when_serving(sup: Supervisor, address: str, out: TextIO) -> None:
     hint = "" if address == DEFAULT_ADDRESS else f" --address {address}"
     with TandemClient(address, options=POLL_CHANNEL_OPTIONS) as client:
@@ -338,7 +349,7 @@ def _announce_when_serving(sup: Supervisor, address: str, out: TextIO) -> None:
             if status == "SERVING":
                 print(
                     f"Tandem is serving on {address} — try: "
-                    f'tandem generate "What is the capital of France?" --chat{hint}',
+                    f'{_tandem_command()} generate "What is the capital of France?" --chat{hint}',
                     file=out,
                     flush=True,
                 )

@@ -112,6 +112,10 @@ class ModelInfo:
     server_version: str
     worker_connected: bool
     max_new_tokens_default: int
+    default_temperature: float = 0.0
+    default_top_p: float = 1.0
+    default_top_k: int = 0
+    default_min_p: float = 0.0
 
 
 class TandemError(Exception):

@@ -185,6 +185,8 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                 info.eos_token_ids.extend(h.eos_token_ids)
                 info.dtype, info.device = h.dtype, h.device
                 info.kv_blocks, info.kv_block_size = h.num_blocks, h.block_size
+                info.default_temperature, info.default_top_p = h.default_temperature, h.default_top_p
+                info.default_top_k, info.default_min_p = h.default_top_k, h.default_min_p
             return info
 
 

@@ -94,13 +94,14 @@ def build_request(
     else:
         max_new = min(limits.default_max_new_tokens, room)
 
-    temperature = msg.temperature if msg.HasField("temperature") else 1.0
+    # Unset parameters take the model's defaults (its generation config), as transformers would.
+    temperature = msg.temperature if msg.HasField("temperature") else hello.default_temperature
     _check(math.isfinite(temperature) and temperature >= 0, "temperature", "must be a finite number >= 0")
-    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    top_p = msg.top_p if msg.HasField("top_p") else hello.default_top_p
     _check(math.isfinite(top_p) and 0 < top_p <= 1, "top_p", "must be in (0, 1]")
-    top_k = msg.top_k if msg.HasField("top_k") else 0
+    top_k = msg.top_k if msg.HasField("top_k") else hello.default_top_k
     _check(top_k >= 0, "top_k", "must be >= 0 (0 = off)")
-    min_p = msg.min_p if msg.HasField("min_p") else 0.0
+    min_p = msg.min_p if msg.HasField("min_p") else hello.default_min_p
     _check(math.isfinite(min_p) and 0 <= min_p <= 1, "min_p", "must be in [0, 1]")
     seed = msg.seed if msg.HasField("seed") else secrets.randbits(64)
     num_logprobs = -1

@@ -77,3 +77,22 @@ def test_smollm2_matches_transformers_generate(smol, smol_model, smol_tokenizer)
         assert r.finish_reason in ("eos", "length")
         assert_matches(r.token_ids, ref, q)
         assert r.text == smol_tokenizer.decode(r.token_ids, skip_special_tokens=True)
+
+
+def test_cli_commands_against_a_server(tiny):
+    def tandem(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([TANDEM, *args, "--address", tiny.address], capture_output=True, text=True, timeout=60)
+
+    health = tandem("health")
+    assert health.returncode == 0 and "SERVING" in health.stdout
+    info = tandem("info")
+    assert info.returncode == 0 and "random:tiny-llama" in info.stdout
+    tok = tandem("tokenize", "hello world")
+    assert tok.returncode == 0 and tok.stdout.strip()
+    streamed = tandem("generate", "Once upon a time", "--stream", "--max-new-tokens", "12", "--temperature", "0",
+                      "--ignore-eos")
+    whole = tandem("generate", "Once upon a time", "--max-new-tokens", "12", "--temperature", "0", "--ignore-eos")
+    assert streamed.returncode == 0 and whole.returncode == 0, streamed.stderr + whole.stderr
+    assert streamed.stdout == whole.stdout
+    bad = tandem("generate", "hi", "--top-p", "2")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr

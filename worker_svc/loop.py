@@ -51,6 +51,10 @@ def make_hello(engine: Engine) -> wire.Hello:
         bos_token=m.bos_token,
         eos_token=m.eos_token,
         add_bos_token=m.add_bos_token,
+        default_temperature=m.sampling_defaults.temperature,
+        default_top_p=m.sampling_defaults.top_p,
+        default_top_k=m.sampling_defaults.top_k,
+        default_min_p=m.sampling_defaults.min_p,
     )
 
 

@@ -87,6 +87,28 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that sets no sampling parameter gets: the model's generation config, as
+    transformers' `generate` would apply it (greedy unless the config asks to sample)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    @classmethod
+    def from_generation_config(cls, gc: Any) -> SamplingDefaults:
+        if gc is None or not getattr(gc, "do_sample", False):
+            return cls()
+        return cls(
+            temperature=float(gc.temperature if gc.temperature is not None else 1.0),
+            top_p=float(gc.top_p if gc.top_p is not None else 1.0),
+            top_k=int(gc.top_k or 0),
+            min_p=float(gc.min_p or 0.0),
+        )
+
+
 @dataclass
 class LoadedModel:
     """A model ready for the runner plus the facts the worker's Hello announces."""
@@ -103,6 +125,7 @@ class LoadedModel:
     add_bos_token: bool
     max_context: int
     vocab_size: int
+    sampling_defaults: SamplingDefaults
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
@@ -222,4 +245,5 @@ def _describe(name: str, model: Any, tok_dir: Path, max_context: int) -> LoadedM
         add_bos_token=add_bos,
         max_context=max_context if max_context > 0 else model_max,
         vocab_size=int(config.vocab_size),
+        sampling_defaults=SamplingDefaults.from_generation_config(getattr(model, "generation_config", None)),
     )

@@ -83,6 +83,10 @@ class Hello:
     bos_token: str = ""
     eos_token: str = ""
     add_bos_token: bool = False
+    default_temperature: float = 0.0
+    default_top_p: float = 1.0
+    default_top_k: int = 0
+    default_min_p: float = 0.0
     protocol_version: int = PROTOCOL_VERSION
 
     def encode(self) -> list[bytes]:

@@ -159,7 +159,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "dtype", "device", "kv_blocks", "kv_block_size", "pipeline_depth", "server_version", "worker_connected", "max_new_tokens_default")
+    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "dtype", "device", "kv_blocks", "kv_block_size", "pipeline_depth", "server_version", "worker_connected", "max_new_tokens_default", "default_temperature", "default_top_p", "default_top_k", "default_min_p")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,10 @@ class ModelInfo(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_P_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MIN_P_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_context: int
@@ -184,7 +188,11 @@ class ModelInfo(_message.Message):
     server_version: str
     worker_connected: bool
     max_new_tokens_default: int
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., server_version: _Optional[str] = ..., worker_connected: _Optional[bool] = ..., max_new_tokens_default: _Optional[int] = ...) -> None: ...
+    default_temperature: float
+    default_top_p: float
+    default_top_k: int
+    default_min_p: float
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., server_version: _Optional[str] = ..., worker_connected: _Optional[bool] = ..., max_new_tokens_default: _Optional[int] = ..., default_temperature: _Optional[float] = ..., default_top_p: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_min_p: _Optional[float] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
