@@ -647,5 +647,11 @@ def test_serve_announces_once_serving(server: _ServerThread) -> None:
     cli._announce_when_serving(sup, server.address, out)
     assert out.getvalue() == (
         f"Tandem is serving on {server.address} — try: "
-        f'tandem generate "What is the capital of France?" --chat --address {server.address}\n'
+        f'{cli._tandem_command()} generate "What is the capital of France?" --chat --address {server.address}\n'
     )
+
+
+def test_serve_names_a_tandem_the_user_can_run() -> None:
+    """After `make run` the venv is not on PATH: the hint must name a command that exists."""
+    command = cli._tandem_command()
+    assert command == "tandem" or os.path.exists(command)

@@ -19,8 +19,7 @@ TANDEM = os.path.join(os.path.dirname(sys.executable), "tandem")
 def test_cli_chat_answers_paris(smol):
     """What a new user does after `make run`."""
     out = subprocess.run(
-        [TANDEM, "generate", "What is the capital of France?", "--chat", "--address", smol.address,
-         "--temperature", "0", "--max-new-tokens", "32"],
+        [TANDEM, "generate", "What is the capital of France?", "--chat", "--address", smol.address],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
