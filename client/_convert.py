@@ -8,7 +8,7 @@ aio: both expose code/details/trailing_metadata synchronously once failed) into 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -68,6 +68,24 @@ def _set_optional(req: Any, name: str, value: Any) -> None:
         setattr(req, name, value)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: {e}") from None
+
+
+class GenerateParams(TypedDict, total=False):
+    """Every GenerateRequest field by name: the keyword arguments of `generate` and `generate_stream`."""
+
+    token_ids: Sequence[int] | None
+    messages: Iterable[Message] | None
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    seed: int | None
+    stop: str | Sequence[str] | None
+    stop_token_ids: Sequence[int] | None
+    ignore_eos: bool
+    logprobs: int | None
+    request_id: str | None
 
 
 def build_generate_request(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 import grpc.aio
@@ -106,75 +106,21 @@ class AsyncTandemClient:
         self,
         prompt: str | None = None,
         *,
-        token_ids: Sequence[int] | None = None,
-        messages: Iterable[_convert.Message] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: int | None = None,
-        request_id: str | None = None,
         timeout: float | None = None,
+        **params: Unpack[_convert.GenerateParams],
     ) -> GenerationResult:
-        req = _convert.build_generate_request(
-            prompt,
-            token_ids=token_ids,
-            messages=messages,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            logprobs=logprobs,
-            request_id=request_id,
-        )
+        req = _convert.build_generate_request(prompt, **params)
         return _convert.result_from_response(await self._unary(self._stub.Generate, req, timeout))
 
     def generate_stream(
         self,
         prompt: str | None = None,
         *,
-        token_ids: Sequence[int] | None = None,
-        messages: Iterable[_convert.Message] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: int | None = None,
-        request_id: str | None = None,
         timeout: float | None = None,
+        **params: Unpack[_convert.GenerateParams],
     ) -> AsyncGenerateStream:
         """Not a coroutine: `async for chunk in client.generate_stream(...)`."""
-        req = _convert.build_generate_request(
-            prompt,
-            token_ids=token_ids,
-            messages=messages,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            logprobs=logprobs,
-            request_id=request_id,
-        )
+        req = _convert.build_generate_request(prompt, **params)
         call = self._stub.GenerateStream(req, timeout=self._timeout(timeout), metadata=self._metadata)
         return AsyncGenerateStream(call)
 

@@ -7,7 +7,7 @@ parsing live in `client._convert` (shared with the async client).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -92,37 +92,10 @@ class TandemClient:
         self,
         prompt: str | None = None,
         *,
-        token_ids: Sequence[int] | None = None,
-        messages: Iterable[_convert.Message] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: int | None = None,
-        request_id: str | None = None,
         timeout: float | None = None,
+        **params: Unpack[_convert.GenerateParams],
     ) -> GenerationResult:
-        req = _convert.build_generate_request(
-            prompt,
-            token_ids=token_ids,
-            messages=messages,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            logprobs=logprobs,
-            request_id=request_id,
-        )
+        req = _convert.build_generate_request(prompt, **params)
         try:
             resp = self._stub.Generate(req, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as e:
@@ -133,37 +106,10 @@ class TandemClient:
         self,
         prompt: str | None = None,
         *,
-        token_ids: Sequence[int] | None = None,
-        messages: Iterable[_convert.Message] | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        logprobs: int | None = None,
-        request_id: str | None = None,
         timeout: float | None = None,
+        **params: Unpack[_convert.GenerateParams],
     ) -> GenerateStream:
-        req = _convert.build_generate_request(
-            prompt,
-            token_ids=token_ids,
-            messages=messages,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            seed=seed,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            logprobs=logprobs,
-            request_id=request_id,
-        )
+        req = _convert.build_generate_request(prompt, **params)
         call = self._stub.GenerateStream(req, timeout=self._timeout(timeout), metadata=self._metadata)
         return GenerateStream(call)
 
