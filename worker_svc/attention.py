@@ -7,10 +7,11 @@ K/V into the paged cache at `slot_mapping`, then computes, for each row, causal 
 row's queries over the row's whole cached context (earlier chunks and decode history included),
 GQA-aware.
 
-This is the pure-PyTorch reference path (CPU, tests, any shape). Single-token rows (decode, or a
-one-token chunk) are batched into one padded gather; multi-token rows (prefill chunks) run one SDPA
-each, with the loop bounds taken from the plan on the host, never from the device. CUDA kernels
-will slot in behind the same function.
+On CUDA, single-token rows (decode) go to the Triton kernel in triton_attention.py, which reads the
+block tables on the device (so CUDA graphs can replay it). Everything else is the pure-PyTorch
+reference path (CPU, tests, any shape): single-token rows batched into one padded gather,
+multi-token rows (prefill chunks) one SDPA each, with loop bounds taken from the plan on the host,
+never from the device. A varlen prefill kernel will slot in behind the same function.
 
 No mask is built: the implementation name is deliberately NOT registered in
 `transformers.masking_utils.AttentionMaskInterface`. For unregistered names, transformers' mask
@@ -132,7 +133,12 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """
     out = torch.empty_like(query)
     lay = step.layout
-    if lay.single_rows.size:
+    if query.is_cuda and lay.single_rows.size:
+        from worker_svc.triton_attention import paged_decode  # CUDA only: triton is not on CPU installs
+
+        paged_decode(query, k_cache, v_cache, out, step.block_tables, step.kv_lens, step.single_rows,
+                     step.single_tokens, scale)
+    elif lay.single_rows.size:
         toks = step.single_tokens
         blocks, visible = step.single_gather
         num_rows = lay.single_rows.size

@@ -19,6 +19,7 @@ would be a device-side assert on CUDA, which kills the process.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ import torch
 from tandem.wire import StepPlan, StepResult, WireError
 
 from worker_svc.attention import STEP_KWARG, PagedStep, install, row_layout
+from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_plan
 from worker_svc.io_slots import MAX_TOP_LOGPROBS, DeviceSync, IOSlot, SlotLimits
 from worker_svc.kv_cache import PagedKVCache, config_for_model
 from worker_svc.models import LoadedModel
@@ -44,6 +46,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 0.0  # 0 = device default (see kv_cache.size_num_blocks)
     max_num_tokens: int = 512
     max_num_rows: int = 64
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,51 @@ class Engine:
         self._in_flight: deque[_Launched] = deque()
         self._last: _Launched | None = None
         self._launches = 0
+        self.graphs: DecodeGraphs | None = None
         if self.sync.cuda:
             torch.cuda.synchronize()  # weights and buffers were written on the default stream
+            if cfg.cuda_graphs:
+                self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Captures every (slot, row bucket) decode graph, largest bucket first (one shared pool)."""
+        width = self.limits.max_blocks_per_row
+        self.graphs = DecodeGraphs(self.limits.max_num_rows, width)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self._capture_all(width)
+        torch.cuda.synchronize()
+        log.info("captured %d decode CUDA graphs (buckets %s) in %.1f s", len(self.graphs.captured),
+                 self.graphs.buckets, time.perf_counter() - t0)
+
+    def _capture_all(self, width: int) -> None:
+        assert self.graphs is not None
+        for rows in reversed(self.graphs.buckets):
+            idle = _idle_decode_plan(rows, width)
+            for slot in self.slots:
+                other = self.slots[1 - slot.index]
+                inputs = slot.load(idle, decode_layout(rows, width))
+                step = self._paged_step(inputs, decode_layout(rows, width))
+                self.sync.compute_stream.wait_event(slot.h2d_done)
+                self.graphs.capture(slot.index, rows, self.sync.compute_stream,
+                                    lambda i=inputs, st=step, o=other: self._forward(i, st, o, True, 0))
+                slot.in_use = False
+
+    def _paged_step(self, inputs, layout) -> PagedStep:
+        return PagedStep(self.cache, inputs.slot_mapping, inputs.block_tables, inputs.kv_lens,
+                         inputs.single_rows, inputs.single_tokens, layout)
+
+    def _forward(self, inputs, step: PagedStep, other: IOSlot, carries: bool, logits_to_keep) -> torch.Tensor:
+        """Carry-over, then the model forward; returns logits [kept tokens, V]. The body graphs capture."""
+        ids = inputs.input_ids
+        if carries:
+            # The previous step's sampled ids live in the other slot; -1 rows take nothing.
+            src = other.out_sampled(self.limits.max_num_rows)
+            ci = inputs.carry_index
+            ids.index_add_(0, inputs.first_tokens, torch.where(ci >= 0, src[ci.clamp(min=0)], 0))
+        out = self.model(input_ids=ids[None], position_ids=inputs.positions[None], use_cache=False,
+                         logits_to_keep=logits_to_keep, **{STEP_KWARG: step})
+        return out.logits[0]
 
     @property
     def is_async(self) -> bool:
@@ -170,22 +216,23 @@ class Engine:
         hints = SamplingHints.of(plan, sampling)
         prev = self._last
 
-        inputs = slot.load(plan, layout)
+        bucket = self.graphs.bucket_for(plan) if self.graphs is not None else None
+        if bucket is not None:
+            layout = decode_layout(bucket, self.limits.max_blocks_per_row)
+            inputs = slot.load(pad_decode_plan(plan, bucket, self.limits.max_blocks_per_row), layout)
+        else:
+            inputs = slot.load(plan, layout)
         compute = self.sync.compute_stream
         with self.sync.on(compute), torch.inference_mode():
             compute.wait_event(slot.h2d_done)
             start.record(compute)
-            ids = inputs.input_ids
-            if carries:
-                assert prev is not None and prev.slot is other
-                src = other.out_sampled(prev.num_rows)
-                ci = inputs.carry_index
-                carried = torch.where(ci >= 0, src[ci.clamp(min=0)], 0)
-                ids.index_add_(0, inputs.first_tokens, carried)
-            step = PagedStep(self.cache, inputs.slot_mapping, inputs.block_tables, inputs.kv_lens,
-                             inputs.single_rows, inputs.single_tokens, layout)
-            out = self.model(input_ids=ids[None], position_ids=inputs.positions[None], use_cache=False,
-                             logits_to_keep=inputs.sample_tokens, **{STEP_KWARG: step})
+            if bucket is not None:
+                logits = self.graphs.replay(slot.index, bucket).index_select(0, inputs.sample_tokens)
+            else:
+                if carries:
+                    assert prev is not None and prev.slot is other
+                logits = self._forward(inputs, self._paged_step(inputs, layout), other, carries,
+                                       inputs.sample_tokens)
             sampled = slot.out_sampled(rows)
             sampled.fill_(-1)
             logprob = slot.out_logprob(rows)
@@ -194,7 +241,7 @@ class Engine:
             top_ids.fill_(-1)
             top_lp.fill_(0.0)
             if num_sampled:
-                res = sample(out.logits[0].float(), inputs.temperature, inputs.top_p, inputs.top_k,
+                res = sample(logits.float(), inputs.temperature, inputs.top_p, inputs.top_k,
                              inputs.min_p, inputs.seed, inputs.counter, num_top,
                              sort_filters=hints.sort_filters, any_random=hints.any_random)
                 where = inputs.sample_rows.to(torch.int64)
@@ -235,3 +282,15 @@ class Engine:
         assert not self._in_flight, "execute() with steps in flight; collect them first"
         self.launch(plan)
         return self.collect()
+
+
+def _idle_decode_plan(rows: int, width: int) -> StepPlan:
+    """A decode plan whose rows are all padding: what graphs are captured on (it reads and writes nothing)."""
+    zeros = np.zeros(rows, dtype=np.int32)
+    return StepPlan(
+        step_id=0, carry_from_step=-1, flush=False, input_ids=zeros, positions=zeros,
+        slot_mapping=np.full(rows, -1, np.int32), query_start=np.arange(rows + 1, dtype=np.int32),
+        kv_lens=zeros, block_tables=np.full((rows, width), -1, np.int32), carry_index=np.full(rows, -1, np.int32),
+        sample=zeros, temperature=np.zeros(rows, np.float32), top_p=np.ones(rows, np.float32), top_k=zeros,
+        min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint64), num_logprobs=np.full(rows, -1, np.int32),
+    )

@@ -1,0 +1,206 @@
+"""GPU benchmark: Tandem sync vs async (engine-only and end to end) and transformers' continuous
+batching on the same workload, same GPU, same run. The seed's experiment, scaled.
+
+Owns the workload (random-weight model of a real shape, N prompts of P random tokens, M new tokens
+each, greedy, EOS ignored) and five measurements on it:
+- engine-only: the real Scheduler driving an in-process worker Engine (bench.inprocess), depth 1 and
+  depth 2, CUDA graphs on; busy = step compute time / (compute + idle gaps), from CUDA events;
+- end to end: a real scheduler process + worker process (client.local_server), all requests sent at
+  once through gRPC; busy from the server's GetStats (the worker's events, whole session);
+- transformers `generate_batch`, `use_async_batching` False and True, on the same prompts.
+
+    python -m bench gpu [--model random:llama-3.1-8b] [--num-requests 32] [--prompt-len 128]
+                        [--max-new-tokens 1024] [--json docs/bench/async_vs_sync.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import random
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import torch
+
+from bench.inprocess import run_requests
+from client import AsyncTandemClient
+from client.local_server import TandemServer
+from scheduler_svc.request import Request, SamplingParams
+
+
+@dataclass
+class Result:
+    engine: str
+    mode: str
+    model: str
+    num_requests: int
+    wall_s: float | None = None
+    output_tok_s: float | None = None
+    ms_per_step: float | None = None
+    gpu_busy_ratio: float | None = None
+    steps: int | None = None
+    error: str | None = None
+
+
+def prompts_for(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49152) for _ in range(length)] for _ in range(n)]
+
+
+def _requests(prompts: list[list[int]], max_new: int) -> list[Request]:
+    return [Request(req_id=f"r{i}", prompt_ids=p, max_new_tokens=max_new,
+                    sampling=SamplingParams(temperature=0.0, seed=i), stop_token_ids=frozenset(),
+                    eos_token_ids=frozenset(), ignore_eos=True, arrival_time=time.monotonic())
+            for i, p in enumerate(prompts)]
+
+
+def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int) -> list[Result]:
+    from worker_svc.models import load
+    from worker_svc.runner import Engine, EngineConfig
+
+    loaded = load(model, device="cuda", dtype=dtype)
+    blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
+    engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=rows,
+                                         max_num_tokens=max(2048, min(8192, len(prompts) * len(prompts[0])))),
+                    "cuda")
+    run_requests(engine, _requests(prompts, 8), 2)  # warm-up: allocator, kernels
+    out = []
+    for depth, mode in ((1, "sync"), (2, "async")):
+        torch.cuda.synchronize()
+        stats = run_requests(engine, _requests(prompts, max_new), depth)
+        tokens = sum(len(v) for v in stats.outputs.values())
+        assert tokens == len(prompts) * max_new, tokens
+        out.append(Result("tandem-engine", mode, model, len(prompts), stats.wall_s, tokens / stats.wall_s,
+                          1000 * stats.wall_s / stats.steps, stats.busy_ratio, stats.steps))
+        print(out[-1], flush=True)
+    del engine, loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int) -> list[Result]:
+    out = []
+    blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
+    for depth, mode in ((1, "sync"), (2, "async")):
+        server = TandemServer(model=model, scheduler_args=["--pipeline-depth", str(depth)], worker_args=[
+            "--device", "cuda", "--dtype", dtype, "--num-blocks", str(blocks), "--max-num-rows", str(rows),
+            "--max-num-tokens", str(max(2048, min(8192, len(prompts) * len(prompts[0])))),
+        ])
+        try:
+            server.start(600)
+
+            async def run(n: int, address: str = server.address) -> float:
+                async with AsyncTandemClient(address) as c:
+                    t0 = time.perf_counter()
+                    rs = await asyncio.gather(*(c.generate(token_ids=p, max_new_tokens=n, temperature=0,
+                                                           ignore_eos=True) for p in prompts))
+                    wall = time.perf_counter() - t0
+                    assert all(len(r.token_ids) == n for r in rs)
+                    return wall
+
+            asyncio.run(run(8))
+            before = server.stats()
+            wall = asyncio.run(run(max_new))
+            after = server.stats()
+            steps = after.steps - before.steps
+            out.append(Result("tandem-e2e", mode, model, len(prompts), wall, len(prompts) * max_new / wall,
+                              1000 * wall / max(1, steps), after.worker_busy_ratio, steps))
+        except Exception as e:  # a failed entry is reported, the run goes on
+            traceback.print_exc()
+            out.append(Result("tandem-e2e", mode, model, len(prompts), error=f"{type(e).__name__}: {e}"))
+        finally:
+            server.stop()
+        print(out[-1], flush=True)
+    return out
+
+
+def transformers_cb(model: str, prompts, max_new: int, dtype: torch.dtype) -> list[Result]:
+    from transformers import GenerationConfig
+
+    from worker_svc.models import load
+
+    loaded = load(model, device="cuda", dtype=dtype)
+    hf = loaded.model
+    hf.set_attn_implementation("sdpa")
+    out = []
+    for flag in (False, True):
+        mode = "async" if flag else "sync"
+        try:
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=-1)
+            cb = ContinuousBatchingConfig(use_async_batching=flag)
+            hf.generate_batch(inputs=prompts, generation_config=GenerationConfig(max_new_tokens=8, do_sample=False,
+                              eos_token_id=-1), continuous_batching_config=cb, progress_bar=False)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            res = hf.generate_batch(inputs=prompts, generation_config=gen, continuous_batching_config=cb,
+                                    progress_bar=False)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            tokens = sum(len(r.generated_tokens) for r in res.values())
+            out.append(Result("transformers-generate_batch", mode, model, len(prompts), wall, tokens / wall))
+        except Exception as e:
+            traceback.print_exc()
+            out.append(Result("transformers-generate_batch", mode, model, len(prompts),
+                              error=f"{type(e).__name__}: {e}"))
+        print(out[-1], flush=True)
+    del hf, loaded
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument("--num-requests", type=int, nargs="+", default=[32])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--parts", default="engine,e2e,transformers", help="comma-separated subset")
+    p.add_argument("--json", default="docs/bench/async_vs_sync.json", help="appended to if it exists")
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    parts = set(args.parts.split(","))
+    results: list[Result] = []
+    for n in args.num_requests:
+        prompts = prompts_for(n, args.prompt_len)
+        rows = max(64, n)
+        if "engine" in parts:
+            results += engine_only(args.model, prompts, args.max_new_tokens, dtype, rows)
+        if "e2e" in parts:
+            results += end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows)
+        if "transformers" in parts:
+            results += transformers_cb(args.model, prompts, args.max_new_tokens, dtype)
+    record = {
+        "command": "python -m bench gpu " + shlex.join(sys.argv[2:] if argv is None else argv),
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "workload": {"model": args.model, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
+                     "dtype": args.dtype, "greedy": True, "ignore_eos": True},
+        "entries": [asdict(r) for r in results],
+    }
+    try:
+        existing = json.load(open(args.json))
+        runs = existing if isinstance(existing, list) else [existing]
+    except (OSError, ValueError):
+        runs = []
+    with open(args.json, "w") as f:
+        json.dump([*runs, record], f, indent=1)
+    for r in results:
+        print(f"| {r.engine} | {r.mode} | {r.model} | {r.num_requests} | {_f(r.wall_s)} | {_f(r.output_tok_s, 0)} "
+              f"| {_f(r.ms_per_step)} | {_f(r.gpu_busy_ratio, 3)} | {r.error or ''} |")
+    return 0
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"

@@ -1,0 +1,61 @@
+"""The engine without processes: the real Scheduler driving an in-process worker Engine.
+
+Owns the pipelined loop that the scheduler process and the worker loop run across ZeroMQ, collapsed
+into one thread, so that benchmarks can measure the engine alone ("engine-only") and tests can run
+the GPU path without sockets. At depth 2, step N+1 is launched before step N is collected: the host
+plans while the device computes, exactly as across the link.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from scheduler_svc.request import Request
+from scheduler_svc.scheduler import Scheduler, SchedulerLimits
+
+
+@dataclass
+class LoopStats:
+    wall_s: float = 0.0
+    steps: int = 0
+    compute_ms: float = 0.0
+    idle_gap_ms: float = 0.0
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def busy_ratio(self) -> float:
+        """Device busy fraction over the run: step compute time / (compute + idle gaps between steps)."""
+        total = self.compute_ms + self.idle_gap_ms
+        return self.compute_ms / total if total else 0.0
+
+
+def scheduler_for(engine, depth: int, max_waiting: int = 100_000) -> Scheduler:
+    """A Scheduler sized like the scheduler process sizes one from the engine's handshake."""
+    return Scheduler(SchedulerLimits(
+        num_blocks=engine.cache.cfg.num_blocks, block_size=engine.cache.cfg.block_size,
+        max_num_tokens=engine.limits.max_num_tokens, max_num_rows=engine.limits.max_num_rows,
+        max_blocks_per_row=engine.limits.max_blocks_per_row, max_context=engine.loaded.max_context,
+        max_waiting=max_waiting, pipeline_depth=depth,
+    ))
+
+
+def run_requests(engine, requests: list[Request], depth: int) -> LoopStats:
+    """Runs `requests` to completion at pipeline depth 1 or 2; returns outputs and timings."""
+    sched = scheduler_for(engine, depth)
+    for r in requests:
+        sched.add(r)
+    stats = LoopStats()
+    t0 = time.perf_counter()
+    while not sched.is_idle:
+        while sched.in_flight < depth and (built := sched.build_plan()) is not None:
+            engine.launch(built[0])
+        result = engine.collect()
+        stats.steps += 1
+        stats.compute_ms += result.compute_ms
+        if stats.steps > 1:  # the first step's gap is the time since the previous run
+            stats.idle_gap_ms += result.idle_gap_ms
+        sched.process_result(result)
+    stats.wall_s = time.perf_counter() - t0
+    stats.outputs = {r.req_id: list(r.output_ids) for r in requests}
+    return stats

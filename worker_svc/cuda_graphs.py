@@ -1,0 +1,105 @@
+"""CUDA graphs of decode steps: one per (I/O slot, row bucket), all in one shared memory pool.
+
+A decode-only step (every row one token) is padded on the host to the next row bucket and to the
+full block-table width, so its device inputs have the shapes, and live at the addresses, the graph
+was captured with. Padding rows write nowhere (slot -1 goes to the KV cache's hidden block) and
+attend to nothing (context length 0). The graph holds carry-over (gather the other slot's sampled
+ids by carry_index, zero where -1, add) and the forward up to the logits of every row; sampling
+runs right after it on the compute stream. Graphs are captured largest bucket first, so the shared
+pool is sized by the largest and the others fit inside it. The graph's only output, the logits, is
+consumed on the compute stream before the next replay; the sampled ids, which carry-over reads one
+step later, live outside the pool in the slot's output buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tandem.wire import StepPlan
+
+from worker_svc.attention import RowLayout
+
+log = logging.getLogger("tandem.worker.graphs")
+
+# nano-vllm's shape: small buckets one by one where padding would double the work, then steps of 16.
+SMALL_BUCKETS = (1, 2, 4, 8)
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    buckets = [b for b in SMALL_BUCKETS if b <= max_rows] + list(range(16, max_rows + 1, 16))
+    if buckets[-1] != max_rows:
+        buckets.append(max_rows)
+    return buckets
+
+
+def is_decode_only(plan: StepPlan) -> bool:
+    return plan.num_tokens == plan.num_rows
+
+
+def pad_decode_plan(plan: StepPlan, rows: int, width: int) -> StepPlan:
+    """The plan grown to `rows` rows (padding rows do nothing) and a block table `width` wide."""
+    r = plan.num_rows
+    assert is_decode_only(plan) and r <= rows
+
+    def grow(a: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full(rows, fill, dtype=a.dtype)
+        out[:r] = a
+        return out
+
+    tables = np.full((rows, width), -1, dtype=np.int32)
+    tables[:r, : plan.block_tables.shape[1]] = plan.block_tables
+    return StepPlan(
+        step_id=plan.step_id, carry_from_step=plan.carry_from_step, flush=plan.flush,
+        input_ids=grow(plan.input_ids, 0), positions=grow(plan.positions, 0),
+        slot_mapping=grow(plan.slot_mapping, -1), query_start=np.arange(rows + 1, dtype=np.int32),
+        kv_lens=grow(plan.kv_lens, 0), block_tables=tables, carry_index=grow(plan.carry_index, -1),
+        sample=grow(plan.sample, 0), temperature=grow(plan.temperature, 0), top_p=grow(plan.top_p, 1),
+        top_k=grow(plan.top_k, 0), min_p=grow(plan.min_p, 0), seed=grow(plan.seed, 0),
+        num_logprobs=grow(plan.num_logprobs, -1),
+    )
+
+
+def decode_layout(rows: int, width: int) -> RowLayout:
+    every = np.arange(rows, dtype=np.int32)
+    return RowLayout(single_rows=every, single_tokens=every, single_blocks=width, multi=())
+
+
+@dataclass
+class CapturedStep:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [rows, V], in the pool; valid until the next replay of any graph
+
+
+class DecodeGraphs:
+    """Captures and replays decode graphs; `forward(slot, rows)` is the step body to capture."""
+
+    def __init__(self, max_rows: int, width: int) -> None:
+        self.buckets = row_buckets(max_rows)
+        self.width = width
+        self.pool = torch.cuda.graph_pool_handle()
+        self.captured: dict[tuple[int, int], CapturedStep] = {}
+
+    def bucket_for(self, plan: StepPlan) -> int | None:
+        if not is_decode_only(plan):
+            return None
+        return next((b for b in self.buckets if b >= plan.num_rows), None)
+
+    def capture(self, slot_index: int, rows: int, stream: torch.cuda.Stream,
+                body: Callable[[], torch.Tensor]) -> None:
+        """Captures `body` (inputs already loaded for `rows` rows on this slot) after one warm-up run."""
+        with torch.cuda.stream(stream):
+            body()  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            logits = body()
+        self.captured[(slot_index, rows)] = CapturedStep(graph, logits)
+
+    def replay(self, slot_index: int, rows: int) -> torch.Tensor:
+        step = self.captured[(slot_index, rows)]
+        step.graph.replay()
+        return step.logits
