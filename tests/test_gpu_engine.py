@@ -88,7 +88,7 @@ def test_canary_survives_block_churn(alloc_conf):
     """A long request's tokens must not change while 1-2-token requests churn through a tiny pool."""
     env = {"PYTORCH_CUDA_ALLOC_CONF": alloc_conf} if alloc_conf else {}
     args = [*GPU_WORKER, "--num-blocks", "40"]
-    with TandemServer(worker_args=args, env=env) as server:
+    with TandemServer(worker_args=args, scheduler_args=["--max-waiting", "1000"], env=env) as server:
         canary = [random.Random(1).randrange(3, 49152) for _ in range(100)]
 
         async def run():
