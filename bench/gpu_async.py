@@ -122,7 +122,8 @@ def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int) -> list
     return out
 
 
-def transformers_cb(model: str, prompts, max_new: int, dtype: torch.dtype) -> list[Result]:
+def transformers_cb(model: str, prompts, max_new: int, dtype: torch.dtype,
+                    modes: tuple[bool, ...] = (False, True)) -> list[Result]:
     from transformers import GenerationConfig
 
     from worker_svc.models import load
@@ -131,7 +132,7 @@ def transformers_cb(model: str, prompts, max_new: int, dtype: torch.dtype) -> li
     hf = loaded.model
     hf.set_attn_implementation("sdpa")
     out = []
-    for flag in (False, True):
+    for flag in modes:
         mode = "async" if flag else "sync"
         try:
             from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -166,36 +167,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--parts", default="engine,e2e,transformers", help="comma-separated subset")
+    p.add_argument("--parts", default="engine,e2e,transformers",
+                   help="comma-separated subset of engine, e2e, transformers (or transformers-sync / -async)")
     p.add_argument("--json", default="docs/bench/async_vs_sync.json", help="appended to if it exists")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     parts = set(args.parts.split(","))
     results: list[Result] = []
-    for n in args.num_requests:
-        prompts = prompts_for(n, args.prompt_len)
-        rows = max(64, n)
-        if "engine" in parts:
-            results += engine_only(args.model, prompts, args.max_new_tokens, dtype, rows)
-        if "e2e" in parts:
-            results += end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows)
-        if "transformers" in parts:
-            results += transformers_cb(args.model, prompts, args.max_new_tokens, dtype)
     record = {
         "command": "python -m bench gpu " + shlex.join(sys.argv[2:] if argv is None else argv),
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "workload": {"model": args.model, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
                      "dtype": args.dtype, "greedy": True, "ignore_eos": True},
-        "entries": [asdict(r) for r in results],
+        "entries": [],
     }
     try:
         existing = json.load(open(args.json))
         runs = existing if isinstance(existing, list) else [existing]
     except (OSError, ValueError):
         runs = []
-    with open(args.json, "w") as f:
-        json.dump([*runs, record], f, indent=1)
+
+    def save(new: list[Result]) -> None:
+        """Written after every measurement: a run cut short still leaves what it measured."""
+        results.extend(new)
+        record["entries"] = [asdict(r) for r in results]
+        with open(args.json, "w") as f:
+            json.dump([*runs, record], f, indent=1)
+
+    hf_modes = tuple(flag for flag, name in ((False, "transformers-sync"), (True, "transformers-async"))
+                     if name in parts or "transformers" in parts)
+    for n in args.num_requests:
+        prompts = prompts_for(n, args.prompt_len)
+        rows = max(64, n)
+        if "engine" in parts:
+            save(engine_only(args.model, prompts, args.max_new_tokens, dtype, rows))
+        if "e2e" in parts:
+            save(end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows))
+        if hf_modes:
+            save(transformers_cb(args.model, prompts, args.max_new_tokens, dtype, hf_modes))
     for r in results:
         print(f"| {r.engine} | {r.mode} | {r.model} | {r.num_requests} | {_f(r.wall_s)} | {_f(r.output_tok_s, 0)} "
               f"| {_f(r.ms_per_step)} | {_f(r.gpu_busy_ratio, 3)} | {r.error or ''} |")
