@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg = s.add_argument_group("scheduler")
     sg.add_argument("--address", default=None, help=f"gRPC listen address (default {DEFAULT_ADDRESS})")
     sg.add_argument(
-        "--pipeline-depth", type=int, choices=(1, 2), default=None, help="1 = sync, 2 = async (default 2)"
+        "--pipeline-depth", type=int, choices=(0, 1, 2), default=None,
+        help="1 = sync, 2 = async, 0 = auto (default: 2 on a CUDA worker, 1 on a CPU worker)"
     )
     sg.add_argument("--sync", action="store_true", help="same as --pipeline-depth 1")
     sg.add_argument("--max-waiting", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")

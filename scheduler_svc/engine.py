@@ -35,7 +35,7 @@ class Unavailable(Exception):
 
 @dataclass
 class EngineConfig:
-    pipeline_depth: int = 2
+    pipeline_depth: int = 0  # 0 = auto: 2 when the worker computes asynchronously (CUDA), else 1
     max_waiting: int = 256
     max_num_rows: int = 0  # 0 = the worker's limit
     max_num_tokens: int = 0  # 0 = the worker's limit
@@ -74,7 +74,7 @@ class WorkerSession:
 class Engine:
     def __init__(self, link: EngineLink, config: EngineConfig,
                  on_serving_change: Callable[[bool], None] | None = None) -> None:
-        assert config.pipeline_depth in (1, 2)
+        assert config.pipeline_depth in (0, 1, 2)
         self.link = link
         self.config = config
         self.session: WorkerSession | None = None
@@ -82,6 +82,7 @@ class Engine:
         self._on_serving_change = on_serving_change or (lambda serving: None)
         self.last_session_stats: dict[str, float] = {}
         self.requests_finished = 0
+        self.depth = config.pipeline_depth  # resolved per worker when it is 0 (auto)
         self._serving_event = asyncio.Event()
 
     # ----- public API used by the gRPC servicer -------------------------------------------------------
@@ -167,6 +168,7 @@ class Engine:
             return
         if self.session is not None:
             self._lose_worker("worker restarted")
+        self.depth = self.config.pipeline_depth or auto_depth(hello.device)
         limits = SchedulerLimits(
             num_blocks=hello.num_blocks,
             block_size=hello.block_size,
@@ -175,13 +177,13 @@ class Engine:
             max_blocks_per_row=hello.max_blocks_per_row,
             max_context=hello.max_context,
             max_waiting=self.config.max_waiting,
-            pipeline_depth=self.config.pipeline_depth,
+            pipeline_depth=self.depth,
         )
         self.session = WorkerSession(peer, hello, TandemTokenizer.from_hello(hello), Scheduler(limits))
         log.info(
             "worker %s connected: model %s on %s (%s), %d KV blocks x %d tokens, context %d, depth %d",
             hello.worker_id, hello.model_name, hello.device, hello.dtype, hello.num_blocks,
-            hello.block_size, hello.max_context, self.config.pipeline_depth,
+            hello.block_size, hello.max_context, self.depth,
         )
         self._serving_event.set()
         self._on_serving_change(True)
@@ -212,7 +214,7 @@ class Engine:
         s = self.session
         if s is None:
             return
-        depth = self.config.pipeline_depth
+        depth = self.depth
         try:
             while s.scheduler.in_flight < depth:
                 built = s.scheduler.build_plan()
@@ -261,6 +263,13 @@ class Engine:
         for handle in handles.values():
             handle.fail(code, reason)
         log.warning("%s: failed %d requests, not serving until a worker connects", reason, len(handles))
+
+
+def auto_depth(device: str) -> int:
+    """Run ahead only where the worker's device computes while the host plans (CUDA). On a CPU worker
+    the "device" is the cores the scheduler needs too: measured on 2 cores (docs/benchmarks.md),
+    depth 2 only adds contention, so auto picks the synchronous loop there."""
+    return 2 if device.startswith("cuda") else 1
 
 
 def _cap(worker_limit: int, ours: int) -> int:

@@ -176,7 +176,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
     async def GetModelInfo(self, request, context):  # noqa: N802
         async with internal_errors(context):
             info = api_pb2.ModelInfo(
-                pipeline_depth=self.engine.config.pipeline_depth, server_version=SERVER_VERSION,
+                pipeline_depth=self.engine.depth, server_version=SERVER_VERSION,
                 worker_connected=self.engine.serving, max_new_tokens_default=self.limits.default_max_new_tokens,
             )
             if self.engine.serving:
