@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from tandem.wire import PLACEHOLDER_SENTINEL
+
 from scheduler_svc.request import Request
 from scheduler_svc.scheduler import Scheduler, SchedulerLimits
 
@@ -31,12 +33,14 @@ class LoopStats:
 
 
 def scheduler_for(engine, depth: int, max_waiting: int = 100_000) -> Scheduler:
-    """A Scheduler sized like the scheduler process sizes one from the engine's handshake."""
+    """A Scheduler sized like the scheduler process sizes one from the engine's handshake; it sends the
+    placeholder sentinel when the engine runs in debug-placeholder mode."""
     return Scheduler(SchedulerLimits(
         num_blocks=engine.cache.cfg.num_blocks, block_size=engine.cache.cfg.block_size,
         max_num_tokens=engine.limits.max_num_tokens, max_num_rows=engine.limits.max_num_rows,
         max_blocks_per_row=engine.limits.max_blocks_per_row, max_context=engine.loaded.max_context,
         max_waiting=max_waiting, pipeline_depth=depth,
+        placeholder=PLACEHOLDER_SENTINEL if engine.cfg.debug_placeholders else 0,
     ))
 
 

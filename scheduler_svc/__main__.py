@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-stop-strings", type=int, default=16)
     p.add_argument("--max-stop-length", type=int, default=256)
     p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--debug-placeholders", action="store_true",
+                   help="Send carry-over placeholders as a sentinel (not 0); a worker started with the same "
+                        "flag asserts on the device that none survives carry-over.")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             max_waiting=args.max_waiting,
             max_num_rows=args.max_num_rows,
             max_num_tokens=args.max_num_tokens,
+            debug_placeholders=args.debug_placeholders,
         ),
         limits=RequestLimits(
             default_max_new_tokens=args.default_max_new_tokens,

@@ -39,6 +39,7 @@ class EngineConfig:
     max_waiting: int = 256
     max_num_rows: int = 0  # 0 = the worker's limit
     max_num_tokens: int = 0  # 0 = the worker's limit
+    debug_placeholders: bool = False  # carry-over placeholders are wire.PLACEHOLDER_SENTINEL, not 0
 
 
 @dataclass
@@ -178,6 +179,7 @@ class Engine:
             max_context=hello.max_context,
             max_waiting=self.config.max_waiting,
             pipeline_depth=self.depth,
+            placeholder=wire.PLACEHOLDER_SENTINEL if self.config.debug_placeholders else 0,
         )
         self.session = WorkerSession(peer, hello, TandemTokenizer.from_hello(hello), Scheduler(limits))
         log.info(

@@ -44,6 +44,7 @@ class SchedulerLimits:
     max_context: int
     max_waiting: int
     pipeline_depth: int = 1
+    placeholder: int = 0  # input id of a carry-over row; wire.PLACEHOLDER_SENTINEL in debug mode
 
     def __post_init__(self) -> None:
         assert self.pipeline_depth in (1, 2), "pipeline depth is 1 (sync) or 2 (async)"
@@ -350,6 +351,7 @@ class Scheduler:
             if row.carry >= 0:
                 assert row.n == 1
                 carry_index[r] = row.carry
+                input_ids[s] = L.placeholder
             else:
                 input_ids[s:e] = req.token_ids(row.start, end)
             sp = req.sampling

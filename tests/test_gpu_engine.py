@@ -43,7 +43,9 @@ def test_graphs_and_eager_give_the_same_tokens():
 
     loaded = load("random:tiny-llama", device="cuda", dtype=torch.float32)
     eager = Engine(loaded, EngineConfig(num_blocks=4096, max_num_rows=64, cuda_graphs=False), "cuda")
-    graphed = Engine(loaded, EngineConfig(num_blocks=4096, max_num_rows=64, cuda_graphs=True), "cuda")
+    # The graphed engine also runs the placeholder debug mode: sentinels in, a device assert after carry-over.
+    graphed = Engine(loaded, EngineConfig(num_blocks=4096, max_num_rows=64, cuda_graphs=True,
+                                          debug_placeholders=True), "cuda")
     assert graphed.graphs is not None and len(graphed.graphs.captured) == 2 * len(graphed.graphs.buckets)
     for temperature in (0.0, 0.8):
         for depth in (1, 2):

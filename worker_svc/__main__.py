@@ -34,6 +34,8 @@ def build_parser() -> EnvArgumentParser:
     p.add_argument("--max-context", type=int, default=0, help="0 = the model's max_position_embeddings")
     p.add_argument("--seed", type=int, default=0, help="seed of random:<...> weights")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA too")
+    p.add_argument("--debug-placeholders", action="store_true",
+                   help="assert on the device that no carry-over placeholder sentinel reaches the model")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = Engine(loaded, EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, debug_placeholders=args.debug_placeholders,
         max_num_tokens=args.max_num_tokens, max_num_rows=args.max_num_rows,
     ), device)
     link = WorkerLink(args.engine_address)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tandem.wire import StepPlan, StepResult, WireError
+from tandem.wire import PLACEHOLDER_SENTINEL, StepPlan, StepResult, WireError
 
 from worker_svc.attention import STEP_KWARG, PagedStep, install, row_layout
 from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_plan
@@ -47,6 +47,7 @@ class EngineConfig:
     max_num_tokens: int = 512
     max_num_rows: int = 64
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
+    debug_placeholders: bool = False  # assert on the device that no placeholder sentinel survives carry-over
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,8 @@ class Engine:
         """Carry-over, then the model forward; returns logits [kept tokens, V]. The body graphs capture."""
         ids = inputs.input_ids
         if carries:
-            # The previous step's sampled ids live in the other slot; -1 rows take nothing.
-            src = other.out_sampled(self.limits.max_num_rows)
-            ci = inputs.carry_index
-            ids.index_add_(0, inputs.first_tokens, torch.where(ci >= 0, src[ci.clamp(min=0)], 0))
+            apply_carry_over(ids, inputs.first_tokens, inputs.carry_index,
+                             other.out_sampled(self.limits.max_num_rows), self.cfg.debug_placeholders)
         out = self.model(input_ids=ids[None], position_ids=inputs.positions[None], use_cache=False,
                          logits_to_keep=logits_to_keep, **{STEP_KWARG: step})
         return out.logits[0]
@@ -282,6 +281,21 @@ class Engine:
         assert not self._in_flight, "execute() with steps in flight; collect them first"
         self.launch(plan)
         return self.collect()
+
+
+def apply_carry_over(ids: torch.Tensor, first_tokens: torch.Tensor, carry_index: torch.Tensor,
+                     prev_sampled: torch.Tensor, check: bool = False) -> None:
+    """Carry-over, on the device: each row with carry_index >= 0 takes the previous step's sampled id
+    of that row as its first input token (replacing the placeholder, 0 or the debug sentinel).
+
+    With `check`, a device-side assert (no host sync, graph-capturable) fails the step if any
+    placeholder sentinel is still among the inputs afterwards.
+    """
+    firsts = ids.index_select(0, first_tokens)
+    carried = torch.where(carry_index >= 0, prev_sampled[carry_index.clamp(min=0)], firsts)
+    ids.index_copy_(0, first_tokens.to(torch.int64), carried)
+    if check:
+        torch._assert_async((ids != PLACEHOLDER_SENTINEL).all(), "placeholder survived carry-over")
 
 
 def _idle_decode_plan(rows: int, width: int) -> StepPlan:

@@ -22,6 +22,10 @@ KIND_FLUSH = b"FLUSH"
 KIND_RESULT = b"RESULT"
 KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT)
 
+# Debug mode (`--debug-placeholders`): a carry-over placeholder is this sentinel instead of 0, so a
+# placeholder that reaches the embedding unresolved cannot pass for a real token.
+PLACEHOLDER_SENTINEL = -7
+
 _ALLOWED_DTYPES = {"int8", "int32", "int64", "uint64", "float32"}
 MAX_ARRAY_BYTES = 1 << 30
 
@@ -176,7 +180,15 @@ class StepPlan:
         qs = self.query_start
         if qs[0] != 0 or qs[-1] != t or np.any(np.diff(qs) <= 0):
             raise WireError("query_start: not a strictly increasing 0..T range")
-        if np.any(self.input_ids < 0) or np.any(self.input_ids >= vocab_size):
+        ids = self.input_ids
+        placeholder = ids == PLACEHOLDER_SENTINEL
+        if np.any(placeholder):
+            # A sentinel may only sit at the first token of a row that carries over.
+            carried = np.zeros(t, dtype=bool)
+            carried[qs[:-1][self.carry_index >= 0]] = True
+            if np.any(placeholder & ~carried):
+                raise WireError("input_ids: placeholder sentinel at a position nothing carries into")
+        if np.any((ids < 0) & ~placeholder) or np.any(ids >= vocab_size):
             raise WireError("input_ids: token id outside the vocabulary")
         if np.any(self.carry_index >= 0) and self.carry_from_step < 0:
             raise WireError("carry_index set but carry_from_step is -1")
