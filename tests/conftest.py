@@ -6,8 +6,9 @@ import pytest
 
 from client.local_server import TandemServer
 
-# Small enough that prompts of a few hundred tokens take several prefill chunks.
-TINY_WORKER_ARGS = ["--max-num-tokens", "128", "--max-num-rows", "32", "--num-blocks", "512"]
+# Small enough that prompts of a few hundred tokens take several prefill chunks. CPU even where a GPU
+# exists: these servers are compared token for token with float32 transformers on the CPU.
+TINY_WORKER_ARGS = ["--device", "cpu", "--max-num-tokens", "128", "--max-num-rows", "32", "--num-blocks", "512"]
 
 
 class ServerPool:
