@@ -24,6 +24,7 @@ import shlex
 import sys
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
@@ -61,7 +62,7 @@ def _requests(prompts: list[list[int]], max_new: int) -> list[Request]:
             for i, p in enumerate(prompts)]
 
 
-def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int) -> list[Result]:
+def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int) -> Iterator[Result]:
     from worker_svc.models import load
     from worker_svc.runner import Engine, EngineConfig
 
@@ -71,23 +72,19 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
                                          max_num_tokens=max(2048, min(8192, len(prompts) * len(prompts[0])))),
                     "cuda")
     run_requests(engine, _requests(prompts, 8), 2)  # warm-up: allocator, kernels
-    out = []
     for depth, mode in ((1, "sync"), (2, "async")):
         torch.cuda.synchronize()
         stats = run_requests(engine, _requests(prompts, max_new), depth)
         tokens = sum(len(v) for v in stats.outputs.values())
         assert tokens == len(prompts) * max_new, tokens
-        out.append(Result("tandem-engine", mode, model, len(prompts), stats.wall_s, tokens / stats.wall_s,
-                          1000 * stats.wall_s / stats.steps, stats.busy_ratio, stats.steps))
-        print(out[-1], flush=True)
+        yield Result("tandem-engine", mode, model, len(prompts), stats.wall_s, tokens / stats.wall_s,
+                     1000 * stats.wall_s / stats.steps, stats.busy_ratio, stats.steps)
     del engine, loaded
     gc.collect()
     torch.cuda.empty_cache()
-    return out
 
 
-def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int) -> list[Result]:
-    out = []
+def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int) -> Iterator[Result]:
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
     for depth, mode in ((1, "sync"), (2, "async")):
         server = TandemServer(model=model, scheduler_args=["--pipeline-depth", str(depth)], worker_args=[
@@ -111,15 +108,14 @@ def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int) -> list
             wall = asyncio.run(run(max_new))
             after = server.stats()
             steps = after.steps - before.steps
-            out.append(Result("tandem-e2e", mode, model, len(prompts), wall, len(prompts) * max_new / wall,
-                              1000 * wall / max(1, steps), after.worker_busy_ratio, steps))
+            result = Result("tandem-e2e", mode, model, len(prompts), wall, len(prompts) * max_new / wall,
+                            1000 * wall / max(1, steps), after.worker_busy_ratio, steps)
         except Exception as e:  # a failed entry is reported, the run goes on
             traceback.print_exc()
-            out.append(Result("tandem-e2e", mode, model, len(prompts), error=f"{type(e).__name__}: {e}"))
+            result = Result("tandem-e2e", mode, model, len(prompts), error=f"{type(e).__name__}: {e}")
         finally:
             server.stop()
-        print(out[-1], flush=True)
-    return out
+        yield result
 
 
 def transformers_cb(model: str, prompts, max_new: int, dtype: torch.dtype,
@@ -153,7 +149,6 @@ def transformers_cb(model: str, prompts, max_new: int, dtype: torch.dtype,
             traceback.print_exc()
             out.append(Result("transformers-generate_batch", mode, model, len(prompts),
                               error=f"{type(e).__name__}: {e}"))
-        print(out[-1], flush=True)
     del hf, loaded
     gc.collect()
     torch.cuda.empty_cache()
@@ -188,12 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError):
         runs = []
 
-    def save(new: list[Result]) -> None:
+    def save(new: Iterable[Result]) -> None:
         """Written after every measurement: a run cut short still leaves what it measured."""
-        results.extend(new)
-        record["entries"] = [asdict(r) for r in results]
-        with open(args.json, "w") as f:
-            json.dump([*runs, record], f, indent=1)
+        for r in new:
+            print(r, flush=True)
+            results.append(r)
+            record["entries"] = [asdict(x) for x in results]
+            with open(args.json, "w") as f:
+                json.dump([*runs, record], f, indent=1)
 
     hf_modes = tuple(flag for flag, name in ((False, "transformers-sync"), (True, "transformers-async"))
                      if name in parts or "transformers" in parts)
