@@ -51,7 +51,8 @@ class RequestHandle:
     _logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     completion: Completion | None = None
     error: tuple[grpc.StatusCode, str] | None = None
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # something new to send (streams)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # completed or failed (unary calls)
 
     @property
     def req_id(self) -> str:
@@ -104,12 +105,14 @@ class RequestHandle:
             total_s=now - self.accepted_at,
         )
         self.changed.set()
+        self.ended.set()
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
         if self.done:
             return
         self.error = (code, message)
         self.changed.set()
+        self.ended.set()
 
     def take(self) -> Delta:
         """Everything accumulated since the last take (and the end, once there is one)."""

@@ -126,19 +126,18 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         async with internal_errors(context):
             handle = await self._admit(request, context)
-            text, ids, logprobs = [], [], []
             try:
-                async for delta in self._deltas(handle):
-                    text.append(delta.text)
-                    ids.extend(delta.token_ids)
-                    logprobs.extend(delta.logprobs)
-                    if delta.error is not None:
-                        await self._end_with_error(context, delta.error)
-                    if delta.completion is not None:
-                        return api_pb2.GenerateResponse(
-                            request_id=handle.client_request_id, text="".join(text), token_ids=ids,
-                            logprobs=_logprobs_pb(logprobs), completion=_completion_pb(delta.completion),
-                        )
+                # One wake-up at the end, not one per token: with hundreds of unary calls in flight,
+                # per-token wake-ups would cost the event loop more than a GPU step lasts.
+                await handle.ended.wait()
+                delta = handle.take()
+                if delta.error is not None:
+                    await self._end_with_error(context, delta.error)
+                assert delta.completion is not None
+                return api_pb2.GenerateResponse(
+                    request_id=handle.client_request_id, text=delta.text, token_ids=delta.token_ids,
+                    logprobs=_logprobs_pb(delta.logprobs), completion=_completion_pb(delta.completion),
+                )
             finally:
                 if not handle.done:
                     self.engine.abort(handle.req_id)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import grpc
@@ -41,6 +42,23 @@ def _gone(pid: int) -> bool:
         return f.read().split()[2] == "Z"
 
 
+class _Output:
+    """Collects a child's output lines on a thread, so a test can wait for one without blocking."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
+        self._thread.start()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in list(self.lines)):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+
 def _start_serve() -> tuple[subprocess.Popen, str]:
     directory = tempfile.mkdtemp(prefix="tandem-serve-")
     address = f"127.0.0.1:{free_port()}"
@@ -59,7 +77,10 @@ def _start_serve() -> tuple[subprocess.Popen, str]:
 
 def test_tandem_serve_runs_and_stops_cleanly():
     proc, address = _start_serve()
+    output = _Output(proc.stdout)
     try:
+        # It tells the user how to call it, once it is serving (its own health poll, a moment later).
+        assert output.wait_for("tandem generate", 15), "".join(output.lines)
         kids = _children(proc.pid)
         assert len(kids) == 2 and {"scheduler_svc" in _cmdline(k) for k in kids} == {True, False}
         with TandemClient(address) as c:
@@ -67,8 +88,6 @@ def test_tandem_serve_runs_and_stops_cleanly():
         assert len(r.token_ids) == 4
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        out = proc.stdout.read()
-        assert "tandem generate" in out  # it told the user how to call it
         assert all(_gone(k) for k in kids)
     finally:
         if proc.poll() is None:
