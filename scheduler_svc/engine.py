@@ -195,7 +195,12 @@ class Engine:
         if s is None or peer != s.peer:
             return  # a late result from a worker we already gave up on
         s.meter.add(result)
-        for ev in s.scheduler.process_result(result):
+        events = s.scheduler.process_result(result)
+        # The next plan goes out before any per-token client work (detokenising, stop strings,
+        # waking RPCs): that work is off the worker's critical path. A stop string found below
+        # finishes its request one step late at most, the overrun the scheduler already discards.
+        self._pump()
+        for ev in events:
             handle = self.handles.get(ev.request.req_id)
             if handle is None:
                 continue
