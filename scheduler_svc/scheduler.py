@@ -325,53 +325,69 @@ class Scheduler:
         T = int(qs[-1])
         width = max(len(row.req.block_ids) for row in rows)
         assert T <= L.max_num_tokens and R <= L.max_num_rows and width <= L.max_blocks_per_row
-        input_ids = np.zeros(T, np.int32)
-        positions = np.zeros(T, np.int32)
-        slot_mapping = np.zeros(T, np.int32)
-        kv_lens = np.zeros(R, np.int32)
-        block_tables = np.full((R, width), -1, np.int32)
-        carry_index = np.full(R, -1, np.int32)
-        sample = np.zeros(R, np.int32)
-        temperature, top_p, min_p = (np.zeros(R, np.float32) for _ in range(3))
-        top_k = np.zeros(R, np.int32)
-        seed = np.zeros(R, np.uint64)
-        num_logprobs = np.full(R, -1, np.int32)
+        # Built as Python lists and converted once: per-row numpy calls cost more than the rows' work.
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        kv_lens: list[int] = []
+        carry: list[int] = []
+        sample: list[int] = []
+        table_cells: list[int] = []  # every row's block ids, concatenated
+        table_lens: list[int] = []
+        params: list[tuple[float, float, int, float, int, int]] = []
 
         for r, row in enumerate(rows):
-            req, s, e = row.req, int(qs[r]), int(qs[r + 1])
-            end = row.start + row.n
-            assert row.start == req.num_computed and end <= req.num_tokens
-            assert len(req.block_ids) == self.blocks.blocks_for(end)
-            pos = np.arange(row.start, end, dtype=np.int32)
-            table = np.asarray(req.block_ids, np.int32)
-            positions[s:e] = pos
-            slot_mapping[s:e] = table[pos // bs] * bs + pos % bs
-            block_tables[r, : len(table)] = table
-            kv_lens[r] = end
+            req = row.req
+            start, end = row.start, row.start + row.n
+            assert start == req.num_computed and end <= req.num_tokens
+            table = req.block_ids
+            assert len(table) == self.blocks.blocks_for(end)
+            if row.n == 1:  # decode (or a one-token chunk): no ranges to build
+                positions.append(start)
+                slot_mapping.append(table[start // bs] * bs + start % bs)
+            else:
+                span = range(start, end)
+                positions.extend(span)
+                slot_mapping.extend(table[p // bs] * bs + p % bs for p in span)
+            table_cells.extend(table)
+            table_lens.append(len(table))
+            kv_lens.append(end)
             if row.carry >= 0:
                 assert row.n == 1
-                carry_index[r] = row.carry
-                input_ids[s] = L.placeholder
+                carry.append(row.carry)
+                input_ids.append(L.placeholder)
             else:
-                input_ids[s:e] = req.token_ids(row.start, end)
+                carry.append(-1)
+                input_ids.extend(req.token_ids(start, end))
             sp = req.sampling
-            temperature[r], top_p[r], top_k[r], min_p[r] = sp.temperature, sp.top_p, sp.top_k, sp.min_p
-            seed[r] = sp.seed
-            num_logprobs[r] = sp.num_logprobs
+            params.append((sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.seed, sp.num_logprobs))
             req.num_computed = end
             if end == req.num_tokens:  # its last scheduled token is the last token it has: sample
                 assert self._may_sample(req)
-                sample[r] = 1
+                sample.append(1)
                 req.num_inflight += 1
                 req.last_sample = (step, r)
+            else:
+                sample.append(0)
 
+        # Each row's block ids go to the left of its block-table row, -1 after them.
+        lens = np.asarray(table_lens, np.int64)
+        row_of_cell = np.repeat(np.arange(R), lens)
+        col_of_cell = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        block_tables = np.full((R, width), -1, np.int32)
+        block_tables[row_of_cell, col_of_cell] = table_cells
+        temperature, top_p, top_k, min_p, seed, num_logprobs = zip(*params, strict=True)
+        carry_index = np.asarray(carry, np.int32)
         num_carried = int(np.count_nonzero(carry_index >= 0))
         plan = StepPlan(
             step_id=step, carry_from_step=step - 1 if num_carried else -1,
-            flush=L.pipeline_depth == 1, input_ids=input_ids, positions=positions,
-            slot_mapping=slot_mapping, query_start=qs, kv_lens=kv_lens, block_tables=block_tables,
-            carry_index=carry_index, sample=sample, temperature=temperature, top_p=top_p, top_k=top_k,
-            min_p=min_p, seed=seed, num_logprobs=num_logprobs,
+            flush=L.pipeline_depth == 1, input_ids=np.asarray(input_ids, np.int32),
+            positions=np.asarray(positions, np.int32), slot_mapping=np.asarray(slot_mapping, np.int32),
+            query_start=qs, kv_lens=np.asarray(kv_lens, np.int32), block_tables=block_tables,
+            carry_index=carry_index, sample=np.asarray(sample, np.int32),
+            temperature=np.asarray(temperature, np.float32), top_p=np.asarray(top_p, np.float32),
+            top_k=np.asarray(top_k, np.int32), min_p=np.asarray(min_p, np.float32),
+            seed=np.asarray(seed, np.uint64), num_logprobs=np.asarray(num_logprobs, np.int32),
         )
         info = StepInfo(step, [row.req for row in rows], [bool(x) for x in sample], T, num_carried)
         assert num_carried == 0 or (self._in_flight and self._in_flight[-1].step_id == step - 1)
