@@ -7,6 +7,7 @@ aio: both expose code/details/trailing_metadata synchronously once failed) into 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -207,24 +208,10 @@ def tokenize_from_response(resp: api_pb2.TokenizeResponse) -> TokenizeResult:
 
 
 def model_info_from_proto(m: api_pb2.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        model=m.model,
-        vocab_size=m.vocab_size,
-        max_context=m.max_context,
-        eos_token_ids=list(m.eos_token_ids),
-        dtype=m.dtype,
-        device=m.device,
-        kv_blocks=m.kv_blocks,
-        kv_block_size=m.kv_block_size,
-        pipeline_depth=m.pipeline_depth,
-        server_version=m.server_version,
-        worker_connected=m.worker_connected,
-        max_new_tokens_default=m.max_new_tokens_default,
-        default_temperature=m.default_temperature,
-        default_top_p=m.default_top_p,
-        default_top_k=m.default_top_k,
-        default_min_p=m.default_min_p,
-    )
+    # ModelInfo's fields are named after the message's: a field added to both needs no edit here.
+    values = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelInfo)}
+    values["eos_token_ids"] = list(m.eos_token_ids)
+    return ModelInfo(**values)
 
 
 def error_from_status(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> TandemError:
