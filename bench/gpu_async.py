@@ -50,6 +50,14 @@ class Result:
     error: str | None = None
 
 
+MODES = ("sync", "async")
+
+
+def _depths(modes: tuple[str, ...]) -> list[tuple[int, str]]:
+    """Pipeline depth per mode: sync is depth 1 (no overlap), async depth 2."""
+    return [(d, m) for d, m in ((1, "sync"), (2, "async")) if m in modes]
+
+
 def prompts_for(n: int, length: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 49152) for _ in range(length)] for _ in range(n)]
@@ -62,7 +70,8 @@ def _requests(prompts: list[list[int]], max_new: int) -> list[Request]:
             for i, p in enumerate(prompts)]
 
 
-def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int) -> Iterator[Result]:
+def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int,
+                modes: tuple[str, ...] = MODES) -> Iterator[Result]:
     from worker_svc.models import load
     from worker_svc.runner import Engine, EngineConfig
 
@@ -72,7 +81,7 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
                                          max_num_tokens=max(2048, min(8192, len(prompts) * len(prompts[0])))),
                     "cuda")
     run_requests(engine, _requests(prompts, 8), 2)  # warm-up: allocator, kernels
-    for depth, mode in ((1, "sync"), (2, "async")):
+    for depth, mode in _depths(modes):
         torch.cuda.synchronize()
         stats = run_requests(engine, _requests(prompts, max_new), depth)
         tokens = sum(len(v) for v in stats.outputs.values())
@@ -84,9 +93,10 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
     torch.cuda.empty_cache()
 
 
-def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int) -> Iterator[Result]:
+def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
+               modes: tuple[str, ...] = MODES) -> Iterator[Result]:
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
-    for depth, mode in ((1, "sync"), (2, "async")):
+    for depth, mode in _depths(modes):
         server = TandemServer(model=model, scheduler_args=["--pipeline-depth", str(depth)], worker_args=[
             "--device", "cuda", "--dtype", dtype, "--num-blocks", str(blocks), "--max-num-rows", str(rows),
             "--max-num-tokens", str(max(2048, min(8192, len(prompts) * len(prompts[0])))),
@@ -164,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--parts", default="engine,e2e,transformers",
                    help="comma-separated subset of engine, e2e, transformers (or transformers-sync / -async)")
+    p.add_argument("--modes", default="sync,async", help="Tandem modes to run: sync, async or both")
     p.add_argument("--json", default="docs/bench/async_vs_sync.json", help="appended to if it exists")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     parts = set(args.parts.split(","))
+    modes = tuple(args.modes.split(","))
     results: list[Result] = []
     record = {
         "command": "python -m bench gpu " + shlex.join(sys.argv[2:] if argv is None else argv),
@@ -198,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = prompts_for(n, args.prompt_len)
         rows = max(64, n)
         if "engine" in parts:
-            save(engine_only(args.model, prompts, args.max_new_tokens, dtype, rows))
+            save(engine_only(args.model, prompts, args.max_new_tokens, dtype, rows, modes))
         if "e2e" in parts:
-            save(end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows))
+            save(end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows, modes))
         if hf_modes:
             save(transformers_cb(args.model, prompts, args.max_new_tokens, dtype, hf_modes))
     for r in results:
