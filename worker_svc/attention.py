@@ -7,11 +7,11 @@ K/V into the paged cache at `slot_mapping`, then computes, for each row, causal 
 row's queries over the row's whole cached context (earlier chunks and decode history included),
 GQA-aware.
 
-On CUDA, single-token rows (decode) go to the Triton kernel in triton_attention.py, which reads the
-block tables on the device (so CUDA graphs can replay it). Everything else is the pure-PyTorch
-reference path (CPU, tests, any shape): single-token rows batched into one padded gather,
-multi-token rows (prefill chunks) one SDPA each, with loop bounds taken from the plan on the host,
-never from the device. A varlen prefill kernel will slot in behind the same function.
+On CUDA everything goes to the Triton kernels in triton_attention.py, which read lengths and block
+tables on the device: one launch stores K/V, one covers the single-token rows (decode, split-K, the
+rows CUDA graphs replay), one covers every multi-token row (prefill chunks). Elsewhere (CPU) runs
+the pure-PyTorch reference path, which is also the kernels' test oracle: single-token rows batched
+into one padded gather, multi-token rows one SDPA each, loop bounds from the plan on the host.
 
 No mask is built: the implementation name is deliberately NOT registered in
 `transformers.masking_utils.AttentionMaskInterface`. For unregistered names, transformers' mask
@@ -56,6 +56,14 @@ class RowLayout:
     single_blocks: int  # block-table columns the single-token gather reads (covers the longest)
     multi: tuple[MultiRow, ...]
 
+    @property
+    def multi_rows(self) -> np.ndarray:
+        return np.array([m.row for m in self.multi], dtype=np.int32)
+
+    @property
+    def max_query_len(self) -> int:
+        return max((m.q_end - m.q_start for m in self.multi), default=0)
+
 
 def row_layout(query_start: np.ndarray, kv_lens: np.ndarray, block_size: int) -> RowLayout:
     """Splits rows by query length, from the plan's host arrays."""
@@ -80,6 +88,8 @@ class PagedStep:
     kv_lens: torch.Tensor  # int32 [R]
     single_rows: torch.Tensor  # int32 [S]
     single_tokens: torch.Tensor  # int32 [S]
+    query_start: torch.Tensor  # int32 [R + 1]
+    multi_rows: torch.Tensor  # int32 [M]: rows with several query tokens
     layout: RowLayout
 
     @classmethod
@@ -93,7 +103,7 @@ class PagedStep:
             return torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=dev)
 
         return cls(cache, put(slot_mapping), put(block_tables), put(kv_lens), put(layout.single_rows),
-                   put(layout.single_tokens), layout)
+                   put(layout.single_tokens), put(query_start), put(layout.multi_rows), layout)
 
     # Every layer of a step reads the same blocks: the gather indices and masks are built once per
     # step, on the first layer, not once per layer.
@@ -133,12 +143,15 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """
     out = torch.empty_like(query)
     lay = step.layout
-    if query.is_cuda and lay.single_rows.size:
-        from worker_svc.triton_attention import paged_decode  # CUDA only: triton is not on CPU installs
+    if query.is_cuda:
+        from worker_svc.triton_attention import paged_decode, paged_prefill  # triton is not on CPU installs
 
         paged_decode(query, k_cache, v_cache, out, step.block_tables, step.kv_lens, step.single_rows,
                      step.single_tokens, scale)
-    elif lay.single_rows.size:
+        paged_prefill(query, k_cache, v_cache, out, step.block_tables, step.kv_lens, step.query_start,
+                      step.multi_rows, lay.max_query_len, scale)
+        return out
+    if lay.single_rows.size:
         toks = step.single_tokens
         blocks, visible = step.single_gather
         num_rows = lay.single_rows.size
@@ -181,7 +194,12 @@ def paged_attention_forward(
     layer = module.layer_idx
     k = key[0].transpose(0, 1)  # [T, KVH, D]
     v = value[0].transpose(0, 1)
-    step.cache.store(layer, step.slot_mapping, k, v)
+    if k.is_cuda:
+        from worker_svc.triton_attention import store_kv
+
+        store_kv(k, v, step.cache.k[layer], step.cache.v[layer], step.slot_mapping)
+    else:
+        step.cache.store(layer, step.slot_mapping, k, v)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = paged_attention(query[0].transpose(0, 1), step.cache.k[layer], step.cache.v[layer], step, scale)
     return out[None], None

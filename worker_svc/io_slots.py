@@ -126,6 +126,8 @@ class StepInputs:
     carry_index: torch.Tensor  # int32 [R]
     single_rows: torch.Tensor  # int32 [S1]
     single_tokens: torch.Tensor  # int32 [S1]
+    query_start: torch.Tensor  # int32 [R + 1]
+    multi_rows: torch.Tensor  # int32 [M]: rows with several query tokens
     sample_rows: torch.Tensor  # int32 [S]: rows that sample
     sample_tokens: torch.Tensor  # int32 [S]: their last token
     temperature: torch.Tensor  # float32 [S] (sampling params compacted to the sampling rows)
@@ -141,6 +143,7 @@ _INPUT_FIELDS = [
     ("input_ids", torch.int32, "T"), ("positions", torch.int32, "T"), ("slot_mapping", torch.int32, "T"),
     ("first_tokens", torch.int32, "R"), ("kv_lens", torch.int32, "R"), ("carry_index", torch.int32, "R"),
     ("single_rows", torch.int32, "R"), ("single_tokens", torch.int32, "R"),
+    ("query_start", torch.int32, "R1"), ("multi_rows", torch.int32, "R"),
     ("sample_rows", torch.int32, "R"), ("sample_tokens", torch.int32, "R"),
     ("temperature", torch.float32, "R"), ("top_p", torch.float32, "R"), ("top_k", torch.int32, "R"),
     ("min_p", torch.float32, "R"), ("seed", torch.int64, "R"), ("counter", torch.int64, "R"),
@@ -156,7 +159,7 @@ class IOSlot:
         self.index = index
         self.limits = limits
         self.sync = sync
-        sizes = {"T": limits.max_num_tokens, "R": limits.max_num_rows,
+        sizes = {"T": limits.max_num_tokens, "R": limits.max_num_rows, "R1": limits.max_num_rows + 1,
                  "BT": limits.max_num_rows * limits.max_blocks_per_row}
         self._in = _Packed([(n, dt, sizes[s]) for n, dt, s in _INPUT_FIELDS])
         rows, k = limits.max_num_rows, MAX_TOP_LOGPROBS
@@ -182,11 +185,13 @@ class IOSlot:
         t, r = plan.num_tokens, plan.num_rows
         bt = plan.block_tables
         sample_rows = np.flatnonzero(plan.sample).astype(np.int32)
-        s, s1 = sample_rows.size, layout.single_rows.size
+        multi_rows = layout.multi_rows
+        s, s1, m = sample_rows.size, layout.single_rows.size, multi_rows.size
         host = {
             "input_ids": plan.input_ids, "positions": plan.positions, "slot_mapping": plan.slot_mapping,
             "first_tokens": plan.query_start[:-1], "kv_lens": plan.kv_lens, "carry_index": plan.carry_index,
             "single_rows": layout.single_rows, "single_tokens": layout.single_tokens,
+            "query_start": plan.query_start, "multi_rows": multi_rows,
             "sample_rows": sample_rows, "sample_tokens": plan.query_start[1:][sample_rows] - 1,
             "temperature": plan.temperature[sample_rows], "top_p": plan.top_p[sample_rows],
             "top_k": plan.top_k[sample_rows], "min_p": plan.min_p[sample_rows],
@@ -210,6 +215,7 @@ class IOSlot:
             first_tokens=dev("first_tokens", r), kv_lens=dev("kv_lens", r),
             block_tables=dev("block_tables", bt.size).view(bt.shape), carry_index=dev("carry_index", r),
             single_rows=dev("single_rows", s1), single_tokens=dev("single_tokens", s1),
+            query_start=dev("query_start", r + 1), multi_rows=dev("multi_rows", m),
             sample_rows=dev("sample_rows", s), sample_tokens=dev("sample_tokens", s),
             temperature=dev("temperature", s), top_p=dev("top_p", s), top_k=dev("top_k", s),
             min_p=dev("min_p", s), seed=dev("seed", s), counter=dev("counter", s),

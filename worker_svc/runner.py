@@ -130,7 +130,7 @@ class Engine:
 
     def _paged_step(self, inputs, layout) -> PagedStep:
         return PagedStep(self.cache, inputs.slot_mapping, inputs.block_tables, inputs.kv_lens,
-                         inputs.single_rows, inputs.single_tokens, layout)
+                         inputs.single_rows, inputs.single_tokens, inputs.query_start, inputs.multi_rows, layout)
 
     def _forward(self, inputs, step: PagedStep, other: IOSlot, carries: bool, logits_to_keep) -> torch.Tensor:
         """Carry-over, then the model forward; returns logits [kept tokens, V]. The body graphs capture."""

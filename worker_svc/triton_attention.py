@@ -1,75 +1,152 @@
-"""Triton paged decode attention: one query token per row, read straight from the paged KV cache.
+"""Triton kernels over the paged KV cache: decode attention (split-K), varlen prefill attention, KV store.
 
-Owns the CUDA path for single-token rows (decode), the rows CUDA graphs replay. One program per
-(row, KV head) walks the row's block table, so every query head of a GQA group shares one read of
-K/V, and the loop bound (the row's context length) is read on the device: no host value, no
-data-dependent shape, hence capturable in a CUDA graph. A padding row (context length 0) reads
-nothing and writes zeros. Split-K for very long contexts and the varlen prefill kernel are later
-work; multi-token rows still take the PyTorch path in attention.py.
+Owns the CUDA path of attention.py. Every loop bound (context length, query length, block table
+entry) is read on the device, so no kernel needs a host value of the step beyond the grid, and the
+decode path is capturable in a CUDA graph.
+
+- `paged_decode`: one query token per row. A program owns (row, KV head, split): the query heads of
+  a GQA group are stacked into the M side of one `tl.dot` (padded to 16, the tensor-core minimum),
+  so K/V are read once per group. A row's context is cut into `num_splits` contiguous parts, each
+  a whole number of tiles; a second kernel merges the parts' (output, log-sum-exp). The split count
+  depends only on the row count and the KV heads (`decode_splits`), never on context lengths, so a
+  graph captured for a row bucket and the eager path of the same bucket compute identically.
+- `paged_prefill`: rows with several query tokens (prefill chunks, mixed steps). A program owns
+  (row, tile of BLOCK_M queries, head), walks the row's context up to its last query's position and
+  masks causally; one launch covers every multi-token row of the step.
+- `store_kv`: writes the step's K/V at their slots; slot -1 (padding) writes nothing.
+
+Softmax runs in base 2 (scale folded with log2 e); fp32 inputs use IEEE dot products, so the
+float32 path matches the PyTorch reference to rounding.
 """
 
 from __future__ import annotations
+
+import math
+from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+DECODE_TILE = 64  # context tokens per decode loop iteration (several pages when block_size < 64)
+PREFILL_BLOCK_M = 32
+PREFILL_TILE = 32
+MAX_SPLITS = 16
+_MIN_DOT = 16  # tl.dot needs each dimension >= 16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(num_rows: int, kv_heads: int, num_sms: int) -> int:
+    """How many parts each row's context is cut into: enough programs for ~4 per SM, at most 16.
+
+    Rows are rounded up to a power of two first, so every row count of a CUDA graph's row bucket gets
+    the bucket's own split count (buckets are powers of two up to 16, then multiples of 16): the
+    eager path and the graph of a bucket add the same partial sums in the same order.
+    """
+    want = math.ceil(4 * num_sms / (triton.next_power_of_2(max(1, num_rows)) * kv_heads))
+    return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
+
 
 @triton.jit
-def _paged_decode_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, kv_lens_ptr, rows_ptr, toks_ptr,
-    scale,
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, tables_ptr, kv_lens_ptr, rows_ptr, toks_ptr,
+    scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh,
     stride_table,
-    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    GROUP: tl.constexpr, M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     row = tl.load(rows_ptr + s)
-    tok = tl.load(toks_ptr + s)
+    tok = tl.load(toks_ptr + s).to(tl.int64)
     kv_len = tl.load(kv_lens_ptr + row)
+    per_split = tl.cdiv(tl.cdiv(kv_len, SPLITS), TILE) * TILE
+    lo = split * per_split
+    hi = tl.minimum(kv_len, lo + per_split)
 
-    g = tl.arange(0, GROUP_P2)
+    g = tl.arange(0, M)
     d = tl.arange(0, HEAD_DIM)
-    o = tl.arange(0, BLOCK_SIZE)
+    n = tl.arange(0, TILE)
     g_ok = g < GROUP
     heads = kvh * GROUP + g
     q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
 
-    m = tl.full([GROUP_P2], float("-inf"), tl.float32)
-    denom = tl.zeros([GROUP_P2], tl.float32)
-    acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
-    for j in range(0, tl.cdiv(kv_len, BLOCK_SIZE)):
-        block = tl.load(tables_ptr + row * stride_table + j).to(tl.int64)
-        pos = j * BLOCK_SIZE + o
-        ok = pos < kv_len
-        k = tl.load(k_ptr + block * stride_kb + o[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                    mask=ok[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, BLOCK_SIZE]
-        scores = tl.where(ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + block * stride_vb + o[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                    mask=ok[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-        m = m_new
-    out = acc / tl.maximum(denom, 1e-30)[:, None]
-    tl.store(o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, HEAD_DIM], tl.float32)
+    table = tables_ptr + row.to(tl.int64) * stride_table
+    for start in range(lo, hi, TILE):
+        pos = start + n
+        ok = pos < hi
+        block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        off = pos % BLOCK_SIZE
+        k = tl.load(k_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, TILE]
+        qk = tl.where(ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]  # an empty part (or a padding row) gives zeros
+    if SPLITS == 1:
+        tl.store(o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        # Parts laid out [S, H, SPLITS, D] and [S, H, SPLITS], contiguous.
+        num_heads = tl.num_programs(1) * GROUP
+        base = (s.to(tl.int64) * num_heads + heads) * SPLITS + split
+        tl.store(part_o_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + base, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, toks_ptr, stride_ot, stride_oh,
+                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    tok = tl.load(toks_ptr + s).to(tl.int64)
+    base = (s.to(tl.int64) * tl.num_programs(1) + h) * SPLITS
+    i = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse_ptr + base + i)
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp2(lse - top)  # 0 for empty parts
+    o = tl.load(part_o_ptr + (base + i)[:, None] * HEAD_DIM + d[None, :])
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + tok * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                  block_tables: torch.Tensor, kv_lens: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
-                 scale: float) -> None:
+                 scale: float, num_splits: int | None = None) -> None:
     """Writes attention of `query[tokens[s]]` over row `rows[s]`'s paged context into `out[tokens[s]]`.
 
     query/out [T, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [R, B]; kv_lens [R].
+    `num_splits` defaults to `decode_splits` of the row count; graphs pass their bucket's.
     """
     num = rows.shape[0]
     if num == 0:
@@ -77,15 +154,147 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     heads, head_dim = query.shape[1], query.shape[2]
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
-    assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
-    assert query.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and out.stride(2) == 1
-    _paged_decode_kernel[(num, kv_heads)](
-        query, k_cache, v_cache, out, block_tables, kv_lens, rows, tokens,
-        scale,
+    _check(query, k_cache, v_cache, out)
+    if num_splits is None:
+        num_splits = decode_splits(num, kv_heads, _num_sms(query.device.index or 0))
+    part_o = part_lse = out  # unused placeholders when one part
+    if num_splits > 1:
+        part_o = torch.empty((num, heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((num, heads, num_splits), dtype=torch.float32, device=query.device)
+    _decode_kernel[(num, kv_heads, num_splits)](
+        query, k_cache, v_cache, out, part_o, part_lse, block_tables, kv_lens, rows, tokens,
+        scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
-        GROUP=group, GROUP_P2=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        GROUP=group, M=max(_MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE=DECODE_TILE, SPLITS=num_splits, PRECISION=_precision(query.dtype),
     )
+    if num_splits > 1:
+        _merge_kernel[(num, heads)](part_o, part_lse, out, tokens, out.stride(0), out.stride(1),
+                                    HEAD_DIM=head_dim, SPLITS=num_splits)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, kv_lens_ptr, qstart_ptr, rows_ptr,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh,
+    stride_table,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    row = tl.load(rows_ptr + tl.program_id(0))
+    mt = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // GROUP
+    q0 = tl.load(qstart_ptr + row)
+    n_q = tl.load(qstart_ptr + row + 1) - q0
+    kv_len = tl.load(kv_lens_ptr + row)
+    ctx0 = kv_len - n_q  # context position of the row's first query
+    qi = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = qi < n_q
+    qpos = ctx0 + qi
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, TILE)
+    toks = (q0 + qi).to(tl.int64)
+    q = tl.load(q_ptr + toks[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_ok[:, None], other=0.0)
+
+    # Tiles past this row's queries do nothing: no early return, an empty loop and masked stores.
+    end = tl.where(mt * BLOCK_M < n_q, tl.minimum(kv_len, ctx0 + (mt + 1) * BLOCK_M), 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table = tables_ptr + row.to(tl.int64) * stride_table
+    for start in range(0, end, TILE):
+        pos = start + n
+        ok = pos < end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        off = pos % BLOCK_SIZE
+        k = tl.load(k_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, TILE]
+        # Position 0 is visible to every query, so no row of a tile is all -inf after the first.
+        qk = tl.where(ok[None, :] & (pos[None, :] <= qpos[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + toks[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=q_ok[:, None])
+
+
+def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                  block_tables: torch.Tensor, kv_lens: torch.Tensor, query_start: torch.Tensor,
+                  rows: torch.Tensor, max_query_len: int, scale: float) -> None:
+    """Causal attention of each multi-token row `rows[i]` (queries `query_start[r]..query_start[r+1]`,
+    at the end of its `kv_lens[r]`-token context) over its paged context, written into `out`.
+
+    `max_query_len` (a host int from the plan) sizes the grid; shorter rows' extra programs idle.
+    """
+    num = rows.shape[0]
+    if num == 0:
+        return
+    heads, head_dim = query.shape[1], query.shape[2]
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    _check(query, k_cache, v_cache, out)
+    grid = (num, triton.cdiv(max_query_len, PREFILL_BLOCK_M), heads)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, out, block_tables, kv_lens, query_start, rows,
+        scale * LOG2E,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=PREFILL_BLOCK_M, TILE=PREFILL_TILE, PRECISION=_precision(query.dtype),
+    )
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_slot, stride_cache_head,
+                     KV_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slots_ptr + t).to(tl.int64)
+    h = tl.arange(0, HEADS_P2)
+    d = tl.arange(0, HEAD_DIM)
+    ok = (h[:, None] < KV_HEADS) & (slot >= 0)  # slot -1: a padding token, stored nowhere
+    dst = slot * stride_cache_slot + h[:, None] * stride_cache_head + d[None, :]
+    k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=ok)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+    v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Writes key/value [T, KVH, D] into caches [blocks, block_size, KVH, D] at `slot_mapping[T]`."""
+    num, kv_heads, head_dim = key.shape
+    if num == 0:
+        return
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+    assert key.stride(2) == 1 and value.stride(2) == 1
+    _store_kv_kernel[(num,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), k_cache.stride(1), k_cache.stride(2),
+        KV_HEADS=kv_heads, HEADS_P2=triton.next_power_of_2(kv_heads), HEAD_DIM=head_dim,
+    )
+
+
+def _check(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+    head_dim = query.shape[2]
+    assert head_dim & (head_dim - 1) == 0 and head_dim >= _MIN_DOT, "head_dim must be a power of two >= 16"
+    assert query.shape[1] % k_cache.shape[2] == 0, "query heads must be a multiple of KV heads"
+    assert query.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and out.stride(2) == 1

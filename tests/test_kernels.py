@@ -1,0 +1,197 @@
+"""The Triton kernels (paged decode with split-K, varlen paged prefill, KV store) against the
+PyTorch reference path, which runs in float64 on the CPU.
+
+Runs on CUDA; without a GPU it runs the same kernels in Triton's interpreter (TRITON_INTERPRET=1,
+set here before the kernels are defined; triton comes with the dev extra on Linux x86-64), on
+smaller contexts since the interpreter is slow, and float32 only (see _skip_interpreted_bf16).
+Every case draws fresh random inputs (never zeros), fills the whole KV pool with random values (a
+read of a wrong block shows), scatters each row's blocks over the pool, and poisons the output with
+NaN first, so an element the kernel fails to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+if torch.cuda.is_available():
+    DEVICE, MAX_CONTEXT = "cuda", 16384
+else:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs, i.e. on the kernels' import
+    pytest.importorskip("triton")
+    DEVICE, MAX_CONTEXT = "cpu", 300
+    import triton.runtime.interpreter as _interpreter
+
+    _patch_tensor = _interpreter._patch_lang_tensor
+
+    def _index_fix(tensor, scope) -> None:
+        """The interpreter holds scalars as 1-element arrays and turns them into loop bounds with
+        int(array), which numpy 2 refuses for arrays of one dimension; read the element instead."""
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interpreter._patch_lang_tensor = _index_fix
+
+from worker_svc.attention import PagedStep, paged_attention  # noqa: E402
+from worker_svc.kv_cache import KVCacheConfig, PagedKVCache  # noqa: E402
+from worker_svc.triton_attention import paged_decode, paged_prefill, store_kv  # noqa: E402
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def _skip_interpreted_bf16(dtype) -> None:
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.6's interpreter computes bfloat16 dot products wrongly; bf16 runs on CUDA")
+
+
+def _cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype, gen: torch.Generator):
+    cfg = KVCacheConfig(1, kv_heads, head_dim, block_size, num_blocks, dtype, DEVICE)
+    cache = PagedKVCache(cfg)
+    for t in (cache._k[0], cache._v[0]):
+        t.copy_(torch.randn(t.shape, generator=gen).to(dtype))
+    return cache
+
+
+def _tables(kv_lens: list[int], block_size: int, num_blocks: int, rng: random.Random) -> np.ndarray:
+    """Each row's blocks drawn without replacement from a shuffled pool; -1 past the row's context."""
+    need = [-(-n // block_size) for n in kv_lens]
+    pool = rng.sample(range(num_blocks), sum(need))
+    width = max(1, max(need)) + rng.randint(0, 2)
+    tables = np.full((len(kv_lens), width), -1, dtype=np.int32)
+    at = 0
+    for r, k in enumerate(need):
+        tables[r, :k] = pool[at : at + k]
+        at += k
+    return tables
+
+
+def _reference(query, cache: PagedKVCache, tables, query_start, kv_lens, scale) -> torch.Tensor:
+    """The PyTorch path of attention.py, in float64 on the CPU."""
+    cfg = cache.cfg
+    ref_cache = PagedKVCache(KVCacheConfig(1, cfg.kv_heads, cfg.head_dim, cfg.block_size, cfg.num_blocks,
+                                           torch.float64, "cpu"))
+    ref_cache.k[0].copy_(cache.k[0].double().cpu())
+    ref_cache.v[0].copy_(cache.v[0].double().cpu())
+    slots = np.zeros(int(query_start[-1]), dtype=np.int32)  # unused by paged_attention itself
+    step = PagedStep.from_arrays(ref_cache, slots, tables, np.asarray(query_start, np.int32),
+                                 np.asarray(kv_lens, np.int32))
+    return paged_attention(query.double().cpu(), ref_cache.k[0], ref_cache.v[0], step, scale)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double().cpu() - ref).abs().max() / ref.abs().max())
+
+
+def _context_lengths(rng: random.Random, rows: int) -> list[int]:
+    """Ragged: 1, a page boundary, one long context, the rest random."""
+    fixed = [1, 16, MAX_CONTEXT]
+    return [fixed[i] if i < len(fixed) else rng.randint(1, MAX_CONTEXT // 4) for i in range(rows)]
+
+
+DECODE_CASES = [
+    # block_size, GQA ratio (query heads per KV head), head_dim, dtype, num_splits
+    (16, 4, 128, torch.bfloat16, 1),
+    (16, 8, 128, torch.bfloat16, 4),
+    (32, 1, 64, torch.bfloat16, 2),
+    (64, 4, 64, torch.bfloat16, 16),
+    (16, 1, 128, torch.float32, 1),
+    (32, 8, 64, torch.float32, 8),
+    (64, 4, 128, torch.float32, 4),
+]
+
+
+@pytest.mark.parametrize("block_size,group,head_dim,dtype,splits", DECODE_CASES)
+def test_paged_decode_matches_reference(block_size, group, head_dim, dtype, splits):
+    _skip_interpreted_bf16(dtype)
+    seed = hash((block_size, group, head_dim, str(dtype), splits)) & 0xFFFF
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    kv_heads = 2
+    rows = rng.randint(4, 7)
+    kv_lens = _context_lengths(rng, rows) + [0]  # the last row is padding, as in a graph bucket
+    num_blocks = sum(-(-n // block_size) for n in kv_lens) + 8
+    cache = _cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen)
+    tables = _tables(kv_lens, block_size, num_blocks, rng)
+    n = len(kv_lens)
+    query = torch.randn(n, kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    dev = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=DEVICE)  # noqa: E731
+    # Rows in reverse token order: a row's query need not sit at its own index.
+    rows_t = dev(np.arange(n)[::-1])
+    toks_t = dev(np.arange(n))
+    paged_decode(query, cache.k[0], cache.v[0], out, dev(tables), dev(kv_lens), rows_t, toks_t, scale,
+                 num_splits=splits)
+    assert not out.isnan().any(), "an output element was not written"
+    assert torch.all(out[0] == 0), "the padding row (row n - 1, token 0) must attend to nothing"
+    # Token t holds row n - 1 - t's query: flipped, tokens are in row order (padding row last, left out).
+    ref = _reference(query.flip(0)[: n - 1], cache, tables[: n - 1], np.arange(n), kv_lens[: n - 1], scale)
+    err = _rel_err(out.flip(0)[: n - 1], ref)
+    assert err <= TOLERANCE[dtype], err
+
+
+PREFILL_CASES = [
+    (16, 4, 128, torch.bfloat16),
+    (32, 8, 64, torch.bfloat16),
+    (64, 1, 128, torch.bfloat16),
+    (16, 4, 64, torch.float32),
+    (32, 1, 128, torch.float32),
+    (64, 8, 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("block_size,group,head_dim,dtype", PREFILL_CASES)
+def test_paged_prefill_matches_reference(block_size, group, head_dim, dtype):
+    """Ragged chunks: whole prompts (nothing cached before), later chunks of long contexts, and
+    single-token rows mixed in (left to the decode kernel: prefill must not write them)."""
+    _skip_interpreted_bf16(dtype)
+    seed = hash((block_size, group, head_dim, str(dtype), "prefill")) & 0xFFFF
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    kv_heads = 2
+    limit = min(MAX_CONTEXT, 2048)
+    q_lens = [rng.randint(2, limit // 4), 1, rng.randint(33, limit // 2), 1, 2, rng.randint(2, 70)]
+    cached = [0, rng.randint(0, limit // 2), rng.randint(1, limit // 2), 7, 0, MAX_CONTEXT - 70]
+    kv_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
+    num_blocks = sum(-(-n // block_size) for n in kv_lens) + 8
+    cache = _cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen)
+    tables = _tables(kv_lens, block_size, num_blocks, rng)
+    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    query = torch.randn(int(query_start[-1]), kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    multi = np.array([r for r, q in enumerate(q_lens) if q > 1], dtype=np.int32)
+    dev = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=DEVICE)  # noqa: E731
+    paged_prefill(query, cache.k[0], cache.v[0], out, dev(tables), dev(kv_lens), dev(query_start), dev(multi),
+                  max(q_lens), scale)
+    singles = [int(query_start[r]) for r, q in enumerate(q_lens) if q == 1]
+    assert out[singles].isnan().all(), "prefill wrote a single-token row"
+    written = [t for t in range(out.shape[0]) if t not in singles]
+    assert not out[written].isnan().any(), "an output element was not written"
+    ref = _reference(query, cache, tables, query_start, kv_lens, scale)
+    err = _rel_err(out[written], ref[written])
+    assert err <= TOLERANCE[dtype], err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_kv_writes_slots_and_skips_padding(dtype):
+    gen = torch.Generator().manual_seed(7)
+    kv_heads, head_dim, block_size, num_blocks = 3, 64, 16, 12  # 3 heads: not a power of two
+    cache = _cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen)
+    before_k, before_v = cache._k[0].clone(), cache._v[0].clone()
+    slots = [5, -1, 17, 190, -1, 0]
+    key = torch.randn(len(slots), kv_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    # Value as a non-contiguous view, as the attention forward passes it (a transpose of [KVH, T, D]).
+    value = torch.randn(kv_heads, len(slots), head_dim, generator=gen).to(dtype).to(DEVICE).transpose(0, 1)
+    store_kv(key, value, cache.k[0], cache.v[0], torch.tensor(slots, dtype=torch.int32, device=DEVICE))
+    flat_k = cache._k[0].view(-1, kv_heads, head_dim)
+    flat_v = cache._v[0].view(-1, kv_heads, head_dim)
+    expect_k = before_k.view(-1, kv_heads, head_dim).clone()
+    expect_v = before_v.view(-1, kv_heads, head_dim).clone()
+    for t, s in enumerate(slots):
+        if s >= 0:
+            expect_k[s], expect_v[s] = key[t], value[t]
+    assert torch.equal(flat_k, expect_k) and torch.equal(flat_v, expect_v)
