@@ -1,0 +1,212 @@
+"""How close is a decode step to the hardware floor? Per shape, batch and context, in one run.
+
+Owns the measurement of the GPU fast-path issue:
+- `step_ms`: the worker engine's real decode step (CUDA graph replay, sampling, copies) with B rows
+  of C-token context, in steady state at pipeline depth 2 (two steps in flight): wall time per step;
+- `floor_ms` = `forward_nokv_ms` + `kv_bytes` / `hbm_gb_s`: the same graph-captured forward with
+  every row's context 1 token (weights read, KV traffic nil) plus the KV bytes a step must read
+  (B x C tokens x layers x K and V) over the bandwidth of a device-to-device copy measured here;
+- a breakdown of the step: `forward_ms` (graph replay at context C), `attention_ms` (KV store +
+  decode kernel, every layer, timed alone), `linear_and_rest_ms` (forward minus attention: GEMMs,
+  norms, RoPE, activations), `sampling_ms` (the step's device time after the forward: logit
+  selection, sampling, output writes) and `gap_ms` (wall per step minus device time per step);
+- with `--profile`, kernel time inside one graph replay grouped into linear / attention / other.
+
+The KV cache holds zeros: timing does not depend on values, and no prefill is needed.
+
+    python -m bench floor [--model random:llama-3.1-8b] [--batches 32 128 256] [--json docs/bench/floor.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shlex
+import sys
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+from tandem.wire import StepPlan
+
+from worker_svc.cuda_graphs import decode_layout, pad_decode_plan
+
+# (batch, contexts): what fits next to 16 GB of 8B weights on an 80 GB GPU.
+DEFAULT_GRID = {32: (1024, 4096, 8192), 128: (1024, 2048), 256: (1024,)}
+
+
+def decode_plan(step_id: int, rows: int, context: int, block_size: int, vocab: int) -> StepPlan:
+    """Every row one token at position context - 1, its blocks laid out one row after another."""
+    per_row = -(-context // block_size)
+    tables = np.arange(rows * per_row, dtype=np.int32).reshape(rows, per_row)
+    pos = np.full(rows, context - 1, np.int32)
+    zeros = np.zeros(rows, np.int32)
+    return StepPlan(
+        step_id=step_id, carry_from_step=-1, flush=False,
+        input_ids=np.random.default_rng(step_id).integers(3, vocab, rows).astype(np.int32), positions=pos,
+        slot_mapping=tables[:, (context - 1) // block_size] * block_size + (context - 1) % block_size,
+        query_start=np.arange(rows + 1, dtype=np.int32), kv_lens=np.full(rows, context, np.int32),
+        block_tables=tables, carry_index=np.full(rows, -1, np.int32), sample=np.ones(rows, np.int32),
+        temperature=np.zeros(rows, np.float32), top_p=np.ones(rows, np.float32), top_k=zeros,
+        min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint64), num_logprobs=np.full(rows, -1, np.int32),
+    )
+
+
+def _events_ms(fn, reps: int, stream: torch.cuda.Stream) -> float:
+    """Mean device time of `fn` over `reps` back-to-back calls on `stream`."""
+    with torch.cuda.stream(stream):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(reps):
+            fn()
+        end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def hbm_bandwidth_gb_s(gib: int = 4) -> float:
+    """Device-to-device copy bandwidth (bytes read + bytes written per second)."""
+    buffers = [torch.empty(gib << 30, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    ms = _events_ms(lambda: buffers[1].copy_(buffers[0]), 10, torch.cuda.current_stream())
+    return 2 * (gib << 30) / (ms / 1000) / 1e9
+
+
+def step_wall_ms(engine, plan_for, steps: int) -> tuple[float, float]:
+    """(wall ms per step, device ms per step) with two steps in flight, as the async loop runs."""
+    import time
+
+    for i in range(4):
+        engine.execute(plan_for(i))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.launch(plan_for(0))
+    device = 0.0
+    for i in range(1, steps):
+        engine.launch(plan_for(i))
+        device += engine.collect().compute_ms
+    device += engine.collect().compute_ms
+    return 1000 * (time.perf_counter() - t0) / steps, device / steps
+
+
+def replay_ms(engine, plan: StepPlan, reps: int = 20) -> float:
+    """Device time of the decode graph's replay alone (forward to logits) for `plan`'s inputs."""
+    graphs = engine.graphs
+    bucket = graphs.bucket_for(plan)
+    slot = engine.slots[0]
+    width = engine.limits.max_blocks_per_row
+    slot.load(pad_decode_plan(plan, bucket, width), decode_layout(bucket, width))
+    stream = engine.sync.compute_stream
+    stream.wait_event(slot.h2d_done)
+    ms = _events_ms(lambda: graphs.replay(0, bucket), reps, stream)
+    slot.in_use = False
+    return ms
+
+
+def attention_ms(engine, rows: int, context: int, reps: int = 20) -> float:
+    """KV store + paged decode for every layer at this batch and context, timed alone."""
+    from worker_svc.triton_attention import paged_decode, store_kv
+
+    cfg, model_cfg = engine.cache.cfg, engine.loaded.config
+    plan = decode_plan(0, rows, context, cfg.block_size, engine.loaded.vocab_size)
+    dev = lambda a: torch.as_tensor(a, device="cuda")  # noqa: E731
+    tables, kv_lens, slots = dev(plan.block_tables), dev(plan.kv_lens), dev(plan.slot_mapping)
+    every = dev(np.arange(rows, dtype=np.int32))
+    heads = model_cfg.num_attention_heads
+    q = torch.randn(rows, heads, cfg.head_dim, dtype=cfg.dtype, device="cuda")
+    kv = torch.randn(rows, cfg.kv_heads, cfg.head_dim, dtype=cfg.dtype, device="cuda")
+    out = torch.empty_like(q)
+    scale = cfg.head_dim**-0.5
+
+    def all_layers() -> None:
+        for layer in range(cfg.num_layers):
+            store_kv(kv, kv, engine.cache.k[layer], engine.cache.v[layer], slots)
+            paged_decode(q, engine.cache.k[layer], engine.cache.v[layer], out, tables, kv_lens, every, every, scale)
+
+    return _events_ms(all_layers, reps, engine.sync.compute_stream)
+
+
+def profile_replay(engine, plan: StepPlan) -> dict[str, float]:
+    """Kernel time inside graph replays, by kind, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reps = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        replay_ms(engine, plan, reps)
+        torch.cuda.synchronize()
+    kinds = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        us = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
+        if ev.device_type != torch.autograd.DeviceType.CUDA and "memcpy" not in name:
+            kind = None
+        elif any(s in name for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90")):
+            kind = "linear"
+        elif any(s in name for s in ("_decode_kernel", "_merge_kernel", "_store_kv", "_prefill_kernel")):
+            kind = "attention"
+        else:
+            kind = "other"
+        if kind:
+            kinds[kind] += us / 1000 / (reps + 1)  # _events_ms runs one warm-up replay too
+    return kinds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench floor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_GRID))
+    p.add_argument("--contexts", type=int, nargs="*", default=None, help="default: what fits, per batch")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--profile", action="store_true", help="also group graph kernel time by kind")
+    p.add_argument("--json", default="docs/bench/floor.json")
+    args = p.parse_args(argv)
+    from worker_svc.models import load
+    from worker_svc.runner import Engine, EngineConfig
+
+    record = {
+        "command": "python -m bench floor " + shlex.join(sys.argv[2:] if argv is None else argv),
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "dtype": "bfloat16",
+        "hbm_gb_s": hbm_bandwidth_gb_s(), "entries": [],
+    }
+    print(f"HBM copy bandwidth {record['hbm_gb_s']:.0f} GB/s", flush=True)
+    loaded = load(args.model, device="cuda", dtype=torch.bfloat16)
+    for batch in args.batches:
+        contexts = args.contexts or DEFAULT_GRID.get(batch, (1024,))
+        blocks = batch * -(-max(contexts) // 16) + 16
+        engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=batch, max_num_tokens=max(512, batch)),
+                        "cuda")
+        cfg = engine.cache.cfg
+        vocab = loaded.vocab_size
+        nokv = replay_ms(engine, decode_plan(0, batch, 1, cfg.block_size, vocab))
+        for context in contexts:
+            plan_for = lambda i, b=batch, c=context, bs=cfg.block_size, v=vocab: decode_plan(i, b, c, bs, v)  # noqa: E731
+            wall, device = step_wall_ms(engine, plan_for, args.steps)
+            forward = replay_ms(engine, plan_for(0))
+            attn = attention_ms(engine, batch, context)
+            kv_bytes = batch * context * cfg.bytes_per_block / cfg.block_size
+            floor = nokv + kv_bytes / (record["hbm_gb_s"] * 1e9) * 1000
+            entry = {
+                "batch": batch, "context": context, "step_ms": wall, "floor_ms": floor, "ratio": wall / floor,
+                "forward_nokv_ms": nokv, "kv_bytes": kv_bytes, "device_ms": device, "forward_ms": forward,
+                "attention_ms": attn, "linear_and_rest_ms": forward - attn, "sampling_ms": device - forward,
+                "gap_ms": wall - device,
+            }
+            if args.profile and context == contexts[-1]:
+                try:
+                    entry["graph_kernels_ms"] = profile_replay(engine, plan_for(0))
+                except Exception as e:  # the profile is an extra: its failure must not lose the run
+                    entry["graph_kernels_ms"] = f"{type(e).__name__}: {e}"
+            record["entries"].append(entry)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=1)
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
