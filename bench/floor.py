@@ -6,10 +6,11 @@ Owns the measurement of the GPU fast-path issue:
 - `floor_ms` = `forward_nokv_ms` + `kv_bytes` / `hbm_gb_s`: the same graph-captured forward with
   every row's context 1 token (weights read, KV traffic nil) plus the KV bytes a step must read
   (B x C tokens x layers x K and V) over the bandwidth of a device-to-device copy measured here;
-- a breakdown of the step: `forward_ms` (graph replay at context C), `attention_ms` (KV store +
-  decode kernel, every layer, timed alone), `linear_and_rest_ms` (forward minus attention: GEMMs,
-  norms, RoPE, activations), `sampling_ms` (the step's device time after the forward: logit
-  selection, sampling, output writes) and `gap_ms` (wall per step minus device time per step);
+- a breakdown of the step: `forward_ms` (a graph of the forward alone at context C), `attention_ms`
+  (KV store + decode kernel, every layer, timed alone), `linear_and_rest_ms` (forward minus
+  attention: GEMMs, norms, RoPE, activations), `sampling_ms` (the step's device time minus the
+  forward: carry-over, sampling, output writes; inside the engine's graph since the fused sampler)
+  and `gap_ms` (wall per step minus device time per step);
 - with `--profile`, kernel time inside one graph replay grouped into linear / attention / other.
 
 The KV cache holds zeros: timing does not depend on values, and no prefill is needed.
@@ -90,17 +91,27 @@ def step_wall_ms(engine, plan_for, steps: int) -> tuple[float, float]:
     return 1000 * (time.perf_counter() - t0) / steps, device / steps
 
 
-def replay_ms(engine, plan: StepPlan, reps: int = 20) -> float:
-    """Device time of the decode graph's replay alone (forward to logits) for `plan`'s inputs."""
-    graphs = engine.graphs
-    bucket = graphs.bucket_for(plan)
-    slot = engine.slots[0]
+def forward_ms(engine, plan: StepPlan, reps: int = 20) -> float:
+    """Device time of a CUDA graph of the model forward alone (no sampling) on `plan`'s inputs,
+    captured here the way the engine captures its decode graphs."""
+    bucket = engine.graphs.bucket_for(plan)
+    slot, other = engine.slots
     width = engine.limits.max_blocks_per_row
-    slot.load(pad_decode_plan(plan, bucket, width), decode_layout(bucket, width))
+    layout = decode_layout(bucket, width)
+    inputs = slot.load(pad_decode_plan(plan, bucket, width), layout)
+    step = engine._paged_step(inputs, layout)
     stream = engine.sync.compute_stream
     stream.wait_event(slot.h2d_done)
-    ms = _events_ms(lambda: graphs.replay(0, bucket), reps, stream)
+    with torch.inference_mode():
+        with torch.cuda.stream(stream):
+            engine._forward(inputs, step, other, False, 0)  # warm-up outside the capture
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            engine._forward(inputs, step, other, False, 0)
+        ms = _events_ms(graph.replay, reps, stream)
     slot.in_use = False
+    del graph
     return ms
 
 
@@ -128,12 +139,12 @@ def attention_ms(engine, rows: int, context: int, reps: int = 20) -> float:
 
 
 def profile_replay(engine, plan: StepPlan) -> dict[str, float]:
-    """Kernel time inside graph replays, by kind, in ms per step."""
+    """Kernel time inside a forward graph's replays, by kind, in ms per step."""
     from torch.profiler import ProfilerActivity, profile
 
     reps = 5
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        replay_ms(engine, plan, reps)
+        forward_ms(engine, plan, reps)
         torch.cuda.synchronize()
     kinds = {"linear": 0.0, "attention": 0.0, "other": 0.0}
     for ev in prof.key_averages():
@@ -148,7 +159,7 @@ def profile_replay(engine, plan: StepPlan) -> dict[str, float]:
         else:
             kind = "other"
         if kind:
-            kinds[kind] += us / 1000 / (reps + 1)  # _events_ms runs one warm-up replay too
+            kinds[kind] += us / 1000 / (reps + 2)  # plus the eager warm-up and _events_ms's warm-up replay
     return kinds
 
 
@@ -179,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                         "cuda")
         cfg = engine.cache.cfg
         vocab = loaded.vocab_size
-        nokv = replay_ms(engine, decode_plan(0, batch, 1, cfg.block_size, vocab))
+        nokv = forward_ms(engine, decode_plan(0, batch, 1, cfg.block_size, vocab))
         for context in contexts:
             plan_for = lambda i, b=batch, c=context, bs=cfg.block_size, v=vocab: decode_plan(i, b, c, bs, v)  # noqa: E731
             wall, device = step_wall_ms(engine, plan_for, args.steps)
-            forward = replay_ms(engine, plan_for(0))
+            forward = forward_ms(engine, plan_for(0))
             attn = attention_ms(engine, batch, context)
             kv_bytes = batch * context * cfg.bytes_per_block / cfg.block_size
             floor = nokv + kv_bytes / (record["hbm_gb_s"] * 1e9) * 1000

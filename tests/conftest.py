@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+import shutil
 
-from client.local_server import TandemServer
+# Without an NVIDIA driver the Triton kernels' tests (test_kernels.py) run in Triton's interpreter.
+# Triton reads the switch once, on first use, and transformers may import triton early on, so it is
+# set here, before any test module is imported.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from client.local_server import TandemServer  # noqa: E402
 
 # Small enough that prompts of a few hundred tokens take several prefill chunks. CPU even where a GPU
 # exists: these servers are compared token for token with float32 transformers on the CPU.

@@ -26,7 +26,7 @@ def hf_generate(model, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: 
     if not stop_at_eos:
         config.eos_token_id = None
     config.pad_token_id = 0
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=model.device)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), generation_config=config, max_new_tokens=max_new_tokens,
         do_sample=False, output_logits=True, return_dict_in_generate=True,

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from client import AsyncTandemClient, TandemError
-from tests.reference import NEAR_TIE, hf_generate
+from tests.reference import NEAR_TIE, assert_matches, hf_generate
 
 
 def _mixed_cases(seed: int, n: int = 16) -> list[tuple[list[int], int]]:
@@ -103,13 +103,17 @@ def test_seeded_request_same_alone_and_in_batch(tiny):
     assert len(set(alone.token_ids)) > 1  # really sampled, not a constant
 
 
-def test_small_kv_pool_preempts_and_still_matches(servers, tiny):
+def test_small_kv_pool_preempts_and_still_matches(servers, tiny_model):
+    """Preempted requests are recomputed (their tokens so far prefilled again, in other batches):
+    they still give transformers' tokens, up to a near-tie. Two servers are not compared with each
+    other token for token: on CPU a row's float result depends on the batch shape around it."""
     small = servers.get(worker_args=("--max-num-tokens", "128", "--max-num-rows", "32", "--num-blocks", "24"))
     rng = random.Random(5)
     cases = [([rng.randrange(3, 49152) for _ in range(rng.randint(20, 60))], rng.randint(8, 40)) for _ in range(32)]
     pressured = asyncio.run(_generate_all(small.address, cases, temperature=0.0))
-    relaxed = asyncio.run(_generate_all(tiny.address, cases, temperature=0.0))
-    assert [r.token_ids for r in pressured] == [r.token_ids for r in relaxed]
+    full = sum(assert_matches(r.token_ids, hf_generate(tiny_model, p, m), f"request {i}")
+               for i, ((p, m), r) in enumerate(zip(cases, pressured, strict=True)))
+    assert full >= 28, f"only {full}/32 sequences matched all the way"
     st = small.wait_idle()
     assert st.num_preemptions > 0
     assert st.kv_blocks_free == st.kv_blocks_total

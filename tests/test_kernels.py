@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 if torch.cuda.is_available():
     DEVICE, MAX_CONTEXT = "cuda", 16384
 else:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit runs, i.e. on the kernels' import
+    os.environ["TRITON_INTERPRET"] = "1"  # conftest sets it earlier for whole runs (see there)
     pytest.importorskip("triton")
     DEVICE, MAX_CONTEXT = "cpu", 300
     import triton.runtime.interpreter as _interpreter
@@ -42,6 +42,14 @@ from worker_svc.kv_cache import KVCacheConfig, PagedKVCache  # noqa: E402
 from worker_svc.triton_attention import paged_decode, paged_prefill, store_kv  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """The 16K-token cases' memory goes back to the driver, for the server processes of later tests."""
+    yield
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _skip_interpreted_bf16(dtype) -> None:
@@ -195,3 +203,41 @@ def test_store_kv_writes_slots_and_skips_padding(dtype):
         if s >= 0:
             expect_k[s], expect_v[s] = key[t], value[t]
     assert torch.equal(flat_k, expect_k) and torch.equal(flat_v, expect_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sort_filters", [False, True])
+def test_fused_sampler_matches_pytorch_path(dtype, sort_filters):
+    """Same tokens, logprobs, log-sum-exp and top-n as sampler.py's PyTorch path (the kernel uses the
+    same noise), over a vocabulary spanning several kernel chunks, greedy and random rows mixed,
+    broken rows (NaN, +inf, all -inf) and a masked one included."""
+    from worker_svc.sampler import sample
+
+    gen = torch.Generator().manual_seed(11 + sort_filters)
+    rows, vocab = 24, 5000
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+    logits[0, 77] = float("nan")
+    logits[1, 4999] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, :4096] = float("-inf")  # its live tokens all sit in the last chunk
+    temperature = torch.rand(rows, generator=gen) * 1.5
+    temperature[::3] = 0.0
+    params = [temperature, 0.3 + 0.7 * torch.rand(rows, generator=gen),
+              torch.randint(0, 60, (rows,), generator=gen, dtype=torch.int32), torch.rand(rows, generator=gen) * 0.2,
+              torch.randint(-(2**63), 2**63 - 1, (rows,), generator=gen),
+              torch.randint(0, 9000, (rows,), generator=gen)]
+    ref = sample(logits, *params, 4, sort_filters=sort_filters, fused=False)
+    got = sample(logits.to(DEVICE), *(p.to(DEVICE) for p in params), 4, sort_filters=sort_filters, fused=True)
+    token = got.token_ids.cpu()
+    assert ((token >= 0) & (token < vocab)).all()
+    assert got.logprob[:3].isnan().all() and got.lse[:3].isnan().all()
+    assert token[3] >= 4096
+    live = slice(3, rows)
+    assert torch.equal(token[live], ref.token_ids[live])
+    torch.testing.assert_close(got.logprob.cpu()[live], ref.logprob[live], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.lse.cpu()[live], torch.logsumexp(logits.float(), -1)[live], rtol=1e-5, atol=1e-5)
+    # Top-n: the same values (a tie in bf16 may list equal logits in another order).
+    values = logits.float()[live]
+    top_ids = got.top_ids.cpu()[live].long()
+    torch.testing.assert_close(values.gather(1, top_ids), values.gather(1, ref.top_ids[live].long()))
+    torch.testing.assert_close(got.top_logprobs.cpu()[live], ref.top_logprobs[live], rtol=1e-5, atol=1e-5)

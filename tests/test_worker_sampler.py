@@ -4,6 +4,10 @@ checked statistically, logprob outputs, and the no-host-sync contract.
 The sampler is deterministic, so the statistical tests always see the same draws: a fixed
 significance threshold cannot flake, and each goodness-of-fit test is paired with a check that the
 same statistic rejects a wrong distribution (so the test has power, not just a loose threshold).
+
+Every test that goes through `_run` runs once on the PyTorch path and, where CUDA is available,
+once more on the fused Triton kernel (CPU machines check the kernel against this path in
+tests/test_kernels.py, interpreted).
 """
 
 from __future__ import annotations
@@ -15,6 +19,16 @@ from worker_svc.sampler import SampleOutput, sample
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+
+_IMPL = {"device": "cpu"}
+
+
+@pytest.fixture(autouse=True, params=["torch"] + (["cuda-kernel"] if torch.cuda.is_available() else []))
+def impl(request):
+    """Where `_run` samples: the PyTorch path on the CPU, or the fused kernel on CUDA."""
+    _IMPL["device"] = "cuda" if request.param == "cuda-kernel" else "cpu"
+    yield request.param
+    _IMPL["device"] = "cpu"
 
 
 def _run(
@@ -38,16 +52,18 @@ def _run(
             return torch.tensor(value, dtype=dtype)
         return torch.full((rows,), value, dtype=dtype)
 
-    return sample(
-        logits,
-        col(temperature, torch.float32),
-        col(top_p, torch.float32),
-        col(top_k, torch.int32),
-        col(min_p, torch.float32),
-        col(seed, torch.int64),
-        col(counter, torch.int64),
+    dev = _IMPL["device"]
+    out = sample(
+        logits.to(dev),
+        col(temperature, torch.float32).to(dev),
+        col(top_p, torch.float32).to(dev),
+        col(top_k, torch.int32).to(dev),
+        col(min_p, torch.float32).to(dev),
+        col(seed, torch.int64).to(dev),
+        col(counter, torch.int64).to(dev),
         num_top,
     )
+    return SampleOutput(*(t.cpu() for t in (out.token_ids, out.logprob, out.top_ids, out.top_logprobs, out.lse)))
 
 
 def _chi2_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:

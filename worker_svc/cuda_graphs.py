@@ -1,14 +1,18 @@
-"""CUDA graphs of decode steps: one per (I/O slot, row bucket), all in one shared memory pool.
+"""CUDA graphs of decode steps: one per (I/O slot, row bucket, sampling variant), all in one shared
+memory pool.
 
 A decode-only step (every row one token) is padded on the host to the next row bucket and to the
 full block-table width, so its device inputs have the shapes, and live at the addresses, the graph
-was captured with. Padding rows write nowhere (slot -1 goes to the KV cache's hidden block) and
-attend to nothing (context length 0). The graph holds carry-over (gather the other slot's sampled
-ids by carry_index, zero where -1, add) and the forward up to the logits of every row; sampling
-runs right after it on the compute stream. Graphs are captured largest bucket first, so the shared
-pool is sized by the largest and the others fit inside it. The graph's only output, the logits, is
-consumed on the compute stream before the next replay; the sampled ids, which carry-over reads one
-step later, live outside the pool in the slot's output buffer.
+was captured with. Padding rows write nowhere (slot -1 is skipped by the KV store) and attend to
+nothing (context length 0). The graph holds carry-over (gather the other slot's sampled ids by
+carry_index, replace where >= 0), the forward, and sampling of every row (the fused kernel; the
+padded plan marks every row as sampling, so the sampling inputs have the bucket's fixed shape,
+and the scheduler ignores the rows it did not ask for). Its sampled ids and logprobs go straight
+into the slot's output buffer, outside the pool, where carry-over reads them one step later. The
+two sampling variants differ only in whether top-k / top-p (a sort per row) are applied: the plan
+says on the host which one a step needs. Graphs are captured largest bucket first, so the shared
+pool is sized by the largest and the others fit inside it. Outputs left in the pool (logits and
+log-sum-exp, for top-n logprobs) are consumed on the compute stream before the next replay.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def pad_decode_plan(plan: StepPlan, rows: int, width: int) -> StepPlan:
         input_ids=grow(plan.input_ids, 0), positions=grow(plan.positions, 0),
         slot_mapping=grow(plan.slot_mapping, -1), query_start=np.arange(rows + 1, dtype=np.int32),
         kv_lens=grow(plan.kv_lens, 0), block_tables=tables, carry_index=grow(plan.carry_index, -1),
-        sample=grow(plan.sample, 0), temperature=grow(plan.temperature, 0), top_p=grow(plan.top_p, 1),
+        sample=np.ones(rows, dtype=plan.sample.dtype), temperature=grow(plan.temperature, 0), top_p=grow(plan.top_p, 1),
         top_k=grow(plan.top_k, 0), min_p=grow(plan.min_p, 0), seed=grow(plan.seed, 0),
         num_logprobs=grow(plan.num_logprobs, -1),
     )
@@ -72,34 +76,35 @@ def decode_layout(rows: int, width: int) -> RowLayout:
 class CapturedStep:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # [rows, V], in the pool; valid until the next replay of any graph
+    lse: torch.Tensor  # [rows], likewise
 
 
 class DecodeGraphs:
-    """Captures and replays decode graphs; `forward(slot, rows)` is the step body to capture."""
+    """Captures and replays decode graphs, keyed (slot, rows, sort_filters)."""
 
     def __init__(self, max_rows: int, width: int) -> None:
         self.buckets = row_buckets(max_rows)
         self.width = width
         self.pool = torch.cuda.graph_pool_handle()
-        self.captured: dict[tuple[int, int], CapturedStep] = {}
+        self.captured: dict[tuple[int, int, bool], CapturedStep] = {}
 
     def bucket_for(self, plan: StepPlan) -> int | None:
         if not is_decode_only(plan):
             return None
         return next((b for b in self.buckets if b >= plan.num_rows), None)
 
-    def capture(self, slot_index: int, rows: int, stream: torch.cuda.Stream,
-                body: Callable[[], torch.Tensor]) -> None:
+    def capture(self, slot_index: int, rows: int, sort_filters: bool, stream: torch.cuda.Stream,
+                body: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Captures `body` (inputs already loaded for `rows` rows on this slot) after one warm-up run."""
         with torch.cuda.stream(stream):
             body()  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            logits = body()
-        self.captured[(slot_index, rows)] = CapturedStep(graph, logits)
+            logits, lse = body()
+        self.captured[(slot_index, rows, sort_filters)] = CapturedStep(graph, logits, lse)
 
-    def replay(self, slot_index: int, rows: int) -> torch.Tensor:
-        step = self.captured[(slot_index, rows)]
+    def replay(self, slot_index: int, rows: int, sort_filters: bool) -> CapturedStep:
+        step = self.captured[(slot_index, rows, sort_filters)]
         step.graph.replay()
-        return step.logits
+        return step

@@ -119,14 +119,27 @@ class Engine:
         assert self.graphs is not None
         for rows in reversed(self.graphs.buckets):
             idle = _idle_decode_plan(rows, width)
-            for slot in self.slots:
-                other = self.slots[1 - slot.index]
-                inputs = slot.load(idle, decode_layout(rows, width))
-                step = self._paged_step(inputs, decode_layout(rows, width))
-                self.sync.compute_stream.wait_event(slot.h2d_done)
-                self.graphs.capture(slot.index, rows, self.sync.compute_stream,
-                                    lambda i=inputs, st=step, o=other: self._forward(i, st, o, True, 0))
-                slot.in_use = False
+            for sort_filters in (False, True):
+                for slot in self.slots:
+                    other = self.slots[1 - slot.index]
+                    inputs = slot.load(idle, decode_layout(rows, width))
+                    step = self._paged_step(inputs, decode_layout(rows, width))
+                    self.sync.compute_stream.wait_event(slot.h2d_done)
+                    self.graphs.capture(
+                        slot.index, rows, sort_filters, self.sync.compute_stream,
+                        lambda i=inputs, st=step, sl=slot, o=other, f=sort_filters: self._graph_body(i, st, sl, o, f))
+                    slot.in_use = False
+
+    def _graph_body(self, inputs, step: PagedStep, slot: IOSlot, other: IOSlot,
+                    sort_filters: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a decode graph holds: carry-over, forward, sampling of every row into the slot's outputs."""
+        logits = self._forward(inputs, step, other, True, 0)
+        res = sample(logits, inputs.temperature, inputs.top_p, inputs.top_k, inputs.min_p, inputs.seed,
+                     inputs.counter, 0, sort_filters=sort_filters)
+        rows = logits.shape[0]
+        slot.out_sampled(rows).copy_(res.token_ids)
+        slot.out_logprob(rows).copy_(res.logprob)
+        return logits, res.lse
 
     def _paged_step(self, inputs, layout) -> PagedStep:
         return PagedStep(self.cache, inputs.slot_mapping, inputs.block_tables, inputs.kv_lens,
@@ -226,29 +239,13 @@ class Engine:
             compute.wait_event(slot.h2d_done)
             start.record(compute)
             if bucket is not None:
-                logits = self.graphs.replay(slot.index, bucket).index_select(0, inputs.sample_tokens)
+                self._replay(slot, bucket, rows, num_top, hints.sort_filters)
             else:
                 if carries:
                     assert prev is not None and prev.slot is other
                 logits = self._forward(inputs, self._paged_step(inputs, layout), other, carries,
                                        inputs.sample_tokens)
-            sampled = slot.out_sampled(rows)
-            sampled.fill_(-1)
-            logprob = slot.out_logprob(rows)
-            logprob.fill_(0.0)
-            top_ids, top_lp = slot.out_top(rows, num_top)
-            top_ids.fill_(-1)
-            top_lp.fill_(0.0)
-            if num_sampled:
-                res = sample(logits.float(), inputs.temperature, inputs.top_p, inputs.top_k,
-                             inputs.min_p, inputs.seed, inputs.counter, num_top,
-                             sort_filters=hints.sort_filters, any_random=hints.any_random)
-                where = inputs.sample_rows.to(torch.int64)
-                sampled.index_copy_(0, where, res.token_ids)
-                logprob.index_copy_(0, where, res.logprob)
-                if num_top:
-                    top_ids.index_copy_(0, where, res.top_ids)
-                    top_lp.index_copy_(0, where, res.top_logprobs)
+                self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints)
             done.record(compute)  # before compute_done: d2h_done then implies `done` completed
             slot.compute_done.record(compute)
         slot.issue_d2h(rows, num_top)
@@ -258,6 +255,37 @@ class Engine:
         self._in_flight.append(launched)
         self._last = launched
         self._launches += 1
+
+    def _replay(self, slot: IOSlot, bucket: int, rows: int, num_top: int, sort_filters: bool) -> None:
+        """A graphed decode step; top-n logprobs, when asked, from the graph's logits right after."""
+        assert self.graphs is not None
+        step = self.graphs.replay(slot.index, bucket, sort_filters)
+        if num_top:
+            vals, ids = torch.topk(step.logits[:rows], num_top, dim=-1)
+            top_ids, top_lp = slot.out_top(rows, num_top)
+            top_ids.copy_(ids)
+            top_lp.copy_(vals.float() - step.lse[:rows, None])
+
+    def _sample_eager(self, slot: IOSlot, inputs, logits: torch.Tensor, rows: int, num_sampled: int,
+                      num_top: int, hints: SamplingHints) -> None:
+        """Samples the rows that sample and writes every row's outputs (-1 / 0 for the others)."""
+        sampled = slot.out_sampled(rows)
+        sampled.fill_(-1)
+        logprob = slot.out_logprob(rows)
+        logprob.fill_(0.0)
+        top_ids, top_lp = slot.out_top(rows, num_top)
+        top_ids.fill_(-1)
+        top_lp.fill_(0.0)
+        if num_sampled:
+            res = sample(logits, inputs.temperature, inputs.top_p, inputs.top_k,
+                         inputs.min_p, inputs.seed, inputs.counter, num_top,
+                         sort_filters=hints.sort_filters, any_random=hints.any_random)
+            where = inputs.sample_rows.to(torch.int64)
+            sampled.index_copy_(0, where, res.token_ids)
+            logprob.index_copy_(0, where, res.logprob)
+            if num_top:
+                top_ids.index_copy_(0, where, res.top_ids)
+                top_lp.index_copy_(0, where, res.top_logprobs)
 
     def collect(self) -> StepResult:
         """Waits for the oldest launched step and returns its result."""
@@ -299,12 +327,14 @@ def apply_carry_over(ids: torch.Tensor, first_tokens: torch.Tensor, carry_index:
 
 
 def _idle_decode_plan(rows: int, width: int) -> StepPlan:
-    """A decode plan whose rows are all padding: what graphs are captured on (it reads and writes nothing)."""
+    """A decode plan whose rows are all padding: what graphs are captured on (it reads and writes no KV).
+    Every row samples, as in every padded graph plan (see cuda_graphs)."""
     zeros = np.zeros(rows, dtype=np.int32)
     return StepPlan(
         step_id=0, carry_from_step=-1, flush=False, input_ids=zeros, positions=zeros,
         slot_mapping=np.full(rows, -1, np.int32), query_start=np.arange(rows + 1, dtype=np.int32),
         kv_lens=zeros, block_tables=np.full((rows, width), -1, np.int32), carry_index=np.full(rows, -1, np.int32),
-        sample=zeros, temperature=np.zeros(rows, np.float32), top_p=np.ones(rows, np.float32), top_k=zeros,
+        sample=np.ones(rows, np.int32), temperature=np.zeros(rows, np.float32), top_p=np.ones(rows, np.float32),
+        top_k=zeros,
         min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint64), num_logprobs=np.full(rows, -1, np.int32),
     )

@@ -9,8 +9,11 @@ This module owns:
 
 Everything is tensor ops on the logits' device with shapes fixed by (R, V, num_top): no python loop
 over rows, no host sync, no data-dependent shapes, so the same code runs on CPU and inside a CUDA graph.
+On CUDA the token choice itself (greedy argmax, log-sum-exp, min-p / top-k / top-p cut, Gumbel-max)
+is one fused kernel (triton_sampler.py) fed the per-row cut computed here; the PyTorch code below is
+the CPU path and the kernel's oracle, with the same noise bit for bit.
 
-Filters keep every token whose tempered logit is >= a per-row cut, so tokens tied with the last one
+Filters keep every token whose raw logit is >= a per-row cut, so tokens tied with the last one
 that top-k/top-p would keep are kept as well (ties are rare outside low-precision logits).
 
 Non-finite logits: a row whose logits contain NaN or +inf, or are all -inf, never crashes and always
@@ -43,6 +46,7 @@ class SampleOutput:
     logprob: torch.Tensor  # [R] float32, raw log_softmax of the sampled token
     top_ids: torch.Tensor  # [R, K] int32, by raw logprob, descending
     top_logprobs: torch.Tensor  # [R, K] float32
+    lse: torch.Tensor  # [R] float32, raw log-sum-exp (NaN for a broken row)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -101,6 +105,7 @@ def sample(
     *,
     sort_filters: bool = True,
     any_random: bool = True,
+    fused: bool | None = None,
 ) -> SampleOutput:
     """Sample one token per row; see the module docstring for the contract.
 
@@ -117,10 +122,15 @@ def sample(
     any_random: a host-side hint of the same kind. When the plan knows every row is greedy
     (temperature 0), the noise and the filters, most of the cost on a large vocabulary, are skipped;
     the tokens are the same argmax either way.
+
+    fused: use the Triton kernel (default: on CUDA); any_random is then moot, the kernel branches
+    per row on the device.
     """
     num_rows, vocab = logits.shape
     if not 0 <= num_top <= vocab:
         raise ValueError(f"num_top={num_top} must be in [0, {vocab}]")
+    if fused if fused is not None else logits.is_cuda:
+        return _fused(logits, temperature, top_p, top_k, min_p, seed, counter, num_top, sort_filters)
     x = logits.to(torch.float32)
     # logprobs = x - logsumexp: same values as log_softmax without materialising another [R, V].
     lse = torch.logsumexp(x, dim=-1)
@@ -130,57 +140,85 @@ def sample(
         return _outputs(x, lse, x.argmax(dim=-1), num_top)
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).to(torch.float32)[:, None]
     row_max = x.amax(dim=-1, keepdim=True)
-    # Subtracting the row max first keeps a tiny temperature from overflowing a logit to +inf, and
-    # makes tempered = log(p / p_max) of the tempered distribution, which min-p compares directly.
+    # Subtracting the row max first keeps a tiny temperature from overflowing a logit to +inf.
     tempered = (x - row_max) / temp
 
-    # The filters reduce to one cut per row on the tempered logits: keep tokens >= cut.
-    cut = torch.log(min_p.to(torch.float32))[:, None]  # min_p = 0 -> -inf: keeps everything
-    if sort_filters:
-        # Sort the raw logits (native dtype: a bf16 sort is cheaper); tempering is monotone, and the
-        # same elementwise formula gives bit-identical tempered values for the sorted entries.
-        sorted_raw = torch.sort(logits, dim=-1, descending=True, stable=True).values
-        sorted_t = (sorted_raw.to(torch.float32) - row_max) / temp
-        rank = torch.arange(vocab, device=x.device)[None, :]
-        k = top_k.to(torch.int64)[:, None]
-        k = torch.where((k <= 0) | (k > vocab), vocab, k)
-        # Nucleus over the top-k survivors (renormalised): a token is kept while the mass strictly
-        # before it is short of top_p, so the top token always is. top_p >= 1 is forced off because a
-        # float32 cumsum can reach 1.0 early and would drop the far tail.
-        probs = torch.softmax(sorted_t.masked_fill(rank >= k, float("-inf")), dim=-1)
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        p = top_p.to(torch.float32)[:, None]
-        n_p = (mass_before < p).sum(dim=-1, keepdim=True)
-        n_keep = torch.minimum(k, torch.where(p >= 1.0, vocab, n_p)).clamp(min=1)
-        cut = torch.maximum(cut, sorted_t.gather(1, n_keep - 1))
+    cut = _cut(logits, row_max, temp, top_p, top_k, min_p, sort_filters)
 
     # Gumbel-max: argmax(log p + G) is an exact draw from p; log p's shared normaliser cancels.
     scores = tempered + _gumbel_noise(seed, counter, vocab)
-    scores = torch.where(tempered >= cut, scores, float("-inf"))
+    scores = torch.where(x >= cut, scores, float("-inf"))
     sampled = scores.argmax(dim=-1)
 
     # torch.argmax returns the first maximal index, which is the documented greedy tie-break.
     return _outputs(x, lse, torch.where(greedy, x.argmax(dim=-1), sampled), num_top)
 
 
+def _cut(logits: torch.Tensor, row_max: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor,
+         top_k: torch.Tensor, min_p: torch.Tensor, sort_filters: bool) -> torch.Tensor:
+    """[R, 1] float32: the filters reduced to one cut per row on the RAW logits; keep tokens >= cut.
+
+    On raw values, not tempered ones, so that the kernel's comparison is exact: a top-k / top-p cut
+    is one of the row's own logits, which both paths compare against bit-identical values.
+    """
+    vocab = logits.shape[1]
+    # min-p: p >= min_p * p_max  <=>  (x - max) / T >= log(min_p)  <=>  x >= max + T * log(min_p).
+    cut = row_max + temp * torch.log(min_p.to(torch.float32))[:, None]  # min_p = 0 -> -inf: keeps all
+    if not sort_filters:
+        return cut
+    # Sort the raw logits (native dtype: a bf16 sort is cheaper); tempering is monotone, and the
+    # same elementwise formula gives bit-identical tempered values for the sorted entries.
+    sorted_raw = torch.sort(logits, dim=-1, descending=True, stable=True).values.to(torch.float32)
+    sorted_t = (sorted_raw - row_max) / temp
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = top_k.to(torch.int64)[:, None]
+    k = torch.where((k <= 0) | (k > vocab), vocab, k)
+    # Nucleus over the top-k survivors (renormalised): a token is kept while the mass strictly
+    # before it is short of top_p, so the top token always is. top_p >= 1 is forced off because a
+    # float32 cumsum can reach 1.0 early and would drop the far tail.
+    probs = torch.softmax(sorted_t.masked_fill(rank >= k, float("-inf")), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    p = top_p.to(torch.float32)[:, None]
+    n_p = (mass_before < p).sum(dim=-1, keepdim=True)
+    n_keep = torch.minimum(k, torch.where(p >= 1.0, vocab, n_p)).clamp(min=1)
+    return torch.maximum(cut, sorted_raw.gather(1, n_keep - 1))
+
+
+def _fused(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           min_p: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, num_top: int,
+           sort_filters: bool) -> SampleOutput:
+    """The kernel path: the cut and the row keys here, the per-token work in triton_sampler."""
+    from worker_svc.triton_sampler import fused_sample  # triton is not on CPU installs
+
+    temp = torch.where(temperature <= 0, torch.ones_like(temperature), temperature).to(torch.float32)[:, None]
+    row_max = logits.amax(dim=-1, keepdim=True).to(torch.float32)
+    cut = _cut(logits, row_max, temp, top_p, top_k, min_p, sort_filters)[:, 0]
+    token, lse, logprob = fused_sample(logits, temperature, cut, _row_key(seed, counter))
+    return _top_outputs(logits, token, lse, logprob, num_top)
+
+
 def _outputs(x: torch.Tensor, lse: torch.Tensor, token: torch.Tensor, num_top: int) -> SampleOutput:
     """The sampled tokens plus their logprobs and the top-K alternatives under the raw distribution."""
-    num_rows = x.shape[0]
     # A row is broken iff its logsumexp is not finite (any NaN, any +inf, or all -inf); NaN marks it
     # in every logprob output (x - lse alone would give -inf for some of those rows).
     lse = torch.where(torch.isfinite(lse), lse, float("nan"))
     logprob = x.gather(1, token[:, None]).squeeze(1) - lse
+    return _top_outputs(x, token, lse, logprob, num_top)
 
+
+def _top_outputs(x: torch.Tensor, token: torch.Tensor, lse: torch.Tensor, logprob: torch.Tensor,
+                 num_top: int) -> SampleOutput:
+    num_rows = x.shape[0]
     if num_top > 0:
         top_vals, top_ids = torch.topk(x, num_top, dim=-1, largest=True, sorted=True)
-        top_logprobs = top_vals - lse[:, None]
+        top_logprobs = top_vals.to(torch.float32) - lse[:, None]
     else:
-        top_logprobs = x.new_empty((num_rows, 0))
+        top_logprobs = torch.empty((num_rows, 0), dtype=torch.float32, device=x.device)
         top_ids = torch.empty((num_rows, 0), dtype=torch.int64, device=x.device)
-
     return SampleOutput(
         token_ids=token.to(torch.int32),
         logprob=logprob,
         top_ids=top_ids.to(torch.int32),
         top_logprobs=top_logprobs,
+        lse=lse,
     )
