@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from worker_svc.kv_cache import PagedKVCache
+
+if TYPE_CHECKING:
+    from worker_svc.piecewise import PiecewiseGraph
 
 ATTN_IMPLEMENTATION = "tandem_paged"
 STEP_KWARG = "tandem_step"
@@ -91,6 +95,7 @@ class PagedStep:
     query_start: torch.Tensor  # int32 [R + 1]
     multi_rows: torch.Tensor  # int32 [M]: rows with several query tokens
     layout: RowLayout
+    piecewise: PiecewiseGraph | None = None  # set while capturing one: attention splits the graph
 
     @classmethod
     def from_arrays(cls, cache: PagedKVCache, slot_mapping: np.ndarray, block_tables: np.ndarray,
@@ -135,13 +140,14 @@ class PagedStep:
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: PagedStep,
-                    scale: float) -> torch.Tensor:
-    """Attention of packed queries `[T, H, D]` over the paged context; returns `[T, H, D]`.
+                    scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of packed queries `[T, H, D]` over the paged context, into `out` `[T, H, D]`
+    (allocated when not given; tokens that belong to no row are left as they are).
 
     The step's K/V must already be in the cache. Row r's queries sit at context positions
     `kv_lens[r] - n_r .. kv_lens[r] - 1` and see every cached position up to their own.
     """
-    out = torch.empty_like(query)
+    out = torch.empty_like(query) if out is None else out
     lay = step.layout
     if query.is_cuda:
         from worker_svc.triton_attention import paged_decode, paged_prefill  # triton is not on CPU installs
@@ -191,7 +197,18 @@ def paged_attention_forward(
     assert query.shape[0] == 1, "the runner packs a step into batch 1"
     if kwargs.get("sliding_window") or kwargs.get("softcap"):
         raise NotImplementedError("sliding-window / softcapped attention is not supported by tandem_paged")
-    layer = module.layer_idx
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if step.piecewise is not None:  # capturing a piecewise graph: this call runs eagerly at replay
+        return step.piecewise.split(module.layer_idx, query, key, value, scale), None
+    out = torch.empty((1, query.shape[2], query.shape[1], query.shape[3]), dtype=query.dtype, device=query.device)
+    attend(step, module.layer_idx, query, key, value, out, scale)
+    return out, None
+
+
+def attend(step: PagedStep, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           out: torch.Tensor, scale: float) -> None:
+    """One layer: store the step's K/V, then attention into `out` `[1, T, H, D]` (inputs as the
+    attention interface passes them: query `[1, H, T, D]`, key/value `[1, KVH, T, D]`)."""
     k = key[0].transpose(0, 1)  # [T, KVH, D]
     v = value[0].transpose(0, 1)
     if k.is_cuda:
@@ -200,9 +217,7 @@ def paged_attention_forward(
         store_kv(k, v, step.cache.k[layer], step.cache.v[layer], step.slot_mapping)
     else:
         step.cache.store(layer, step.slot_mapping, k, v)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = paged_attention(query[0].transpose(0, 1), step.cache.k[layer], step.cache.v[layer], step, scale)
-    return out[None], None
+    paged_attention(query[0].transpose(0, 1), step.cache.k[layer], step.cache.v[layer], step, scale, out[0])
 
 
 def install(model: torch.nn.Module) -> None:

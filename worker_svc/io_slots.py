@@ -178,8 +178,13 @@ class IOSlot:
         self.d2h_done = sync.event()
         self.in_use = False  # launched and not yet collected
 
-    def load(self, plan: StepPlan, layout: RowLayout) -> StepInputs:
-        """Writes `plan` into the host buffer and issues the bulk H2D copy; returns device views."""
+    def load(self, plan: StepPlan, layout: RowLayout, pad_to: tuple[int, int] | None = None) -> StepInputs:
+        """Writes `plan` into the host buffer and issues the bulk H2D copy; returns device views.
+
+        `pad_to = (tokens, rows)`: the views a piecewise graph reads are grown to those sizes, padding
+        that does nothing: token ids and positions 0, KV slot -1, rows that carry nothing from
+        token 0, and extra logit rows read from token 0 (the sampler only takes the real ones).
+        """
         assert not self.in_use, f"slot {self.index} reloaded before its result was collected"
         self.d2h_done.synchronize()  # already passed once collected; states the hazard
         t, r = plan.num_tokens, plan.num_rows
@@ -200,6 +205,17 @@ class IOSlot:
         }
         for name, arr in host.items():
             self._host_fields[name][: arr.shape[0]] = arr
+        if pad_to is not None:
+            tokens, rows = pad_to
+            assert t <= tokens and r <= rows and s <= rows
+            for name, start, end, fill in (
+                ("input_ids", t, tokens, 0), ("positions", t, tokens, 0), ("slot_mapping", t, tokens, -1),
+                ("first_tokens", r, rows, 0), ("carry_index", r, rows, -1), ("sample_tokens", s, rows, 0),
+            ):
+                self._host_fields[name][start:end] = fill
+            t, r, s_keep = tokens, rows, rows
+        else:
+            s_keep = s
         nbytes = self._in.end("block_tables", bt.size)
         with self.sync.on(self.sync.h2d_stream):
             self.sync.h2d_stream.wait_event(self.compute_done)  # device inputs no longer read
@@ -212,11 +228,11 @@ class IOSlot:
 
         return StepInputs(
             input_ids=dev("input_ids", t), positions=dev("positions", t), slot_mapping=dev("slot_mapping", t),
-            first_tokens=dev("first_tokens", r), kv_lens=dev("kv_lens", r),
+            first_tokens=dev("first_tokens", r), kv_lens=dev("kv_lens", plan.num_rows),
             block_tables=dev("block_tables", bt.size).view(bt.shape), carry_index=dev("carry_index", r),
             single_rows=dev("single_rows", s1), single_tokens=dev("single_tokens", s1),
-            query_start=dev("query_start", r + 1), multi_rows=dev("multi_rows", m),
-            sample_rows=dev("sample_rows", s), sample_tokens=dev("sample_tokens", s),
+            query_start=dev("query_start", plan.num_rows + 1), multi_rows=dev("multi_rows", m),
+            sample_rows=dev("sample_rows", s), sample_tokens=dev("sample_tokens", s_keep),
             temperature=dev("temperature", s), top_p=dev("top_p", s), top_k=dev("top_k", s),
             min_p=dev("min_p", s), seed=dev("seed", s), counter=dev("counter", s),
         )

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from tandem.wire import PLACEHOLDER_SENTINEL, StepPlan, StepResult, WireError
 
-from worker_svc.attention import STEP_KWARG, PagedStep, install, row_layout
+from worker_svc.attention import STEP_KWARG, PagedStep, attend, install, row_layout
 from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_plan
 from worker_svc.io_slots import MAX_TOP_LOGPROBS, DeviceSync, IOSlot, SlotLimits
 from worker_svc.kv_cache import PagedKVCache, config_for_model
 from worker_svc.models import LoadedModel
+from worker_svc.piecewise import AttentionIO, PiecewiseGraph, token_buckets
 from worker_svc.sampler import sample
 
 log = logging.getLogger("tandem.worker.runner")
@@ -99,6 +100,8 @@ class Engine:
         self._last: _Launched | None = None
         self._launches = 0
         self.graphs: DecodeGraphs | None = None
+        self.piecewise: dict[tuple[int, int], PiecewiseGraph] = {}  # (slot, token bucket): other steps
+        self.token_buckets: list[int] = []
         if self.sync.cuda:
             torch.cuda.synchronize()  # weights and buffers were written on the default stream
             if cfg.cuda_graphs:
@@ -111,9 +114,40 @@ class Engine:
         t0 = time.perf_counter()
         with torch.inference_mode():
             self._capture_all(width)
+            self._capture_piecewise()
         torch.cuda.synchronize()
-        log.info("captured %d decode CUDA graphs (buckets %s) in %.1f s", len(self.graphs.captured),
-                 self.graphs.buckets, time.perf_counter() - t0)
+        log.info("captured %d decode CUDA graphs (row buckets %s) and %d piecewise graphs (token buckets %s) "
+                 "in %.1f s", len(self.graphs.captured), self.graphs.buckets, len(self.piecewise),
+                 self.token_buckets, time.perf_counter() - t0)
+
+    def _capture_piecewise(self) -> None:
+        """Per (slot, token bucket), largest first, the forward of a step that is not decode-only,
+        cut at every attention call (see piecewise.py). Captured on an empty plan padded to the bucket."""
+        assert self.graphs is not None
+        self.token_buckets = token_buckets(self.limits.max_num_tokens)
+        empty = _empty_plan()
+        layout = row_layout(empty.query_start, empty.kv_lens, self.cache.cfg.block_size)
+        stream = self.sync.compute_stream
+        kv = self.cache.cfg
+        io = AttentionIO.allocate(self.limits.max_num_tokens, self.loaded.config.num_attention_heads, kv.kv_heads,
+                                  kv.head_dim, kv.dtype, self.device)
+        for tokens in reversed(self.token_buckets):
+            for slot in self.slots:
+                other = self.slots[1 - slot.index]
+                inputs = slot.load(empty, layout, pad_to=(tokens, self.limits.max_num_rows))
+                stream.wait_event(slot.h2d_done)
+                graph = PiecewiseGraph(self.graphs.pool, io, attend)
+                step = self._paged_step(inputs, layout)
+                step.piecewise = graph
+                with torch.cuda.stream(stream):
+                    graph.capturing = False  # warm-up, outside any capture: cuBLAS picks its kernels
+                    self._forward(inputs, step, other, True, inputs.sample_tokens)
+                    stream.synchronize()
+                    graph.capturing = True
+                    graph.begin()
+                    graph.end(self._forward(inputs, step, other, True, inputs.sample_tokens))
+                self.piecewise[(slot.index, tokens)] = graph
+                slot.in_use = False
 
     def _capture_all(self, width: int) -> None:
         assert self.graphs is not None
@@ -229,22 +263,30 @@ class Engine:
         prev = self._last
 
         bucket = self.graphs.bucket_for(plan) if self.graphs is not None else None
+        tokens = None
+        if bucket is None and self.piecewise:
+            tokens = next((b for b in self.token_buckets if b >= plan.num_tokens), None)
         if bucket is not None:
             layout = decode_layout(bucket, self.limits.max_blocks_per_row)
             inputs = slot.load(pad_decode_plan(plan, bucket, self.limits.max_blocks_per_row), layout)
+        elif tokens is not None:
+            inputs = slot.load(plan, layout, pad_to=(tokens, self.limits.max_num_rows))
         else:
             inputs = slot.load(plan, layout)
         compute = self.sync.compute_stream
         with self.sync.on(compute), torch.inference_mode():
             compute.wait_event(slot.h2d_done)
             start.record(compute)
+            if carries:
+                assert prev is not None and prev.slot is other
             if bucket is not None:
                 self._replay(slot, bucket, rows, num_top, hints.sort_filters)
             else:
-                if carries:
-                    assert prev is not None and prev.slot is other
-                logits = self._forward(inputs, self._paged_step(inputs, layout), other, carries,
-                                       inputs.sample_tokens)
+                step = self._paged_step(inputs, layout)
+                if tokens is not None:  # piecewise graph: logits of every padded sample row, real ones first
+                    logits = self.piecewise[(slot.index, tokens)].replay(step)[:num_sampled]
+                else:
+                    logits = self._forward(inputs, step, other, carries, inputs.sample_tokens)
                 self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints)
             done.record(compute)  # before compute_done: d2h_done then implies `done` completed
             slot.compute_done.record(compute)
@@ -324,6 +366,17 @@ def apply_carry_over(ids: torch.Tensor, first_tokens: torch.Tensor, carry_index:
     ids.index_copy_(0, first_tokens.to(torch.int64), carried)
     if check:
         torch._assert_async((ids != PLACEHOLDER_SENTINEL).all(), "placeholder survived carry-over")
+
+
+def _empty_plan() -> StepPlan:
+    """A plan of no rows and no tokens: what piecewise graphs are captured on, padded to their bucket."""
+    none = np.zeros(0, dtype=np.int32)
+    return StepPlan(
+        step_id=0, carry_from_step=-1, flush=False, input_ids=none, positions=none, slot_mapping=none,
+        query_start=np.zeros(1, np.int32), kv_lens=none, block_tables=np.zeros((0, 1), np.int32),
+        carry_index=none, sample=none, temperature=np.zeros(0, np.float32), top_p=np.zeros(0, np.float32),
+        top_k=none, min_p=np.zeros(0, np.float32), seed=np.zeros(0, np.uint64), num_logprobs=none,
+    )
 
 
 def _idle_decode_plan(rows: int, width: int) -> StepPlan:

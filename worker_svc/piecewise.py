@@ -1,0 +1,117 @@
+"""Piecewise CUDA graphs for prefill and mixed steps: the forward is captured as graph segments
+between the attention calls, and attention runs eagerly between segment replays.
+
+Why: an eager mixed step is bound by the host issuing the transformers model's hundreds of small
+ops (bench.step_probe: 25-45 ms per 8B step for chunks below ~1K tokens, against ~12 ms for a
+graphed decode step), and a whole-step graph cannot serve it, because attention's work and launch
+grids depend on the step's rows (how many decode rows, which prefill chunks, how long). Everything
+else in the forward depends only on the number of tokens, so it is graphed per token bucket; the
+attention launches take the current step's layout. Per layer that is one graph replay plus the
+KV store, decode and prefill kernels: ~100 launches per 8B step instead of ~1000 ops.
+
+Capture: the runner runs the forward once under capture with `PagedStep.piecewise` set. At each
+layer's attention call, `split` copies the layer's Q, K, V (inside the segment) into `AttentionIO`,
+buffers outside the graph pool shared by every layer and every piecewise graph, zeroes the shared
+output buffer (so padding tokens carry no garbage), ends the current segment and begins the next,
+which reads that output. Replay alternates segment replays and eager attention calls on the compute
+stream, in capture order, so the shared buffers are never read and written at once. Sharing them,
+rather than keeping each layer's pool tensors alive for the eager call, is what lets the graphs of
+all token buckets share one pool: otherwise every graph would pin its own Q/K/V/output of every
+layer (gigabytes for an 8B model at a few thousand tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from worker_svc.attention import PagedStep
+
+
+@dataclass
+class AttentionIO:
+    """Q/K/V/output of one layer's attention at up to `max_tokens` tokens, outside the graph pool."""
+
+    q: torch.Tensor  # [max_tokens, H, D]
+    k: torch.Tensor  # [max_tokens, KVH, D]
+    v: torch.Tensor
+    out: torch.Tensor  # [max_tokens, H, D]
+
+    @classmethod
+    def allocate(cls, max_tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: str) -> AttentionIO:
+        def new(h: int) -> torch.Tensor:
+            return torch.zeros((max_tokens, h, head_dim), dtype=dtype, device=device)
+
+        return cls(new(heads), new(kv_heads), new(kv_heads), new(heads))
+
+
+Attend = Callable[["PagedStep", int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+
+
+@dataclass
+class PiecewiseGraph:
+    """A captured forward: segments[0], attention of layer 0, segments[1], ..., segments[-1]."""
+
+    pool: object
+    io: AttentionIO
+    attend: Attend  # attention.attend: store K/V, then attention into the output
+    capturing: bool = True  # False: a warm-up run, attention calls return zeros and nothing is recorded
+    segments: list[torch.cuda.CUDAGraph] = field(default_factory=list)
+    calls: list[tuple[int, int, float]] = field(default_factory=list)  # (layer, tokens, scale) per split
+    logits: torch.Tensor | None = None  # the forward's output, in the pool
+
+    # ----- capture --------------------------------------------------------------------------------
+    def begin(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        self.segments.append(graph)
+
+    def split(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              scale: float) -> torch.Tensor:
+        """Called by the attention function (query [1, H, T, D], key/value [1, KVH, T, D]) during
+        capture; returns the layer's output [1, T, H, D], which the next segment reads."""
+        tokens = query.shape[2]
+        out = self.io.out[:tokens]
+        if self.capturing:
+            self.io.q[:tokens].copy_(query[0].transpose(0, 1))
+            self.io.k[:tokens].copy_(key[0].transpose(0, 1))
+            self.io.v[:tokens].copy_(value[0].transpose(0, 1))
+        out.zero_()
+        if self.capturing:
+            self.calls.append((layer, tokens, scale))
+            self.segments[-1].capture_end()
+            self.begin()
+        return out[None]
+
+    def end(self, logits: torch.Tensor) -> None:
+        self.segments[-1].capture_end()
+        self.logits = logits
+        assert len(self.segments) == len(self.calls) + 1
+
+    # ----- replay ---------------------------------------------------------------------------------
+    def replay(self, step: PagedStep) -> torch.Tensor:
+        """Runs the step on the current stream; returns the logits (valid until the next replay)."""
+        io = self.io
+        for segment, (layer, tokens, scale) in zip(self.segments, self.calls, strict=False):
+            segment.replay()
+            self.attend(step, layer, io.q[:tokens].transpose(0, 1)[None], io.k[:tokens].transpose(0, 1)[None],
+                        io.v[:tokens].transpose(0, 1)[None], io.out[:tokens][None], scale)
+        self.segments[-1].replay()
+        assert self.logits is not None
+        return self.logits
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Powers of two from 32 up to the step token budget, and the budget itself."""
+    buckets = []
+    b = 32
+    while b < max_tokens:
+        buckets.append(b)
+        b *= 2
+    buckets.append(max_tokens)
+    return buckets
