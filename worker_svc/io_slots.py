@@ -118,6 +118,7 @@ class StepInputs:
     """Device views of a loaded step (the slot's buffers; valid until the slot is reloaded)."""
 
     input_ids: torch.Tensor  # int32 [T]
+    carry_ids: torch.Tensor  # int32 [T] (= input_ids), or [T + 1] when padded: what carry-over writes
     positions: torch.Tensor  # int32 [T]
     slot_mapping: torch.Tensor  # int32 [T]
     first_tokens: torch.Tensor  # int32 [R]: query_start[:-1]
@@ -140,7 +141,7 @@ class StepInputs:
 
 # (field, dtype, how it is sized): T tokens, R rows, R1 = R + 1, BT = block table cells.
 _INPUT_FIELDS = [
-    ("input_ids", torch.int32, "T"), ("positions", torch.int32, "T"), ("slot_mapping", torch.int32, "T"),
+    ("input_ids", torch.int32, "T1"), ("positions", torch.int32, "T"), ("slot_mapping", torch.int32, "T"),
     ("first_tokens", torch.int32, "R"), ("kv_lens", torch.int32, "R"), ("carry_index", torch.int32, "R"),
     ("single_rows", torch.int32, "R"), ("single_tokens", torch.int32, "R"),
     ("query_start", torch.int32, "R1"), ("multi_rows", torch.int32, "R"),
@@ -159,7 +160,8 @@ class IOSlot:
         self.index = index
         self.limits = limits
         self.sync = sync
-        sizes = {"T": limits.max_num_tokens, "R": limits.max_num_rows, "R1": limits.max_num_rows + 1,
+        sizes = {"T": limits.max_num_tokens, "T1": limits.max_num_tokens + 1, "R": limits.max_num_rows,
+                 "R1": limits.max_num_rows + 1,
                  "BT": limits.max_num_rows * limits.max_blocks_per_row}
         self._in = _Packed([(n, dt, sizes[s]) for n, dt, s in _INPUT_FIELDS])
         rows, k = limits.max_num_rows, MAX_TOP_LOGPROBS
@@ -182,8 +184,11 @@ class IOSlot:
         """Writes `plan` into the host buffer and issues the bulk H2D copy; returns device views.
 
         `pad_to = (tokens, rows)`: the views a piecewise graph reads are grown to those sizes, padding
-        that does nothing: token ids and positions 0, KV slot -1, rows that carry nothing from
-        token 0, and extra logit rows read from token 0 (the sampler only takes the real ones).
+        that does nothing: token ids and positions 0, KV slot -1, extra logit rows read from token 0
+        (the sampler only takes the real ones), and rows that carry nothing. Carry-over writes every
+        row's first token (a fixed shape, hence also the padding rows'), so padding rows point at a
+        spare token past the end, `carry_ids[tokens]`, which the forward does not read: pointing them
+        at a real row's token would race with that row's carried write.
         """
         assert not self.in_use, f"slot {self.index} reloaded before its result was collected"
         self.d2h_done.synchronize()  # already passed once collected; states the hazard
@@ -210,12 +215,13 @@ class IOSlot:
             assert t <= tokens and r <= rows and s <= rows
             for name, start, end, fill in (
                 ("input_ids", t, tokens, 0), ("positions", t, tokens, 0), ("slot_mapping", t, tokens, -1),
-                ("first_tokens", r, rows, 0), ("carry_index", r, rows, -1), ("sample_tokens", s, rows, 0),
+                ("input_ids", tokens, tokens + 1, 0), ("first_tokens", r, rows, tokens), ("carry_index", r, rows, -1),
+                ("sample_tokens", s, rows, 0),
             ):
                 self._host_fields[name][start:end] = fill
-            t, r, s_keep = tokens, rows, rows
+            t, r, s_keep, carry_len = tokens, rows, rows, tokens + 1
         else:
-            s_keep = s
+            s_keep, carry_len = s, t
         nbytes = self._in.end("block_tables", bt.size)
         with self.sync.on(self.sync.h2d_stream):
             self.sync.h2d_stream.wait_event(self.compute_done)  # device inputs no longer read
@@ -227,7 +233,8 @@ class IOSlot:
             return self._in.view(self.dev_in, name, count)
 
         return StepInputs(
-            input_ids=dev("input_ids", t), positions=dev("positions", t), slot_mapping=dev("slot_mapping", t),
+            input_ids=dev("input_ids", t), carry_ids=dev("input_ids", carry_len), positions=dev("positions", t),
+            slot_mapping=dev("slot_mapping", t),
             first_tokens=dev("first_tokens", r), kv_lens=dev("kv_lens", plan.num_rows),
             block_tables=dev("block_tables", bt.size).view(bt.shape), carry_index=dev("carry_index", r),
             single_rows=dev("single_rows", s1), single_tokens=dev("single_tokens", s1),

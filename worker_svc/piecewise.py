@@ -106,12 +106,14 @@ class PiecewiseGraph:
         return self.logits
 
 
+# Above this many tokens an eager step is device-bound (bench.step_probe: the GPU outruns the host
+# issuing it from ~1K tokens on the 8B shape), so a graph would save nothing and its padding would
+# only add work; such steps stay eager.
+PIECEWISE_MAX_TOKENS = 1024
+
+
 def token_buckets(max_tokens: int) -> list[int]:
-    """Powers of two from 32 up to the step token budget, and the budget itself."""
-    buckets = []
-    b = 32
-    while b < max_tokens:
-        buckets.append(b)
-        b *= 2
-    buckets.append(max_tokens)
-    return buckets
+    """Token counts piecewise graphs are captured for: powers of two to 128, then steps of 128 (at
+    most ~1/3 padding), up to the step budget or PIECEWISE_MAX_TOKENS."""
+    cap = min(max_tokens, PIECEWISE_MAX_TOKENS)
+    return [b for b in (16, 32, 64, 128) if b < cap] + list(range(256, cap, 128)) + [cap]

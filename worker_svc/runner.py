@@ -129,7 +129,7 @@ class Engine:
         layout = row_layout(empty.query_start, empty.kv_lens, self.cache.cfg.block_size)
         stream = self.sync.compute_stream
         kv = self.cache.cfg
-        io = AttentionIO.allocate(self.limits.max_num_tokens, self.loaded.config.num_attention_heads, kv.kv_heads,
+        io = AttentionIO.allocate(self.token_buckets[-1], self.loaded.config.num_attention_heads, kv.kv_heads,
                                   kv.head_dim, kv.dtype, self.device)
         for tokens in reversed(self.token_buckets):
             for slot in self.slots:
@@ -183,7 +183,7 @@ class Engine:
         """Carry-over, then the model forward; returns logits [kept tokens, V]. The body graphs capture."""
         ids = inputs.input_ids
         if carries:
-            apply_carry_over(ids, inputs.first_tokens, inputs.carry_index,
+            apply_carry_over(inputs.carry_ids, inputs.first_tokens, inputs.carry_index,
                              other.out_sampled(self.limits.max_num_rows), self.cfg.debug_placeholders)
         out = self.model(input_ids=ids[None], position_ids=inputs.positions[None], use_cache=False,
                          logits_to_keep=logits_to_keep, **{STEP_KWARG: step})
