@@ -2,8 +2,9 @@
 between the attention calls, and attention runs eagerly between segment replays.
 
 Why: an eager mixed step is bound by the host issuing the transformers model's hundreds of small
-ops (bench.step_probe: 25-45 ms per 8B step for chunks below ~1K tokens, against ~12 ms for a
-graphed decode step), and a whole-step graph cannot serve it, because attention's work and launch
+ops (bench.step_probe: 27-54 ms per 8B step with 32 decode rows and a chunk of up to ~1K tokens,
+against ~11 ms for a graphed decode step; piecewise: 11.6 ms with a 16-token chunk, 16.6 ms with
+256), and a whole-step graph cannot serve it, because attention's work and launch
 grids depend on the step's rows (how many decode rows, which prefill chunks, how long). Everything
 else in the forward depends only on the number of tokens, so it is graphed per token bucket; the
 attention launches take the current step's layout. Per layer that is one graph replay plus the
@@ -106,14 +107,16 @@ class PiecewiseGraph:
         return self.logits
 
 
-# Above this many tokens an eager step is device-bound (bench.step_probe: the GPU outruns the host
-# issuing it from ~1K tokens on the 8B shape), so a graph would save nothing and its padding would
-# only add work; such steps stay eager.
-PIECEWISE_MAX_TOKENS = 1024
+# Above this many tokens an eager step is device-bound (bench.step_probe on the 8B shape: a
+# 32-row + 2048-token step issues in ~40 ms and runs in ~73 ms; at ~1K tokens issue and device time
+# are still about equal), so a graph would save nothing and its padding would only add work; such
+# steps stay eager.
+PIECEWISE_MAX_TOKENS = 2048
 
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """Token counts piecewise graphs are captured for: powers of two to 128, then steps of 128 (at
-    most ~1/3 padding), up to the step budget or PIECEWISE_MAX_TOKENS."""
+    """Token counts piecewise graphs are captured for: powers of two to 128, then steps of 128 to 1K
+    and of 256 beyond (padding at most ~1/3, then ~1/4), up to the step budget or PIECEWISE_MAX_TOKENS."""
     cap = min(max_tokens, PIECEWISE_MAX_TOKENS)
-    return [b for b in (16, 32, 64, 128) if b < cap] + list(range(256, cap, 128)) + [cap]
+    steps = [*range(256, 1024, 128), *range(1024, PIECEWISE_MAX_TOKENS, 256)]
+    return [b for b in (16, 32, 64, 128, *steps) if b < cap] + [cap]
