@@ -33,7 +33,8 @@ def build_parser() -> EnvArgumentParser:
     p.add_argument("--max-num-rows", type=int, default=64, help="most requests one step may carry")
     p.add_argument("--max-context", type=int, default=0, help="0 = the model's max_position_embeddings")
     p.add_argument("--seed", type=int, default=0, help="seed of random:<...> weights")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA too")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every step eagerly on CUDA too (no decode or piecewise graphs)")
     p.add_argument("--debug-placeholders", action="store_true",
                    help="assert on the device that no carry-over placeholder sentinel reaches the model")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
