@@ -74,6 +74,12 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
 
 
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    from client.bench.cli import add_arguments
+
+    add_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = EnvArgumentParser(prog="tandem", description="Tandem LLM inference server: client and launcher.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -152,7 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     wg.add_argument("--seed", type=int, default=None)
     s.add_argument("--grace", type=float, default=10.0, help="seconds children get to exit before SIGKILL")
     s.set_defaults(func=cmd_serve, subparser=s)
+
+    b = sub.add_parser(
+        "bench",
+        help="load-test a server (vllm bench serve's flags, over gRPC streams)",
+        description="Send a workload on an arrival schedule and report TTFT, TPOT, ITL, E2EL, throughput "
+        "and goodput with vLLM's definitions. See docs/bench.md.",
+    )
+    bench_arguments(b)
+    b.set_defaults(func=cmd_bench, subparser=b)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from client.bench.cli import main as bench_main
+
+    return bench_main(args)
 
 
 def _messages(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[dict[str, str]] | None:

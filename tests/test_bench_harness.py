@@ -1,0 +1,156 @@
+"""`tandem bench`: metrics on synthetic timestamps (exact values), arrival schedules, and the
+harness against a real server (its counts must match what the server saw)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from client.bench.arrivals import offsets, ramp_offsets
+from client.bench.metrics import SLO, RequestRecord, peak_concurrency, percentile, summarize
+
+
+def _record(index: int, start: float, chunks: list[tuple[float, int]], prompt: int = 10,
+            error: str | None = None) -> RequestRecord:
+    r = RequestRecord(index, prompt, sum(n for _, n in chunks))
+    r.start = start
+    r.chunk_times = [t for t, _ in chunks]
+    r.chunk_tokens = [n for _, n in chunks]
+    r.output_tokens = sum(r.chunk_tokens)
+    r.end = chunks[-1][0] if chunks else start + 0.5
+    r.error_code = error
+    return r
+
+
+def test_metrics_on_synthetic_timestamps_are_exact():
+    a = _record(0, 0.0, [(0.1, 1), (0.3, 1), (0.5, 2)], prompt=10)  # TTFT 100, TPOT (500-100)/3, ITLs 200, 200
+    b = _record(1, 1.0, [(1.4, 1), (1.5, 1)], prompt=20)  # TTFT 400, TPOT 100, ITL 100
+    c = _record(2, 1.2, [(1.3, 1)], prompt=30)  # one token: no TPOT, no ITL
+    failed = _record(3, 0.2, [], error="UNAVAILABLE")
+    s = summarize([a, b, c, failed], duration=2.0, slo=SLO(ttft_ms=150, tpot_ms=200))
+    assert (s["completed"], s["failed"], s["failures_by_code"]) == (3, 1, {"UNAVAILABLE": 1})
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (60, 7)
+    assert s["request_throughput"] == 1.5 and s["output_throughput"] == 3.5 and s["total_token_throughput"] == 33.5
+    assert s["mean_ttft_ms"] == pytest.approx(200.0) and s["median_ttft_ms"] == pytest.approx(100.0)
+    assert s["max_ttft_ms"] == pytest.approx(400.0) and s["min_ttft_ms"] == pytest.approx(100.0)
+    assert s["mean_tpot_ms"] == pytest.approx((400 / 3 + 100) / 2)
+    assert s["mean_itl_ms"] == pytest.approx((200 + 200 + 100) / 3)
+    # Per token: the last chunk of `a` carried 2 tokens, so its 200 ms gap counts as 2 x 100 ms.
+    assert s["mean_itl_per_token_ms"] == pytest.approx((200 + 100 + 100 + 100) / 4)
+    assert s["mean_e2el_ms"] == pytest.approx((500 + 500 + 100) / 3)
+    assert s["p99_e2el_ms"] == pytest.approx(float(np.percentile([500, 500, 100], 99)))
+    assert s["std_ttft_ms"] == pytest.approx(float(np.std([100, 400, 100])))
+    # Goodput: a meets TTFT 150 / TPOT 200, b misses TTFT, c (one token, TPOT 0) meets both.
+    assert s["request_goodput"] == pytest.approx(2 / 2.0)
+    # Tokens per 1-s bin from the first send: [0, 1) has a's 4, [1, 2) has b's 2 and c's 1.
+    assert s["max_output_tokens_per_s"] == 4
+    # In flight: a [0, 0.5], failed [0.2, 0.7], b [1.0, 1.5], c [1.2, 1.3] -> at most 2.
+    assert s["max_concurrent_requests"] == 2
+
+
+def test_percentile_is_numpys_linear_interpolation():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 100):
+        xs = list(rng.normal(size=n))
+        for p in (0, 50, 90, 95, 99, 100):
+            assert percentile(xs, p) == pytest.approx(float(np.percentile(xs, p)))
+
+
+def test_peak_concurrency_counts_touching_intervals_once():
+    rs = [_record(i, float(i), [(i + 1.0, 1)]) for i in range(3)]  # [0,1], [1,2], [2,3]
+    assert peak_concurrency(rs) == 1
+
+
+def test_goodput_flag_parsing():
+    assert SLO.parse(["ttft:1000", "tpot:50"]) == SLO(ttft_ms=1000, tpot_ms=50)
+    for bad in (["ttft"], ["latency:5"], ["tpot:-1"], ["e2el:x"]):
+        with pytest.raises(ValueError):
+            SLO.parse(bad)
+
+
+def test_poisson_and_gamma_arrivals_offer_the_asked_rate():
+    for burstiness in (1.0, 0.25, 4.0):
+        t = offsets(2000, rate=10.0, burstiness=burstiness, seed=3)
+        assert t[0] == 0.0 and t[-1] == pytest.approx(200.0)
+        assert all(b >= a for a, b in zip(t, t[1:], strict=False))
+        gaps = np.diff(t)
+        # Gamma of shape k: squared coefficient of variation 1 / k.
+        assert np.var(gaps) / np.mean(gaps) ** 2 == pytest.approx(1 / burstiness, rel=0.2)
+    assert offsets(5, rate=10.0, seed=1) == offsets(5, rate=10.0, seed=1)
+    assert offsets(4, math.inf) == [0.0] * 4
+    with pytest.raises(ValueError):
+        offsets(3, rate=0.0)
+
+
+def test_linear_ramp_sends_at_the_ramping_rate():
+    t = ramp_offsets(300, 1.0, 5.0)
+    duration = 2 * 300 / 6.0
+    assert t[0] == 0.0 and t[-1] < duration
+    first_half = sum(x < duration / 2 for x in t)
+    # Rate 1 -> 3 in the first half (mean 2), 3 -> 5 in the second (mean 4): a third of the requests first.
+    assert first_half == pytest.approx(100, abs=2)
+    assert ramp_offsets(10, 2.0, 2.0) == pytest.approx([i / 2.0 for i in range(10)])
+
+
+def test_harness_against_a_real_server(tiny, tmp_path):
+    """Counts in the summary, the JSONL and the CSV match what the server saw; warm-ups are sent but
+    not counted; requests the server rejects are counted by status code."""
+    before = tiny.stats().requests_finished
+    jsonl = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": f"Question {i}: what is {i} + {i}?", "output_len": 6} for i in range(5)]
+    lines.append({"prompt": "too long an answer", "output_len": 100000})  # INVALID_ARGUMENT: beyond the context
+    jsonl.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    base = [sys.executable, "-m", "client.cli", "bench", "--address", tiny.address, "--disable-tqdm",
+            "--result-dir", str(tmp_path / "out"), "--ignore-eos", "--seed", "1"]
+    random_run = subprocess.run(
+        [*base, "--num-prompts", "12", "--num-warmups", "2", "--random-input-len", "20", "--random-output-len",
+         "8", "--request-rate", "40", "--max-concurrency", "4", "--goodput", "ttft:60000", "--result-filename",
+         "random"], capture_output=True, text=True, timeout=300)
+    assert random_run.returncode == 0, random_run.stderr
+    assert "Successful requests:" in random_run.stdout and "P99 TTFT (ms):" in random_run.stdout
+    s = json.loads((tmp_path / "out" / "random.json").read_text())
+    assert (s["completed"], s["failed"]) == (12, 0)
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (12 * 20, 12 * 8)
+    assert s["request_goodput"] == pytest.approx(s["request_throughput"])
+    assert 1 <= s["max_concurrent_requests"] <= 4
+    assert s["server"]["model"] == "random:tiny-llama" and s["args"]["num_prompts"] == 12
+    rows = [json.loads(x) for x in (tmp_path / "out" / "random.requests.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["output_tokens"] == 8 and r["error_code"] is None for r in rows)
+    assert all(r["ttft_ms"] > 0 and len(r["itl_ms"]) == len(r["chunk_tokens"]) - 1 for r in rows)
+
+    file_run = subprocess.run([*base, "--dataset-name", "jsonl", "--dataset-path", str(jsonl), "--num-prompts", "6",
+                               "--result-filename", "file"], capture_output=True, text=True, timeout=300)
+    assert file_run.returncode == 0, file_run.stderr
+    f = json.loads((tmp_path / "out" / "file.json").read_text())
+    assert (f["completed"], f["failed"], f["failures_by_code"]) == (5, 1, {"INVALID_ARGUMENT": 1})
+    assert f["total_output_tokens"] == 5 * 6 and f["total_input_tokens"] > 5
+
+    for name in ("random.latency.png", "random.timeline.png", "file.latency.png"):
+        png = (tmp_path / "out" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+
+    csv_lines = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("date,label,model")
+    # The server finished the 12 measured + 2 warm-up + 5 file requests (the rejected one never started).
+    assert tiny.wait_idle().requests_finished - before == 12 + 2 + 5
+
+
+def test_sweep_plot_compares_labelled_sweeps(tmp_path):
+    """`--compare-sweeps` draws saved sweeps (e.g. async and sync) into one valid PNG, sending no load."""
+    def run(rate: float, ttft: float) -> dict:
+        return {"request_throughput": rate, "output_throughput": rate * 100, "p99_ttft_ms": ttft, "p99_tpot_ms": 20.0}
+
+    for label, slow in (("async", 1.0), ("sync", 2.0)):
+        (tmp_path / f"{label}.sweep.json").write_text(json.dumps([run(r, 50 * r * slow) for r in (1, 2, 4)]))
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "bench", "--compare-sweeps", f"async={tmp_path / 'async.sweep.json'}",
+         f"sync={tmp_path / 'sync.sweep.json'}", "--result-dir", str(tmp_path), "--goodput", "ttft:1000"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    png = (tmp_path / "sweeps.compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
