@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--sync", action="store_true", help="same as --pipeline-depth 1")
     sg.add_argument("--max-waiting", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
     sg.add_argument("--default-max-new-tokens", type=int, default=None)
+    sg.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
+    sg.add_argument("--metrics-host", default=None, help="interface of the metrics endpoint (default localhost)")
     both = s.add_argument_group("scheduler and worker")
     both.add_argument(
         "--engine-address", default=None, help=f"scheduler<->worker link (default {default_engine_address()})"
@@ -317,6 +319,8 @@ SCHEDULER_FLAGS = [
     ("pipeline_depth", "--pipeline-depth"),
     ("max_waiting", "--max-waiting"),
     ("default_max_new_tokens", "--default-max-new-tokens"),
+    ("metrics_port", "--metrics-port"),
+    ("metrics_host", "--metrics-host"),
     ("log_level", "--log-level"),
 ]
 WORKER_FLAGS = [

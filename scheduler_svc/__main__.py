@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--debug-placeholders", action="store_true",
                    help="Send carry-over placeholders as a sentinel (not 0); a worker started with the same "
                         "flag asserts on the device that none survives carry-over.")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 = off).")
+    p.add_argument("--metrics-host", default="localhost",
+                   help="Interface of the metrics endpoint (0.0.0.0 for a scraper on another host).")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         address=args.address,
         engine_address=args.engine_address,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         engine=EngineConfig(
             pipeline_depth=1 if args.sync else args.pipeline_depth,
             max_waiting=args.max_waiting,

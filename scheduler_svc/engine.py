@@ -22,6 +22,7 @@ from tandem import wire
 
 from scheduler_svc.handle import RequestHandle
 from scheduler_svc.link import EngineLink
+from scheduler_svc.metrics import Metrics
 from scheduler_svc.request import FinishReason
 from scheduler_svc.scheduler import Scheduler, SchedulerLimits
 from scheduler_svc.tokenizer import TandemTokenizer
@@ -85,6 +86,7 @@ class Engine:
         self.requests_finished = 0
         self.depth = config.pipeline_depth  # resolved per worker when it is 0 (auto)
         self._serving_event = asyncio.Event()
+        self.metrics = Metrics()
 
     # ----- public API used by the gRPC servicer -------------------------------------------------------
     @property
@@ -114,17 +116,33 @@ class Engine:
             raise Unavailable("no worker connected")
         self.session.scheduler.add(handle.request)
         self.handles[handle.req_id] = handle
+        self.metrics.admitted(len(handle.request.prompt_ids))
         self._pump()
+        self._update_load()
 
     def abort(self, req_id: str) -> None:
         """Client cancel or deadline: idempotent; KV blocks come back once in-flight steps report."""
         handle = self.handles.pop(req_id, None)
         if handle is not None:
             handle.complete(FinishReason.ABORTED)
+            self._record_finish(handle)
         if self.session is not None:
             self.session.scheduler.abort(req_id)
             self._pump()
             self._check_idle()
+            self._update_load()
+
+    def _record_finish(self, handle: RequestHandle) -> None:
+        c = handle.completion
+        if c is not None:
+            self.metrics.finished(c.finish_reason.name.lower(), c.total_s, c.queue_s)
+
+    def _update_load(self) -> None:
+        s = self.session
+        if s is not None:
+            sch = s.scheduler
+            self.metrics.set_load(sch.num_running, sch.num_waiting, sch.kv_usage, s.meter.busy_ratio,
+                                  sch.num_preemptions)
 
     def stats(self) -> dict[str, float]:
         s = self.session
@@ -195,16 +213,25 @@ class Engine:
         if s is None or peer != s.peer:
             return  # a late result from a worker we already gave up on
         s.meter.add(result)
+        info = s.scheduler.oldest_in_flight
+        if info is not None and info.step_id == result.step_id:
+            self.metrics.step_done(info.num_tokens == len(info.requests), result.compute_ms / 1000)
         events = s.scheduler.process_result(result)
         # The next plan goes out before any per-token client work (detokenising, stop strings,
         # waking RPCs): that work is off the worker's critical path. A stop string found below
         # finishes its request one step late at most, the overrun the scheduler already discards.
         self._pump()
+        now = time.monotonic()
+        metrics = self.metrics
         for ev in events:
             handle = self.handles.get(ev.request.req_id)
             if handle is None:
                 continue
-            matched = handle.on_token(ev.token_id, ev.logprob, ev.top, ev.finish)
+            if handle.first_token_at is None:
+                metrics.first_token(now - handle.accepted_at)
+            else:
+                metrics.next_token(now - handle.last_token_at)
+            matched = handle.on_token(ev.token_id, ev.logprob, ev.top, ev.finish, now)
             if matched is not None:
                 s.scheduler.finish(handle.req_id, FinishReason.STOP_STRING)
                 handle.complete(FinishReason.STOP_STRING, stop_string=matched)
@@ -213,8 +240,10 @@ class Engine:
             if handle.done:
                 del self.handles[handle.req_id]
                 self.requests_finished += 1
+                self._record_finish(handle)
         self._pump()
         self._check_idle()
+        self._update_load()
 
     def _pump(self) -> None:
         """Tops the pipeline up to its depth; asks for pending results when nothing more can go."""
@@ -262,6 +291,7 @@ class Engine:
         if s is None:
             return
         self.last_session_stats = self.stats()
+        self.metrics.end_session(s.scheduler.num_preemptions)
         self.session = None
         self._serving_event.clear()
         self._on_serving_change(False)

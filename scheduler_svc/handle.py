@@ -46,6 +46,7 @@ class RequestHandle:
     output: OutputText
     accepted_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    last_token_at: float = 0.0
     _text: list[str] = field(default_factory=list)
     _token_ids: list[int] = field(default_factory=list)
     _logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -64,12 +65,14 @@ class RequestHandle:
 
     def on_token(
         self, token_id: int, logprob: float | None, top: list[tuple[int, float]] | None,
-        finish: FinishReason | None,
+        finish: FinishReason | None, now: float | None = None,
     ) -> str | None:
-        """Adds one accepted token; returns the stop string it completed, if any."""
+        """Adds one accepted token (arrived at `now`, monotonic); returns the stop string it completed, if any."""
         assert not self.done, f"token for finished request {self.req_id}"
+        now = time.monotonic() if now is None else now
         if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = now
+        self.last_token_at = now
         self._token_ids.append(token_id)
         if logprob is not None:
             self._logprobs.append((token_id, logprob, top or []))

@@ -123,6 +123,11 @@ class Scheduler:
     def kv_usage(self) -> float:
         return self.blocks.usage
 
+    @property
+    def oldest_in_flight(self) -> StepInfo | None:
+        """The sent step whose result comes next."""
+        return self._in_flight[0] if self._in_flight else None
+
     def get(self, req_id: str) -> Request | None:
         return self._requests.get(req_id)
 

@@ -1,7 +1,8 @@
 """The scheduler process: gRPC server (API, health, reflection) + engine link + engine loop.
 
-Owns start-up and shutdown order: bind the engine link, start gRPC reporting NOT_SERVING, flip to
-SERVING when a worker's handshake arrives (and back when it goes), stop cleanly on SIGINT/SIGTERM.
+Owns start-up and shutdown order: bind the engine link, start gRPC reporting NOT_SERVING (and the
+Prometheus endpoint when asked), flip to SERVING when a worker's handshake arrives (and back when it
+goes), stop cleanly on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tandem.v1 import api_pb2, api_pb2_grpc
 
 from scheduler_svc.engine import Engine, EngineConfig
 from scheduler_svc.link import EngineLink
+from scheduler_svc.metrics import serve as serve_metrics
 from scheduler_svc.servicer import TandemServicer
 from scheduler_svc.validation import RequestLimits
 
@@ -35,6 +37,8 @@ class ServerConfig:
     engine: EngineConfig
     limits: RequestLimits
     shutdown_grace_s: float = 5.0
+    metrics_port: int = 0  # 0 = no /metrics endpoint
+    metrics_host: str = "localhost"
 
 
 class SchedulerServer:
@@ -68,6 +72,9 @@ class SchedulerServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
         self._engine_task = asyncio.ensure_future(self.engine.run())
+        if self.config.metrics_port:
+            port = serve_metrics(self.engine.metrics, self.config.metrics_port, self.config.metrics_host)
+            log.info("Prometheus metrics on http://%s:%d/metrics", self.config.metrics_host, port)
         log.info("gRPC on %s (port %d), engine link on %s, waiting for a worker",
                  self.config.address, self.port, self.config.engine_address)
 

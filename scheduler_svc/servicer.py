@@ -102,14 +102,18 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
             handle = RequestHandle(req, client_id, OutputText(tokenizer, stops))
             self.engine.submit(handle)
         except InvalidArgument as exc:
-            await context.abort_with_status(invalid_argument(exc.field, exc.description))
+            await self._refuse(context, invalid_argument(exc.field, exc.description))
         except NeverFits as exc:
-            await context.abort_with_status(invalid_argument("max_new_tokens", str(exc)))
+            await self._refuse(context, invalid_argument("max_new_tokens", str(exc)))
         except QueueFull as exc:
-            await context.abort_with_status(resource_exhausted(f"queue full: {exc}"))
+            await self._refuse(context, resource_exhausted(f"queue full: {exc}"))
         except Unavailable as exc:
-            await context.abort_with_status(_status(grpc.StatusCode.UNAVAILABLE, str(exc)))
+            await self._refuse(context, _status(grpc.StatusCode.UNAVAILABLE, str(exc)))
         return handle
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+        self.engine.metrics.failed(status.code.name)
+        await context.abort_with_status(status)
 
     async def _deltas(self, handle: RequestHandle) -> AsyncIterator[Delta]:
         while True:
@@ -121,7 +125,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
 
     async def _end_with_error(self, context: grpc.aio.ServicerContext, error) -> None:
         code, message = error
-        await context.abort_with_status(_status(code, message))
+        await self._refuse(context, _status(code, message))
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         async with internal_errors(context):
