@@ -13,7 +13,8 @@ Owns the measurement of the GPU fast-path issue:
   and `gap_ms` (wall per step minus device time per step);
 - with `--profile`, kernel time inside one graph replay grouped into linear / attention / other.
 
-The KV cache holds zeros: timing does not depend on values, and no prefill is needed.
+The KV cache is never prefilled (zeros, then whatever the attention timing stores): timing does not
+depend on the values.
 
     python -m bench floor [--model random:llama-3.1-8b] [--batches 32 128 256] [--json docs/bench/floor.json]
 """
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load(args.model, device="cuda", dtype=torch.bfloat16)
     for batch in args.batches:
         contexts = args.contexts or DEFAULT_GRID.get(batch, (1024,))
-        blocks = batch * -(-max(contexts) // 16) + 16
+        blocks = batch * -(-max(contexts) // EngineConfig.block_size) + 16
         engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=batch, max_num_tokens=max(512, batch)),
                         "cuda")
         cfg = engine.cache.cfg

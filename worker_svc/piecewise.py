@@ -115,8 +115,9 @@ PIECEWISE_MAX_TOKENS = 2048
 
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """Token counts piecewise graphs are captured for: powers of two to 128, then steps of 128 to 1K
-    and of 256 beyond (padding at most ~1/3, then ~1/4), up to the step budget or PIECEWISE_MAX_TOKENS."""
+    """Token counts piecewise graphs are captured for: powers of two to 128, then 192, steps of 128
+    to 1K and of 256 beyond (above 128 tokens, padding at most half a bucket step: < 50% at 129,
+    < 1/3 from 192 on), up to the step budget or PIECEWISE_MAX_TOKENS."""
     cap = min(max_tokens, PIECEWISE_MAX_TOKENS)
-    steps = [*range(256, 1024, 128), *range(1024, PIECEWISE_MAX_TOKENS, 256)]
+    steps = [192, *range(256, 1024, 128), *range(1024, PIECEWISE_MAX_TOKENS, 256)]
     return [b for b in (16, 32, 64, 128, *steps) if b < cap] + [cap]

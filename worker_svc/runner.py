@@ -134,7 +134,7 @@ class Engine:
         for tokens in reversed(self.token_buckets):
             for slot in self.slots:
                 other = self.slots[1 - slot.index]
-                inputs = slot.load(empty, layout, pad_to=(tokens, self.limits.max_num_rows))
+                inputs = slot.load(empty, layout, pad_to=(tokens, min(tokens, self.limits.max_num_rows)))
                 stream.wait_event(slot.h2d_done)
                 graph = PiecewiseGraph(self.graphs.pool, io, attend)
                 step = self._paged_step(inputs, layout)
@@ -270,7 +270,8 @@ class Engine:
             layout = decode_layout(bucket, self.limits.max_blocks_per_row)
             inputs = slot.load(pad_decode_plan(plan, bucket, self.limits.max_blocks_per_row), layout)
         elif tokens is not None:
-            inputs = slot.load(plan, layout, pad_to=(tokens, self.limits.max_num_rows))
+            # Rows (and sampled rows) never outnumber tokens: padding to that bound keeps lm_head small.
+            inputs = slot.load(plan, layout, pad_to=(tokens, min(tokens, self.limits.max_num_rows)))
         else:
             inputs = slot.load(plan, layout)
         compute = self.sync.compute_stream
@@ -333,6 +334,10 @@ class Engine:
         """Waits for the oldest launched step and returns its result."""
         f = self._in_flight.popleft()
         sampled, logprob, top_ids, top_lp = f.slot.read_outputs(f.num_rows, f.num_top)
+        # A graphed step samples every row (fixed shapes); rows the plan did not ask for read as unsampled.
+        idle = f.sample == 0
+        if idle.any():
+            sampled[idle], logprob[idle], top_ids[idle], top_lp[idle] = -1, 0.0, -1, 0.0
         f.done.synchronize()
         compute_ms = f.start.elapsed_time(f.done)
         idle_ms = max(0.0, f.prev_done.elapsed_time(f.start)) if f.prev_done is not None else 0.0

@@ -282,6 +282,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
              slot_mapping: torch.Tensor) -> None:
     """Writes key/value [T, KVH, D] into caches [blocks, block_size, KVH, D] at `slot_mapping[T]`."""
     num, kv_heads, head_dim = key.shape
+    assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     if num == 0:
         return
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
