@@ -99,6 +99,11 @@ class TandemServer:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.logs()}")
 
+    def log_text(self, name: str) -> str:
+        """The whole log so far of one process: "scheduler" or "worker"."""
+        with open(os.path.join(self._dir, f"{name}.log")) as f:
+            return f.read()
+
     def logs(self) -> str:
         out = []
         for f in self._logs:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
 from tandem.envargs import EnvArgumentParser, default_engine_address
+from tandem.logs import configure as configure_logging
 
 from scheduler_svc.engine import EngineConfig
 from scheduler_svc.server import SchedulerServer, ServerConfig
@@ -43,8 +43,7 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, "scheduler")
     config = ServerConfig(
         address=args.address,
         engine_address=args.engine_address,

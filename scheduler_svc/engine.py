@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+import structlog
 import zmq
 from tandem import wire
 
@@ -28,6 +29,7 @@ from scheduler_svc.scheduler import Scheduler, SchedulerLimits
 from scheduler_svc.tokenizer import TandemTokenizer
 
 log = logging.getLogger("tandem.engine")
+rlog = structlog.get_logger("tandem.requests")  # one canonical line per finished request
 
 
 class Unavailable(Exception):
@@ -135,7 +137,11 @@ class Engine:
     def _record_finish(self, handle: RequestHandle) -> None:
         c = handle.completion
         if c is not None:
-            self.metrics.finished(c.finish_reason.name.lower(), c.total_s, c.queue_s)
+            reason = c.finish_reason.name.lower()
+            self.metrics.finished(reason, c.total_s, c.queue_s)
+            rlog.info("request finished", request_id=handle.client_request_id, prompt_tokens=c.prompt_tokens,
+                      output_tokens=c.completion_tokens, finish_reason=reason, ttft_s=round(c.ttft_s, 6),
+                      total_s=round(c.total_s, 6), queue_s=round(c.queue_s, 6))
 
     def _update_load(self) -> None:
         s = self.session

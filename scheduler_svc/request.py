@@ -56,6 +56,7 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
+    client_id: str = ""  # the client-facing request id (x-request-id or generated): for logs
 
     # Scheduling state, owned by the Scheduler.
     status: RequestStatus = RequestStatus.WAITING

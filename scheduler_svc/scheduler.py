@@ -393,6 +393,7 @@ class Scheduler:
             temperature=np.asarray(temperature, np.float32), top_p=np.asarray(top_p, np.float32),
             top_k=np.asarray(top_k, np.int32), min_p=np.asarray(min_p, np.float32),
             seed=np.asarray(seed, np.uint64), num_logprobs=np.asarray(num_logprobs, np.int32),
+            request_ids="\n".join(row.req.client_id for row in rows),
         )
         info = StepInfo(step, [row.req for row in rows], [bool(x) for x in sample], T, num_carried)
         assert num_carried == 0 or (self._in_flight and self._in_flight[-1].step_id == step - 1)

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import structlog
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -28,6 +29,7 @@ from scheduler_svc.scheduler import NeverFits, QueueFull
 from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request, prompt_ids
 
 log = logging.getLogger("tandem.api")
+rlog = structlog.get_logger("tandem.requests")
 
 SERVER_VERSION = "0.1.0"
 
@@ -95,10 +97,12 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
     async def _admit(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
         client_id = request.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", "")
         client_id = client_id or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=client_id)  # this RPC's task only
         try:
             tokenizer = self.engine.tokenizer()
             hello = self.engine.hello()
             req, stops = build_request(request, f"{self._prefix}-{next(self._ids)}", tokenizer, hello, self.limits)
+            req.client_id = client_id
             handle = RequestHandle(req, client_id, OutputText(tokenizer, stops))
             self.engine.submit(handle)
         except InvalidArgument as exc:
@@ -113,6 +117,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
 
     async def _refuse(self, context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
         self.engine.metrics.failed(status.code.name)
+        rlog.info("request failed", code=status.code.name, message=status.details)
         await context.abort_with_status(status)
 
     async def _deltas(self, handle: RequestHandle) -> AsyncIterator[Delta]:

@@ -12,6 +12,7 @@ import signal
 import sys
 
 from tandem.envargs import EnvArgumentParser, default_engine_address
+from tandem.logs import configure as configure_logging
 
 log = logging.getLogger("tandem.worker")
 
@@ -43,7 +44,7 @@ def build_parser() -> EnvArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, "worker")
     loop_ref: list = []
 
     def on_signal(signum: int, _frame: object) -> None:

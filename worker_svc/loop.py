@@ -18,12 +18,15 @@ import os
 import socket
 import uuid
 
+import numpy as np
+import structlog
 from tandem import wire
 
 from worker_svc.link import WorkerLink
 from worker_svc.runner import Engine
 
 log = logging.getLogger("tandem.worker.loop")
+rlog = structlog.get_logger("tandem.worker.requests")
 
 POLL_MS = 100  # how often an idle loop looks at the stop flag
 WAIT_LOG_S = 10.0
@@ -114,8 +117,15 @@ class WorkerLoop:
         if not self.engine.is_async:
             self.send_pending(keep=0)
         self.engine.launch(plan)
-        log.debug("step %d launched: %d rows, %d tokens, carry from %d, flush %s", plan.step_id,
-                  plan.num_rows, plan.num_tokens, plan.carry_from_step, plan.flush)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("step %d launched: %d rows, %d tokens, carry from %d, flush %s", plan.step_id,
+                      plan.num_rows, plan.num_tokens, plan.carry_from_step, plan.flush)
+            # One line per request, on its first prompt chunk: the id ties this process's log to the scheduler's.
+            n = np.diff(plan.query_start)
+            for row, rid in enumerate(plan.row_request_ids()):
+                if plan.kv_lens[row] == n[row]:
+                    rlog.debug("request started", request_id=rid, step=plan.step_id, row=row,
+                               prompt_tokens_this_step=int(n[row]))
         self.steps += 1
         if self.engine.is_async:
             self.send_pending(keep=1)  # the step just launched keeps the device busy meanwhile

@@ -145,6 +145,11 @@ class StepPlan:
     min_p: np.ndarray
     seed: np.ndarray
     num_logprobs: np.ndarray
+    request_ids: str = ""  # row -> client request id, "\n"-joined (logs only; may be empty)
+
+    def row_request_ids(self) -> list[str]:
+        ids = self.request_ids.split("\n") if self.request_ids else []
+        return ids if len(ids) == self.num_rows else [""] * self.num_rows
 
     @property
     def num_rows(self) -> int:
@@ -196,7 +201,8 @@ class StepPlan:
     def encode(self) -> list:
         specs, frames = _pack_arrays({name: getattr(self, name) for name in PLAN_ARRAYS})
         header = pb.StepPlanHeader(
-            step_id=self.step_id, carry_from_step=self.carry_from_step, flush=self.flush, arrays=specs
+            step_id=self.step_id, carry_from_step=self.carry_from_step, flush=self.flush, arrays=specs,
+            request_ids=self.request_ids,
         )
         return [KIND_PLAN, header.SerializeToString(), *frames]
 
@@ -206,7 +212,8 @@ class StepPlan:
         arrays = _unpack_arrays(msg.arrays, frames)
         if list(arrays) != list(PLAN_ARRAYS):
             raise WireError(f"plan arrays {list(arrays)} != {list(PLAN_ARRAYS)}")
-        return cls(step_id=msg.step_id, carry_from_step=msg.carry_from_step, flush=msg.flush, **arrays)
+        return cls(step_id=msg.step_id, carry_from_step=msg.carry_from_step, flush=msg.flush, **arrays,
+                   request_ids=msg.request_ids)
 
 
 @dataclass
