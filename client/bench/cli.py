@@ -1,8 +1,9 @@
 """`tandem bench`: the load-testing command. Flags follow `vllm bench serve` where it has one.
 
 Owns the command line and the run plan: one run, or a sweep (a synchronous pass with one request
-at a time, a throughput pass with everything at once, then `--sweep N` Poisson rates evenly spaced
-between the two passes' request throughputs), each followed by its table and files.
+at a time over `--sweep-sync-prompts` requests, a throughput pass with everything at once, then
+`--sweep N` Poisson rates evenly spaced between the two passes' request throughputs), each followed
+by its table and files.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SLOs for goodput, e.g. ttft:1000 tpot:50 e2el:20000")
     p.add_argument("--sweep", type=int, default=0, metavar="N",
                    help="a synchronous pass, a throughput pass, then N rates evenly spaced between them")
+    p.add_argument("--sweep-sync-prompts", type=int, default=16,
+                   help="requests of the sweep's synchronous pass (one at a time, so it is the slow one)")
     p.add_argument("--result-dir", default=None, help="write <name>.json, <name>.requests.jsonl and results.csv")
     p.add_argument("--result-filename", default=None, help="base name of the result files")
     p.add_argument("--label", default="tandem", help="recorded with the results (e.g. async / sync)")
@@ -125,8 +128,9 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.sweep:
         rate = "inf" if math.isinf(spec.request_rate) else f"{spec.request_rate:g}"
         return [await run_one(args, spec, workload, server, f"rate-{rate}")]
-    sync = await run_one(args, replace(spec, request_rate=math.inf, max_concurrency=1, ramp=None), workload, server,
-                         "sync")
+    sync_workload = workload[: args.num_warmups + min(args.num_prompts, args.sweep_sync_prompts)]
+    sync = await run_one(args, replace(spec, request_rate=math.inf, max_concurrency=1, ramp=None), sync_workload,
+                         server, "sync")
     full = await run_one(args, replace(spec, request_rate=math.inf, max_concurrency=None, ramp=None), workload,
                          server, "throughput")
     lo, hi = sync["request_throughput"], full["request_throughput"]

@@ -1,0 +1,84 @@
+"""Rate sweep, Tandem async against sync, in one run: `tandem bench --sweep` against a real server
+started once per mode on the same GPU, then both sweeps on one chart and the highest request rate
+each mode serves within the SLOs.
+
+    python -m bench sweep [--model random:llama-3.1-8b] [--num-prompts 80] [--input-len 512]
+                          [--output-len 128] [--sweep 4] [--result-dir docs/bench/sweep]
+
+The SLOs are the issue's: p99 TTFT <= 1 s and p99 TPOT <= 50 ms. "Highest rate within the SLOs"
+is the highest offered rate among the sweep's Poisson runs (the throughput pass counts at its
+measured request throughput) whose p99 TTFT and p99 TPOT both meet them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from pathlib import Path
+
+from client.bench import plots
+from client.bench.cli import run as run_bench
+from client.cli import build_parser
+from client.local_server import TandemServer
+
+SLO_MS = {"ttft": 1000.0, "tpot": 50.0}
+
+
+def best_rate(runs: list[dict]) -> float | None:
+    ok = [r for r in runs if r["run"] != "sync" and r["p99_ttft_ms"] <= SLO_MS["ttft"]
+          and r["p99_tpot_ms"] <= SLO_MS["tpot"]]
+    rates = [r["request_throughput"] if math.isinf(float(r["args"]["request_rate"]))
+             else float(r["args"]["request_rate"]) for r in ok]
+    return max(rates, default=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--num-prompts", type=int, default=80)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--sweep", type=int, default=4)
+    p.add_argument("--max-num-rows", type=int, default=128)
+    p.add_argument("--result-dir", default="docs/bench/sweep")
+    args = p.parse_args(argv)
+    out_dir = Path(args.result_dir)
+    sweeps: dict[str, list[dict]] = {}
+    for mode, depth in (("async", 2), ("sync", 1)):
+        server = TandemServer(model=args.model,
+                              scheduler_args=["--pipeline-depth", str(depth), "--max-waiting", "4096"],
+                              worker_args=["--device", args.device, "--dtype", args.dtype, "--max-num-rows",
+                                           str(args.max_num_rows), "--max-num-tokens", "4096"])
+        try:
+            server.start(900)
+            bench_args = build_parser().parse_args([
+                "bench", "--address", server.address, "--num-prompts", str(args.num_prompts), "--num-warmups", "4",
+                "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+                "--ignore-eos", "--temperature", "0", "--sweep", str(args.sweep), "--label", mode,
+                "--goodput", f"ttft:{SLO_MS['ttft']:g}", f"tpot:{SLO_MS['tpot']:g}", "--result-dir", str(out_dir),
+                "--result-filename", mode, "--disable-tqdm",
+            ])
+            sweeps[mode] = asyncio.run(run_bench(bench_args))
+        finally:
+            server.stop()
+    print(f"wrote {plots.sweep(sweeps, out_dir / 'async_vs_sync.png', SLO_MS)}")
+    summary = {
+        "command": "python -m bench sweep " + " ".join(sys.argv[2:] if argv is None else argv),
+        "slo_ms": SLO_MS,
+        "best_rate_within_slo": {mode: best_rate(runs) for mode, runs in sweeps.items()},
+        "runs": {mode: [{k: r[k] for k in ("run", "request_throughput", "output_throughput", "p99_ttft_ms",
+                                           "p99_tpot_ms", "mean_ttft_ms", "mean_tpot_ms", "completed", "failed")}
+                        | {"request_rate": r["args"]["request_rate"]} for r in runs] for mode, runs in sweeps.items()},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(json.dumps(summary["best_rate_within_slo"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
