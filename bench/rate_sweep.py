@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--sweep", type=int, default=4)
+    p.add_argument("--rates", type=float, nargs="+", default=None,
+                   help="the same Poisson rates for both modes (default: each mode's own evenly spaced sweep)")
     p.add_argument("--max-num-rows", type=int, default=128)
     p.add_argument("--result-dir", default="docs/bench/sweep")
     args = p.parse_args(argv)
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--ignore-eos", "--temperature", "0", "--sweep", str(args.sweep), "--label", mode,
                 "--goodput", f"ttft:{SLO_MS['ttft']:g}", f"tpot:{SLO_MS['tpot']:g}", "--result-dir", str(out_dir),
                 "--result-filename", mode, "--disable-tqdm",
+                *(["--sweep-rates", *map(str, args.rates)] if args.rates else []),
             ])
             sweeps[mode] = asyncio.run(run_bench(bench_args))
         finally:

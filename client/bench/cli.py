@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SLOs for goodput, e.g. ttft:1000 tpot:50 e2el:20000")
     p.add_argument("--sweep", type=int, default=0, metavar="N",
                    help="a synchronous pass, a throughput pass, then N rates evenly spaced between them")
+    p.add_argument("--sweep-rates", type=float, nargs="+", default=None, metavar="R",
+                   help="with --sweep: these Poisson rates instead of evenly spaced ones (to compare servers at "
+                   "the same rates)")
     p.add_argument("--sweep-sync-prompts", type=int, default=16,
                    help="requests of the sweep's synchronous pass (one at a time, so it is the slow one)")
     p.add_argument("--result-dir", default=None, help="write <name>.json, <name>.requests.jsonl and results.csv")
@@ -135,8 +138,8 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                          server, "throughput")
     lo, hi = sync["request_throughput"], full["request_throughput"]
     out = [sync, full]
-    for i in range(args.sweep):
-        rate = lo + (hi - lo) * (i + 1) / (args.sweep + 1)
+    rates = args.sweep_rates or [lo + (hi - lo) * (i + 1) / (args.sweep + 1) for i in range(args.sweep)]
+    for rate in rates:
         out.append(await run_one(args, replace(spec, request_rate=rate, max_concurrency=None, ramp=None), workload,
                                  server, f"rate-{rate:.3g}"))
     if args.result_dir:
