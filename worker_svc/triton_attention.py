@@ -56,7 +56,10 @@ def decode_splits(num_rows: int, kv_heads: int, num_sms: int) -> int:
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
 
 
-@triton.jit
+# Triton specialises integer arguments by value class (== 1, divisible by 16): the block table's row
+# stride is the plan's width, which varies between eager steps, so it is exempt, or the first step of
+# each new class would compile a kernel while serving.
+@triton.jit(do_not_specialize=["stride_table"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, tables_ptr, kv_lens_ptr, rows_ptr, toks_ptr,
     scale_log2,
@@ -177,7 +180,7 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                     HEAD_DIM=head_dim, SPLITS=num_splits)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, kv_lens_ptr, qstart_ptr, rows_ptr,
     scale_log2,
