@@ -158,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     wg.add_argument("--max-num-rows", type=int, default=None)
     wg.add_argument("--max-context", type=int, default=None)
     wg.add_argument("--seed", type=int, default=None)
-    s.add_argument("--grace", type=float, default=10.0, help="seconds children get to exit before SIGKILL")
+    sg.add_argument("--drain-timeout", type=float, default=None,
+                    help="on SIGTERM, seconds requests in flight get to finish (default 30)")
+    s.add_argument("--grace", type=float, default=None,
+                   help="seconds the children get to exit before SIGKILL (default: drain timeout + 10)")
     s.set_defaults(func=cmd_serve, subparser=s)
 
     b = sub.add_parser(
@@ -319,6 +322,7 @@ SCHEDULER_FLAGS = [
     ("pipeline_depth", "--pipeline-depth"),
     ("max_waiting", "--max-waiting"),
     ("default_max_new_tokens", "--default-max-new-tokens"),
+    ("drain_timeout", "--drain-timeout"),
     ("metrics_port", "--metrics-port"),
     ("metrics_host", "--metrics-host"),
     ("log_level", "--log-level"),
@@ -392,7 +396,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     scheduler, worker = serve_commands(args)
     sup = Supervisor(
         [ChildSpec("scheduler", scheduler), ChildSpec("worker", worker)],
-        grace_s=args.grace,
+        grace_s=args.grace if args.grace is not None else (args.drain_timeout or 30.0) + 10.0,
         name="tandem serve",
     )
 

@@ -2,7 +2,8 @@
 
 Owns the children's lifetime: each runs in its own process group (so a terminal Ctrl-C reaches only
 the supervisor, which then shuts the children down in order of its choosing); SIGINT/SIGTERM to the
-supervisor become SIGTERM to every child group, then SIGKILL after a grace period; a child exiting on
+supervisor become SIGTERM to each child group in turn (the order given: the scheduler drains before
+its worker goes), then SIGKILL after a grace period; a child exiting on
 its own takes the others down and makes the supervisor exit non-zero. On Linux every child also gets
 PR_SET_PDEATHSIG=SIGKILL, so even a SIGKILLed supervisor leaves no orphans.
 """
@@ -114,20 +115,26 @@ class Supervisor:
                 pass
 
     def stop(self) -> None:
-        """SIGTERM to every child's group, SIGKILL to whatever still runs after the grace period (or at
-        once on a further SIGINT/SIGTERM)."""
+        """SIGTERM to each child's group in the order given, each waited for before the next (the
+        scheduler drains its requests while the worker still computes them), all within one grace
+        period; SIGKILL to whatever still runs after it (or at once on a further SIGINT/SIGTERM)."""
         self.stopping.set()
-        self._signal_groups(signal.SIGTERM)
         seen = len(self._signals)
         deadline = time.monotonic() + self.grace_s
-        while any(r.proc.poll() is None for r in self._running):
+        for r in self._running:
+            if r.proc.poll() is None:
+                try:
+                    os.killpg(r.proc.pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            while r.proc.poll() is None and len(self._signals) == seen and time.monotonic() < deadline:
+                time.sleep(self.poll_s)
             if len(self._signals) > seen:
                 self.log("second signal: killing children now")
                 break
             if time.monotonic() >= deadline:
                 self.log(f"children still running after {self.grace_s:g} s: killing them")
                 break
-            time.sleep(self.poll_s)
         self._signal_groups(signal.SIGKILL)
         for r in self._running:
             r.proc.wait()

@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--debug-placeholders", action="store_true",
                    help="Send carry-over placeholders as a sentinel (not 0); a worker started with the same "
                         "flag asserts on the device that none survives carry-over.")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="On SIGTERM/SIGINT: seconds requests in flight get to finish before they end UNAVAILABLE.")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 = off).")
     p.add_argument("--metrics-host", default="localhost",
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         address=args.address,
         engine_address=args.engine_address,
+        drain_timeout_s=args.drain_timeout,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         engine=EngineConfig(

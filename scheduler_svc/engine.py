@@ -89,6 +89,7 @@ class Engine:
         self.depth = config.pipeline_depth  # resolved per worker when it is 0 (auto)
         self._serving_event = asyncio.Event()
         self.metrics = Metrics()
+        self.draining = False  # shutting down: admit nothing new, let what runs finish
 
     # ----- public API used by the gRPC servicer -------------------------------------------------------
     @property
@@ -114,6 +115,8 @@ class Engine:
 
     def submit(self, handle: RequestHandle) -> None:
         """Admits a request; raises Unavailable, QueueFull or NeverFits (nothing is kept then)."""
+        if self.draining:
+            raise Unavailable("shutting down")
         if self.session is None:
             raise Unavailable("no worker connected")
         self.session.scheduler.add(handle.request)
@@ -133,6 +136,22 @@ class Engine:
             self._pump()
             self._check_idle()
             self._update_load()
+
+    def start_drain(self) -> None:
+        """Shutdown begins: new requests get UNAVAILABLE, requests in flight go on."""
+        self.draining = True
+
+    def fail_remaining(self, code: grpc.StatusCode, message: str) -> int:
+        """Ends every request still in flight with `code`; their KV blocks return as steps report."""
+        handles, self.handles = self.handles, {}
+        for handle in handles.values():
+            handle.fail(code, message)
+            if self.session is not None:
+                self.session.scheduler.abort(handle.req_id)
+        if self.session is not None:
+            self._pump()
+            self._check_idle()
+        return len(handles)
 
     def _record_finish(self, handle: RequestHandle) -> None:
         c = handle.completion

@@ -2,7 +2,7 @@
 
 Owns start-up and shutdown order: bind the engine link, start gRPC reporting NOT_SERVING (and the
 Prometheus endpoint when asked), flip to SERVING when a worker's handshake arrives (and back when it
-goes), stop cleanly on SIGINT/SIGTERM.
+goes), and on SIGINT/SIGTERM drain (see `drain`) then stop.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class ServerConfig:
     engine: EngineConfig
     limits: RequestLimits
     shutdown_grace_s: float = 5.0
+    drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
     metrics_port: int = 0  # 0 = no /metrics endpoint
     metrics_host: str = "localhost"
 
@@ -63,6 +64,8 @@ class SchedulerServer:
         self._tasks: list[asyncio.Future] = []
 
     def _serving_changed(self, serving: bool) -> None:
+        if self.engine.draining:
+            return  # NOT_SERVING from the first moment of a shutdown, whatever the worker does
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             self._tasks.append(asyncio.ensure_future(self.health.set(name, status)))
@@ -102,5 +105,20 @@ class SchedulerServer:
             log.error("engine loop died", exc_info=self._engine_task.exception())
             await self.stop()
             raise SystemExit(1)
-        log.info("shutting down")
+        await self.drain()
         await self.stop()
+
+    async def drain(self) -> None:
+        """NOT_SERVING at once, new RPCs UNAVAILABLE, requests in flight get `drain_timeout_s` to
+        finish; whatever remains then ends UNAVAILABLE ("shutting down"), not with a reset connection."""
+        self.engine.start_drain()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("shutting down: %d requests in flight, up to %g s to finish", len(self.engine.handles),
+                 self.config.drain_timeout_s)
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout_s
+        while self.engine.handles and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        failed = self.engine.fail_remaining(grpc.StatusCode.UNAVAILABLE, "shutting down")
+        if failed:
+            log.warning("drain timeout: %d requests ended UNAVAILABLE", failed)
