@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--debug-placeholders", action="store_true",
                    help="Send carry-over placeholders as a sentinel (not 0); a worker started with the same "
                         "flag asserts on the device that none survives carry-over.")
+    p.add_argument("--step-timeout", type=float, default=60.0,
+                   help="Watchdog: a worker returning no step result for this long while steps are in flight is "
+                        "treated as dead (0 = off).")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="On SIGTERM/SIGINT: seconds requests in flight get to finish before they end UNAVAILABLE.")
     p.add_argument("--metrics-port", type=int, default=0,
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         engine=EngineConfig(
             pipeline_depth=1 if args.sync else args.pipeline_depth,
             max_waiting=args.max_waiting,
+            step_timeout_s=args.step_timeout,
             max_num_rows=args.max_num_rows,
             max_num_tokens=args.max_num_tokens,
             debug_placeholders=args.debug_placeholders,

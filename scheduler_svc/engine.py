@@ -41,6 +41,7 @@ class EngineConfig:
     pipeline_depth: int = 0  # 0 = auto: 2 when the worker computes asynchronously (CUDA), else 1
     max_waiting: int = 256
     max_num_rows: int = 0  # 0 = the worker's limit
+    step_timeout_s: float = 60.0  # watchdog: no result for this long with steps in flight = dead worker
     max_num_tokens: int = 0  # 0 = the worker's limit
     debug_placeholders: bool = False  # carry-over placeholders are wire.PLACEHOLDER_SENTINEL, not 0
 
@@ -90,6 +91,7 @@ class Engine:
         self._serving_event = asyncio.Event()
         self.metrics = Metrics()
         self.draining = False  # shutting down: admit nothing new, let what runs finish
+        self._last_progress = time.monotonic()  # last step result, or the first send after an idle spell
 
     # ----- public API used by the gRPC servicer -------------------------------------------------------
     @property
@@ -188,7 +190,19 @@ class Engine:
 
     # ----- the loop ----------------------------------------------------------------------------------
     async def run(self) -> None:
-        await asyncio.gather(self._recv_loop(), self.link.watch_disconnects(self._on_disconnect))
+        await asyncio.gather(self._recv_loop(), self.link.watch_disconnects(self._on_disconnect), self._watchdog())
+
+    async def _watchdog(self) -> None:
+        """A worker that is connected but returns no step result for `step_timeout_s` while steps are
+        in flight (a hang, a deadlocked device) is treated as dead, like a disconnected one."""
+        timeout = self.config.step_timeout_s
+        while timeout > 0:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            s = self.session
+            if s is not None and s.scheduler.in_flight and time.monotonic() - self._last_progress > timeout:
+                log.error("no step result for %.1f s with %d steps in flight: treating the worker as dead",
+                          time.monotonic() - self._last_progress, s.scheduler.in_flight)
+                self._lose_worker(f"worker unresponsive (no step result in {timeout:g} s)")
 
     async def _recv_loop(self) -> None:
         while True:
@@ -237,6 +251,7 @@ class Engine:
         s = self.session
         if s is None or peer != s.peer:
             return  # a late result from a worker we already gave up on
+        self._last_progress = time.monotonic()
         s.meter.add(result)
         info = s.scheduler.oldest_in_flight
         if info is not None and info.step_id == result.step_id:
@@ -282,6 +297,8 @@ class Engine:
                 if built is None:
                     break
                 plan, _info = built
+                if s.scheduler.in_flight == 1:  # the pipeline was empty: the clock starts now
+                    self._last_progress = time.monotonic()
                 self.link.send(s.peer, plan.encode())
                 s.flushed = False
             else:

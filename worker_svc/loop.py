@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 
 import numpy as np
@@ -26,6 +27,18 @@ from worker_svc.link import WorkerLink
 from worker_svc.runner import Engine
 
 log = logging.getLogger("tandem.worker.loop")
+
+# Fault hooks for the reliability tests, off unless this variable is set: "hang_at_step=N" makes
+# the worker stop answering (alive, connected, silent) when step N arrives.
+FAULTS_ENV = "TANDEM_FAULTS"
+
+
+def parse_faults(spec: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, value = item.partition("=")
+        out[name] = int(value)
+    return out
 rlog = structlog.get_logger("tandem.worker.requests")
 
 POLL_MS = 100  # how often an idle loop looks at the stop flag
@@ -67,6 +80,9 @@ class WorkerLoop:
         self.link = link
         self.stop_requested = False
         self.steps = 0
+        self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
+        if self.faults:
+            log.warning("fault injection on (%s=%s): for tests only", FAULTS_ENV, os.environ[FAULTS_ENV])
 
     def run(self) -> int:
         """Serves until the scheduler goes (returns 1) or a stop is requested (returns 0)."""
@@ -114,6 +130,11 @@ class WorkerLoop:
             log.error("refusing step %d: %s", plan.step_id, exc)
 
     def on_plan(self, plan: wire.StepPlan) -> None:
+        if self.faults.get("hang_at_step") == plan.step_id:
+            log.warning("fault injection: hanging at step %d", plan.step_id)
+            while not self.stop_requested:
+                time.sleep(0.1)
+            return
         if not self.engine.is_async:
             self.send_pending(keep=0)
         self.engine.launch(plan)
