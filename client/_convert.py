@@ -245,3 +245,23 @@ def normalize_metadata(metadata: Metadata) -> list[tuple[str, str]] | None:
     if not metadata:
         return None
     return list(metadata.items()) if isinstance(metadata, Mapping) else list(metadata)
+
+
+def connection(address: str, metadata: Metadata, api_key: str | None, tls_ca: str | None, tls_cert: str | None,
+               tls_key: str | None) -> tuple[list[tuple[str, str]] | None, grpc.ChannelCredentials | None]:
+    """(metadata to send with every call, channel credentials or None for plaintext).
+
+    `api_key` becomes `authorization: Bearer <key>`; `tls_ca` (a PEM file; "" = the system's roots)
+    turns TLS on, `tls_cert` + `tls_key` add a client certificate (mutual TLS).
+    """
+    meta = normalize_metadata(metadata) or []
+    if api_key:
+        meta = [*meta, ("authorization", f"Bearer {api_key}")]
+    creds = None
+    if tls_ca is not None or tls_cert:
+        def read(path: str | None) -> bytes | None:
+            return open(path, "rb").read() if path else None
+
+        creds = grpc.ssl_channel_credentials(root_certificates=read(tls_ca), private_key=read(tls_key),
+                                             certificate_chain=read(tls_cert))
+    return (meta or None), creds

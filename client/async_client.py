@@ -81,11 +81,17 @@ class AsyncTandemClient:
         timeout: float | None = None,
         metadata: _convert.Metadata = None,
         options: Sequence[tuple[str, Any]] | None = None,
+        api_key: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._metadata = _convert.normalize_metadata(metadata)
-        self._channel = grpc.aio.insecure_channel(address, options=list(options or []))
+        self._metadata, creds = _convert.connection(address, metadata, api_key, tls_ca, tls_cert, tls_key)
+        opts = list(options or [])
+        self._channel = (grpc.aio.secure_channel(address, creds, options=opts) if creds is not None
+                         else grpc.aio.insecure_channel(address, options=opts))
         self._stub = api_pb2_grpc.TandemStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

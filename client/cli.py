@@ -59,6 +59,18 @@ def _summary(finish_reason: str, matched: str | int | None, usage: Any, timings:
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
+    connection_args(p)
+
+
+def connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=None, help="bearer token (prefer the TANDEM_API_KEY environment variable)")
+    p.add_argument("--tls-ca", default=None, help="use TLS, trusting this PEM CA bundle ('' = the system's roots)")
+    p.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
+
+
+def connection_kwargs(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"api_key": args.api_key, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:
@@ -220,7 +232,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         logprobs=args.logprobs,
         request_id=args.request_id,
     )
-    with TandemClient(args.address, timeout=args.timeout) as client:
+    with TandemClient(args.address, timeout=args.timeout, **connection_kwargs(args)) as client:
         try:
             if not args.stream:
                 result = client.generate(**kwargs)
@@ -256,7 +268,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    with TandemClient(args.address, timeout=args.timeout) as client:
+    with TandemClient(args.address, timeout=args.timeout, **connection_kwargs(args)) as client:
         try:
             info = client.model_info()
         except TandemError as e:
@@ -281,7 +293,7 @@ def _health_once(client: TandemClient, timeout: float) -> tuple[str, TandemError
 
 def cmd_health(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     per_call = args.timeout if args.timeout is not None else DEFAULT_HEALTH_TIMEOUT_S
-    with TandemClient(args.address, options=POLL_CHANNEL_OPTIONS) as client:
+    with TandemClient(args.address, options=POLL_CHANNEL_OPTIONS, **connection_kwargs(args)) as client:
         status, err = _health_once(client, per_call)
         if args.wait is not None:
             deadline = time.monotonic() + args.wait
@@ -299,7 +311,7 @@ def cmd_tokenize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.prompt is None:
         parser.error("give a PROMPT (or '-' for stdin)")
     messages = _messages(args, parser)
-    with TandemClient(args.address, timeout=args.timeout) as client:
+    with TandemClient(args.address, timeout=args.timeout, **connection_kwargs(args)) as client:
         try:
             result = client.tokenize(None if messages is not None else args.prompt, messages=messages)
         except TandemError as e:

@@ -29,9 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def health_status(address: str, timeout: float = 1.0) -> int | None:
+def _channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+
+
+def health_status(address: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None) -> int | None:
     try:
-        with grpc.insecure_channel(address) as ch:
+        with _channel(address, credentials) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
             return resp.status
     except grpc.RpcError:
@@ -47,6 +51,9 @@ class TandemServer:
     worker_args: list[str] = field(default_factory=list)
     start_worker: bool = True
     env: dict[str, str] = field(default_factory=dict)
+    # How this launcher's own checks (health, stats) reach a server started with TLS / API keys.
+    credentials: grpc.ChannelCredentials | None = None
+    api_key: str = ""
 
     def __post_init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="tandem-test-")
@@ -74,7 +81,7 @@ class TandemServer:
             self.wait_serving(timeout)
         else:
             deadline = time.monotonic() + timeout
-            while health_status(self.address) is None:
+            while health_status(self.address, credentials=self.credentials) is None:
                 self._check_alive()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"scheduler did not start:\n{self.logs()}")
@@ -88,7 +95,7 @@ class TandemServer:
 
     def wait_serving(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
-        while health_status(self.address) != health_pb2.HealthCheckResponse.SERVING:
+        while health_status(self.address, credentials=self.credentials) != health_pb2.HealthCheckResponse.SERVING:
             self._check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server not SERVING after {timeout}s:\n{self.logs()}")
@@ -113,8 +120,9 @@ class TandemServer:
         return "\n".join(out)
 
     def stats(self) -> api_pb2.ServerStats:
-        with grpc.insecure_channel(self.address) as ch:
-            return api_pb2_grpc.TandemStub(ch).GetStats(api_pb2.GetStatsRequest(), timeout=10)
+        meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else None
+        with _channel(self.address, self.credentials) as ch:
+            return api_pb2_grpc.TandemStub(ch).GetStats(api_pb2.GetStatsRequest(), timeout=10, metadata=meta)
 
     def wait_idle(self, timeout: float = 30.0) -> api_pb2.ServerStats:
         """Waits until nothing runs or waits and every KV block is back in the pool."""

@@ -8,6 +8,7 @@ import sys
 from tandem.envargs import EnvArgumentParser, default_engine_address
 from tandem.logs import configure as configure_logging
 
+from scheduler_svc.auth import check_bind, load_keys
 from scheduler_svc.engine import EngineConfig
 from scheduler_svc.server import SchedulerServer, ServerConfig
 from scheduler_svc.validation import RequestLimits
@@ -42,6 +43,17 @@ def parse_args(argv: list[str] | None = None):
                    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 = off).")
     p.add_argument("--metrics-host", default="localhost",
                    help="Interface of the metrics endpoint (0.0.0.0 for a scraper on another host).")
+    p.add_argument("--api-keys-file", default=None, help="Bearer tokens clients must send, one per line.")
+    p.add_argument("--api-keys", default=None, help="Bearer tokens, comma-separated (prefer the file or the "
+                                                    "TANDEM_API_KEYS environment variable: argv is visible to all).")
+    p.add_argument("--health-without-auth", action="store_true", help="Health checks need no token.")
+    p.add_argument("--insecure", action="store_true",
+                   help="Serve a non-loopback address without authentication anyway.")
+    p.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS.")
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert.")
+    p.add_argument("--tls-client-ca", default="", help="PEM CA bundle: require client certificates (mutual TLS).")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=0,
+                   help="RPCs served at once (0 = no cap); more get RESOURCE_EXHAUSTED.")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -49,10 +61,24 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, "scheduler")
+    try:
+        keys = load_keys(args.api_keys_file, args.api_keys)
+        check_bind(args.address, bool(keys), args.insecure)
+        if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+            raise ValueError("--tls-cert and --tls-key go together; --tls-client-ca needs them")
+    except (ValueError, OSError) as exc:
+        print(f"scheduler: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         address=args.address,
         engine_address=args.engine_address,
         drain_timeout_s=args.drain_timeout,
+        api_keys=tuple(keys),
+        health_without_auth=args.health_without_auth,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         engine=EngineConfig(

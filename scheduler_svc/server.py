@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tandem.v1 import api_pb2, api_pb2_grpc
 
+from scheduler_svc.auth import BearerAuth
 from scheduler_svc.engine import Engine, EngineConfig
 from scheduler_svc.link import EngineLink
 from scheduler_svc.metrics import serve as serve_metrics
@@ -40,6 +42,21 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
     metrics_port: int = 0  # 0 = no /metrics endpoint
     metrics_host: str = "localhost"
+    api_keys: tuple[bytes, ...] = ()  # bearer tokens; empty = no authentication
+    health_without_auth: bool = False
+    tls_cert: str = ""  # PEM files; with tls_client_ca, clients must present a certificate (mutual TLS)
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    max_concurrent_rpcs: int = 0  # 0 = no cap; past it gRPC answers RESOURCE_EXHAUSTED
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    client_ca = read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(config.tls_key), read(config.tls_cert))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 class SchedulerServer:
@@ -48,17 +65,21 @@ class SchedulerServer:
         self.health = health_aio.HealthServicer()
         self.link = EngineLink(config.engine_address)
         self.engine = Engine(self.link, config.engine, on_serving_change=self._serving_changed)
-        self.grpc = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ])
+        interceptors = [BearerAuth(config.api_keys, config.health_without_auth)] if config.api_keys else []
+        self.grpc = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES), ("grpc.so_reuseport", 0)],
+            interceptors=interceptors, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
+        )
         api_pb2_grpc.add_TandemServicer_to_server(TandemServicer(self.engine, config.limits), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc,
         )
-        self.port = self.grpc.add_insecure_port(config.address)
+        if config.tls_cert:
+            self.port = self.grpc.add_secure_port(config.address, server_credentials(config))
+        else:
+            self.port = self.grpc.add_insecure_port(config.address)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC address {config.address}")
         self._tasks: list[asyncio.Future] = []

@@ -27,6 +27,9 @@ from client.bench.workloads import BenchRequest, chat_like_requests, jsonl_reque
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="localhost:50051")
+    from client.cli import connection_args
+
+    connection_args(p)
     p.add_argument("--num-prompts", type=int, default=100, help="requests measured (warm-ups excluded)")
     p.add_argument("--request-rate", type=float, default=math.inf,
                    help="requests per second; inf (default) sends everything at once")
@@ -67,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "into --result-dir (or .); no load is sent")
 
 
+def _conn(args: argparse.Namespace) -> dict[str, Any]:
+    from client.cli import connection_kwargs
+
+    return connection_kwargs(args)
+
+
 def build_workload(args: argparse.Namespace, vocab_size: int) -> list[BenchRequest]:
     total = args.num_prompts + args.num_warmups
     if args.dataset_name == "random":
@@ -92,8 +101,8 @@ def load_spec(args: argparse.Namespace) -> LoadSpec:
                     timeout=args.request_timeout)
 
 
-async def _server_info(address: str, timeout: float) -> dict[str, Any]:
-    async with AsyncTandemClient(address) as c:
+async def _server_info(address: str, timeout: float, conn: dict[str, Any]) -> dict[str, Any]:
+    async with AsyncTandemClient(address, **conn) as c:
         await wait_ready(c, timeout)
         return asdict(await c.model_info())
 
@@ -101,10 +110,10 @@ async def _server_info(address: str, timeout: float) -> dict[str, Any]:
 async def run_one(args: argparse.Namespace, spec: LoadSpec, workload: list[BenchRequest], server: dict[str, Any],
                   name: str) -> dict[str, Any]:
     warm, measured = workload[: args.num_warmups], workload[args.num_warmups :]
-    records, duration = await run_load(args.address, measured, spec, warmup=warm,
-                                       ready_timeout=args.ready_timeout, progress=not args.disable_tqdm)
+    records, duration = await run_load(args.address, measured, spec, warmup=warm, ready_timeout=args.ready_timeout,
+                                       progress=not args.disable_tqdm, connection=_conn(args))
     slo = SLO.parse(args.goodput) if args.goodput else None
-    run_args = {**{k: v for k, v in vars(args).items() if k not in ("func", "subparser")},
+    run_args = {**{k: v for k, v in vars(args).items() if k not in ("func", "subparser", "api_key")},
                 "request_rate": spec.request_rate, "max_concurrency": spec.max_concurrency}
     summary = {**report.metadata(run_args, server, args.label), "run": name,
                "max_concurrency": spec.max_concurrency, **summarize(records, duration, slo)}
@@ -125,7 +134,7 @@ async def run_one(args: argparse.Namespace, spec: LoadSpec, workload: list[Bench
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    server = await _server_info(args.address, args.ready_timeout)
+    server = await _server_info(args.address, args.ready_timeout, _conn(args))
     workload = build_workload(args, int(server["vocab_size"]))
     spec = load_spec(args)
     if not args.sweep:

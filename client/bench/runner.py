@@ -83,13 +83,13 @@ class _NoGate:
 
 async def run_load(address: str, requests: list[BenchRequest], spec: LoadSpec, *,
                    warmup: list[BenchRequest] | None = None, ready_timeout: float = 600.0,
-                   progress: bool = False) -> tuple[list[RequestRecord], float]:
+                   progress: bool = False, connection: dict | None = None) -> tuple[list[RequestRecord], float]:
     """Sends `warmup` (all at once, awaited, not recorded), then `requests` on `spec`'s schedule;
     returns (records in request order, duration seconds).
 
     The duration runs from the first send to the last request's end, as vLLM measures it.
     """
-    async with AsyncTandemClient(address) as client:
+    async with AsyncTandemClient(address, **(connection or {})) as client:
         await wait_ready(client, ready_timeout)
         if warmup:
             await asyncio.gather(*(_one(client, r, spec, RequestRecord(r.index, r.prompt_tokens, r.max_new_tokens),
