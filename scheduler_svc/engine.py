@@ -267,6 +267,11 @@ class Engine:
             handle = self.handles.get(ev.request.req_id)
             if handle is None:
                 continue
+            if ev.error is not None:  # only this request: its batch-mates go on
+                log.error("request %s: %s", handle.client_request_id, ev.error)
+                handle.fail(grpc.StatusCode.INTERNAL, ev.error)
+                del self.handles[handle.req_id]
+                continue
             if handle.first_token_at is None:
                 metrics.first_token(now - handle.accepted_at)
             else:

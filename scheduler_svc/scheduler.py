@@ -61,6 +61,7 @@ class TokenEvent:
     logprob: float | None
     top: list[tuple[int, float]] | None
     finish: FinishReason | None
+    error: str | None = None  # the row's logits were broken: the request ends with this error, no token
 
 
 @dataclass
@@ -409,6 +410,8 @@ class Scheduler:
         assert result.step_id == info.step_id, f"result for step {result.step_id}, expected {info.step_id}"
         assert result.sampled.shape == (len(info.requests),)
         events: list[TokenEvent] = []
+        # The worker's sampler marks a row whose logits were not finite with a NaN logprob.
+        broken = np.isnan(result.logprob) if result.logprob is not None else None
         for r, req in enumerate(info.requests):
             if not info.sample[r] or req.is_finished:
                 continue  # a prefill chunk, or the overrun of a request already finished: discarded
@@ -416,6 +419,10 @@ class Scheduler:
             assert req.num_inflight >= 0
             if req.num_inflight == 0:
                 req.last_sample = None
+            if broken is not None and broken[r]:
+                events.append(TokenEvent(req, -1, None, None, FinishReason.ABORTED, error="non-finite logits"))
+                self._finish(req, FinishReason.ABORTED)
+                continue
             token = int(result.sampled[r])
             assert token >= 0, f"step {info.step_id} row {r} sampled nothing"
             req.output_ids.append(token)

@@ -29,3 +29,26 @@ def test_hung_worker_is_treated_as_dead():
         assert elapsed < 1.5 + 3.0
         assert health_status(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert server.scheduler.poll() is None, "the scheduler itself keeps running"
+
+
+def test_non_finite_logits_fail_only_that_request():
+    """Row 0 of step 6 reports non-finite logits: that request ends INTERNAL, its batch-mates finish
+    with exactly the tokens they get without the fault, and every KV block comes back."""
+    prompts = [[5 + i, 6, 7, 8] for i in range(4)]
+
+    async def run(address: str):
+        async with AsyncTandemClient(address) as c:
+            return await asyncio.gather(*(c.generate(token_ids=p, max_new_tokens=20, ignore_eos=True, temperature=0)
+                                          for p in prompts), return_exceptions=True)
+
+    with TandemServer(worker_args=TINY_WORKER_ARGS) as clean:
+        expected = asyncio.run(run(clean.address))
+    with TandemServer(worker_args=TINY_WORKER_ARGS, env={"TANDEM_FAULTS": "nan_logits_at_step=6,nan_row=0"}) as server:
+        got = asyncio.run(run(server.address))
+        st = server.wait_idle()
+        assert st.kv_blocks_free == st.kv_blocks_total
+    failed = [r for r in got if isinstance(r, TandemError)]
+    assert len(failed) == 1 and failed[0].code == grpc.StatusCode.INTERNAL and "non-finite logits" in failed[0].message
+    for r, e in zip(got, expected, strict=True):
+        if not isinstance(r, Exception):
+            assert r.token_ids == e.token_ids

@@ -29,7 +29,8 @@ from worker_svc.runner import Engine
 log = logging.getLogger("tandem.worker.loop")
 
 # Fault hooks for the reliability tests, off unless this variable is set: "hang_at_step=N" makes
-# the worker stop answering (alive, connected, silent) when step N arrives.
+# the worker stop answering (alive, connected, silent) when step N arrives; "nan_logits_at_step=N"
+# (with "nan_row=R", default 0) reports row R of step N as having non-finite logits.
 FAULTS_ENV = "TANDEM_FAULTS"
 
 
@@ -157,4 +158,6 @@ class WorkerLoop:
         """Collects and sends results, oldest first, until `keep` steps remain in flight."""
         while self.engine.num_in_flight > keep:
             result = self.engine.collect()
+            if self.faults.get("nan_logits_at_step") == result.step_id and result.logprob is not None:
+                result.logprob[self.faults.get("nan_row", 0)] = np.nan  # what the sampler reports for broken logits
             self.link.send(result.encode())

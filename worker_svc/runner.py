@@ -72,7 +72,6 @@ class _Launched:
     num_rows: int
     sample: np.ndarray  # host copy of plan.sample (carry-over of the next step is checked against it)
     num_top: int
-    want_logprob: bool
     start: object  # timing events (torch.cuda.Event or HostEvent)
     done: object
     prev_done: object | None
@@ -255,7 +254,6 @@ class Engine:
         sampling = plan.sample.astype(bool)
         asked = plan.num_logprobs[sampling]
         num_top = int(asked.max(initial=0))
-        want_logprob = bool(np.any(asked >= 0))
         start, done = self._timing[self._launches % _TIMING_RING]
         rows, num_sampled = plan.num_rows, int(sampling.sum())
         carries = bool(np.any(plan.carry_index >= 0))
@@ -293,7 +291,7 @@ class Engine:
             slot.compute_done.record(compute)
         slot.issue_d2h(rows, num_top)
 
-        launched = _Launched(plan.step_id, slot, rows, plan.sample.copy(), num_top, want_logprob, start, done,
+        launched = _Launched(plan.step_id, slot, rows, plan.sample.copy(), num_top, start, done,
                              prev.done if prev is not None else None)
         self._in_flight.append(launched)
         self._last = launched
@@ -346,7 +344,7 @@ class Engine:
             sampled=sampled,
             compute_ms=compute_ms,
             idle_gap_ms=idle_ms,
-            logprob=logprob if f.want_logprob else None,
+            logprob=logprob,  # always: NaN marks a row with broken logits (see sampler.py)
             top_ids=top_ids if f.num_top else None,
             top_logprobs=top_lp if f.num_top else None,
         )
