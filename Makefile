@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ADDRESS ?= localhost:50051
 
-.PHONY: run install dev test lint proto bench clean
+.PHONY: run install dev test lint proto bench clean compose-tools
 
 run: install
 	$(VENV)/bin/tandem serve --address $(ADDRESS)
@@ -28,8 +28,15 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[worker,dev]'
 	touch $@
 
-test: dev
+test: dev compose-tools
 	$(PY) -m pytest -q
+
+# Debian's docker-compose validates compose.yaml without a Docker engine (tests/test_compose.py).
+# Installed when missing and this user may (root with apt); its test is skipped otherwise.
+compose-tools:
+	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get install -y -q docker-compose >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 \
+		&& apt-get install -y -q docker-compose >/dev/null 2>&1)) ; } || echo "docker-compose not installed: its test is skipped"
 
 lint: dev
 	$(VENV)/bin/ruff check .
