@@ -52,3 +52,39 @@ def test_non_finite_logits_fail_only_that_request():
     for r, e in zip(got, expected, strict=True):
         if not isinstance(r, Exception):
             assert r.token_ids == e.token_ids
+
+
+def test_garbage_on_the_engine_link_never_takes_the_scheduler_down():
+    """Random bytes, unknown kinds, truncated and undecodable headers, a RESULT for no step, a
+    HELLO of another protocol and an oversized message arrive on the scheduler's engine socket:
+    each is dropped (the oversized one costs its sender the connection), and a real worker is
+    served afterwards."""
+    import zmq
+
+    from scheduler_svc.link import MAX_MESSAGE_BYTES
+
+    server = TandemServer(worker_args=TINY_WORKER_ARGS, start_worker=False).start()
+    try:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.engine_address)
+        for frames in ([b"\x00\xff" * 10], [b"NOPE", b"header"], [b"RESULT"], [b"RESULT", b"\x0a\xff\xff"],
+                       [b"HELLO", b"\x08\x63"], [b"RESULT", b"", b"x" * 7], [b"PLAN", b"\x01"]):
+            sock.send_multipart(frames)
+        sock.send(b"\x00" * (MAX_MESSAGE_BYTES + 1))
+        time.sleep(1.0)
+        sock.close()
+        ctx.term()
+        assert server.scheduler.poll() is None
+        assert health_status(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        server.start_worker_process()
+        server.wait_serving(120)
+
+        async def run():
+            async with AsyncTandemClient(server.address) as c:
+                return await c.generate(token_ids=[5, 6, 7], max_new_tokens=3, ignore_eos=True)
+
+        assert len(asyncio.run(run()).token_ids) == 3
+    finally:
+        server.stop()
