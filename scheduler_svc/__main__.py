@@ -43,6 +43,11 @@ def parse_args(argv: list[str] | None = None):
                    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 = off).")
     p.add_argument("--metrics-host", default="localhost",
                    help="Interface of the metrics endpoint (0.0.0.0 for a scraper on another host).")
+    p.add_argument("--link-curve-secret", default="",
+                   help="CURVE secret key file (NAME.key_secret) for a tcp:// engine link: encrypted, workers "
+                        "authenticated (`python -m tandem.linkkeys DIR` creates keys).")
+    p.add_argument("--link-curve-clients", default="",
+                   help="Directory of the public key files (NAME.key) of the workers allowed to connect.")
     p.add_argument("--api-keys-file", default=None, help="Bearer tokens clients must send, one per line.")
     p.add_argument("--api-keys", default=None, help="Bearer tokens, comma-separated (prefer the file or the "
                                                     "TANDEM_API_KEYS environment variable: argv is visible to all).")
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keys = load_keys(args.api_keys_file, args.api_keys)
         check_bind(args.address, bool(keys), args.insecure)
+        if args.link_curve_secret and not args.link_curve_clients:
+            raise ValueError("--link-curve-secret needs --link-curve-clients (the workers' public keys)")
         if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
             raise ValueError("--tls-cert and --tls-key go together; --tls-client-ca needs them")
     except (ValueError, OSError) as exc:
@@ -72,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ServerConfig(
         address=args.address,
         engine_address=args.engine_address,
+        link_curve_secret=args.link_curve_secret,
+        link_curve_clients=args.link_curve_clients,
         drain_timeout_s=args.drain_timeout,
         api_keys=tuple(keys),
         health_without_auth=args.health_without_auth,

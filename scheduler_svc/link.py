@@ -43,10 +43,21 @@ class Incoming:
 class EngineLink:
     """Receives HELLO/RESULT from the worker and sends PLAN/FLUSH to it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, curve_secret: str = "", curve_clients: str = "") -> None:
         self.address = address
         self._ctx = zmq.asyncio.Context()
+        self._auth = None
         sock = self._ctx.socket(zmq.ROUTER)
+        if curve_secret:  # tcp:// across hosts: encrypted, and only workers whose public key we hold
+            from tandem import linkkeys
+            from zmq.auth.asyncio import AsyncioAuthenticator
+
+            if not curve_clients:
+                raise ValueError("--link-curve-secret needs --link-curve-clients (the workers' public keys)")
+            self._auth = AsyncioAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=curve_clients)
+            linkkeys.make_server(sock, curve_secret)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never drops silently
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
@@ -92,6 +103,8 @@ class EngineLink:
                     await result
 
     def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=0)

@@ -39,6 +39,8 @@ class ServerConfig:
     engine: EngineConfig
     limits: RequestLimits
     shutdown_grace_s: float = 5.0
+    link_curve_secret: str = ""  # CURVE on the engine link (tcp:// across hosts), see tandem.linkkeys
+    link_curve_clients: str = ""
     drain_timeout_s: float = 30.0  # on SIGTERM: how long requests in flight may take to finish
     metrics_port: int = 0  # 0 = no /metrics endpoint
     metrics_host: str = "localhost"
@@ -63,7 +65,7 @@ class SchedulerServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.health = health_aio.HealthServicer()
-        self.link = EngineLink(config.engine_address)
+        self.link = EngineLink(config.engine_address, config.link_curve_secret, config.link_curve_clients)
         self.engine = Engine(self.link, config.engine, on_serving_change=self._serving_changed)
         interceptors = [BearerAuth(config.api_keys, config.health_without_auth)] if config.api_keys else []
         self.grpc = grpc.aio.server(

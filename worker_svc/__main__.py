@@ -34,6 +34,9 @@ def build_parser() -> EnvArgumentParser:
     p.add_argument("--max-num-rows", type=int, default=64, help="most requests one step may carry")
     p.add_argument("--max-context", type=int, default=0, help="0 = the model's max_position_embeddings")
     p.add_argument("--seed", type=int, default=0, help="seed of random:<...> weights")
+    p.add_argument("--link-curve-secret", default="",
+                   help="this worker's CURVE secret key file (NAME.key_secret): encrypted tcp:// engine link")
+    p.add_argument("--link-curve-server", default="", help="the scheduler's CURVE public key file (NAME.key)")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly on CUDA too (no decode or piecewise graphs)")
     p.add_argument("--debug-placeholders", action="store_true",
@@ -81,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         cuda_graphs=not args.no_cuda_graphs, debug_placeholders=args.debug_placeholders,
         max_num_tokens=args.max_num_tokens, max_num_rows=args.max_num_rows,
     ), device)
-    link = WorkerLink(args.engine_address)
+    try:
+        link = WorkerLink(args.engine_address, args.link_curve_secret, args.link_curve_server)
+    except (ValueError, OSError) as exc:
+        log.error("engine link: %s", exc)
+        return 2
     loop = WorkerLoop(engine, link)
     loop_ref.append(loop)
     log.info("model %s ready; connecting to %s", loaded.name, args.engine_address)

@@ -26,10 +26,16 @@ _ESTABLISHED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 class WorkerLink:
     """Sends HELLO/RESULT, receives PLAN/FLUSH; `peer_lost` turns true for good when the scheduler goes."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, curve_secret: str = "", curve_server: str = "") -> None:
         self.address = address
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.DEALER)
+        if curve_secret or curve_server:
+            from tandem import linkkeys
+
+            if not (curve_secret and curve_server):
+                raise ValueError("--link-curve-secret and --link-curve-server go together")
+            linkkeys.make_client(sock, curve_secret, curve_server)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
