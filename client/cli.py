@@ -407,7 +407,8 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     prepare_ipc_address(args.engine_address or default_engine_address())
     scheduler, worker = serve_commands(args)
     sup = Supervisor(
-        [ChildSpec("scheduler", scheduler), ChildSpec("worker", worker)],
+        # A dead worker is restarted and the scheduler takes it back; a dead scheduler ends `serve`.
+        [ChildSpec("scheduler", scheduler), ChildSpec("worker", worker, restart=True)],
         grace_s=args.grace if args.grace is not None else (args.drain_timeout or 30.0) + 10.0,
         name="tandem serve",
     )

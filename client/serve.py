@@ -4,7 +4,8 @@ Owns the children's lifetime: each runs in its own process group (so a terminal 
 the supervisor, which then shuts the children down in order of its choosing); SIGINT/SIGTERM to the
 supervisor become SIGTERM to each child group in turn (the order given: the scheduler drains before
 its worker goes), then SIGKILL after a grace period; a child exiting on
-its own takes the others down and makes the supervisor exit non-zero. On Linux every child also gets
+its own takes the others down and makes the supervisor exit non-zero, unless it is marked to be
+restarted (the worker), which is then started again. On Linux every child also gets
 PR_SET_PDEATHSIG=SIGKILL, so even a SIGKILLed supervisor leaves no orphans.
 """
 
@@ -29,6 +30,13 @@ class ChildSpec:
     name: str
     argv: list[str]
     env: Mapping[str, str] | None = None  # None: inherit the supervisor's environment
+    # Restarted when it exits on its own (the worker: the scheduler takes a new one back), unless it
+    # keeps dying young (CRASH_LOOP_STARTS in a row within CRASH_LOOP_S of starting): then all stop.
+    restart: bool = False
+
+
+CRASH_LOOP_S = 30.0
+CRASH_LOOP_STARTS = 3
 
 
 @dataclass
@@ -36,6 +44,8 @@ class _Running:
     spec: ChildSpec
     proc: subprocess.Popen[bytes]
     exited_at: float | None = field(default=None)
+    started_at: float = field(default_factory=time.monotonic)
+    quick_deaths: int = 0
 
 
 def _pdeathsig_preexec() -> Callable[[], None] | None:
@@ -97,13 +107,26 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)
 
+    def _spawn(self, spec: ChildSpec) -> subprocess.Popen[bytes]:
+        env = None if spec.env is None else dict(spec.env)
+        proc = subprocess.Popen(spec.argv, env=env, process_group=0, preexec_fn=_pdeathsig_preexec())
+        self.log(f"started {spec.name} (pid {proc.pid}): {' '.join(spec.argv)}")
+        return proc
+
     def start(self) -> None:
-        preexec = _pdeathsig_preexec()
         for spec in self.children:
-            env = None if spec.env is None else dict(spec.env)
-            proc = subprocess.Popen(spec.argv, env=env, process_group=0, preexec_fn=preexec)
-            self._running.append(_Running(spec, proc))
-            self.log(f"started {spec.name} (pid {proc.pid}): {' '.join(spec.argv)}")
+            self._running.append(_Running(spec, self._spawn(spec)))
+
+    def _restart(self, r: _Running) -> bool:
+        """Starts a restartable child again; False when it is crash-looping."""
+        young = time.monotonic() - r.started_at < CRASH_LOOP_S
+        r.quick_deaths = r.quick_deaths + 1 if young else 0
+        if r.quick_deaths >= CRASH_LOOP_STARTS:
+            self.log(f"{r.spec.name} died {r.quick_deaths} times within {CRASH_LOOP_S:g} s of starting: giving up")
+            return False
+        time.sleep(min(5.0, 0.5 * 2**r.quick_deaths))  # a short backoff, longer while it keeps dying young
+        r.proc, r.started_at = self._spawn(r.spec), time.monotonic()
+        return True
 
     def _signal_groups(self, sig: int, only_alive: bool = True) -> None:
         for r in self._running:
@@ -161,6 +184,11 @@ class Supervisor:
                     if rc is None:
                         continue
                     how = f"with code {rc}" if rc >= 0 else f"by signal {signal.Signals(-rc).name}"
+                    if r.spec.restart and not self._signals:
+                        self.log(f"{r.spec.name} exited {how}; restarting it")
+                        if self._restart(r):
+                            continue
+                        rc = rc if rc > 0 else 1
                     others = [o.spec.name for o in self._running if o is not r]
                     self.log(f"{r.spec.name} exited {how}; stopping {', '.join(others) or 'nothing'}")
                     self.stop()

@@ -94,14 +94,40 @@ def test_tandem_serve_runs_and_stops_cleanly():
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_tandem_serve_exits_nonzero_when_a_child_dies():
+def test_tandem_serve_exits_nonzero_when_the_scheduler_dies():
     proc, _ = _start_serve()
     try:
         kids = _children(proc.pid)
-        worker = next(k for k in kids if "worker_svc" in _cmdline(k))
-        os.kill(worker, signal.SIGKILL)
+        scheduler = next(k for k in kids if "scheduler_svc" in _cmdline(k))
+        os.kill(scheduler, signal.SIGKILL)
         assert proc.wait(30) != 0
         assert all(_gone(k) for k in kids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_tandem_serve_restarts_a_dead_worker_and_keeps_its_scheduler():
+    proc, address = _start_serve()
+    try:
+        kids = _children(proc.pid)
+        scheduler = next(k for k in kids if "scheduler_svc" in _cmdline(k))
+        worker = next(k for k in kids if "worker_svc" in _cmdline(k))
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while health_status(address) == SERVING:  # the scheduler notices, first
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        deadline = time.monotonic() + 120
+        while health_status(address) != SERVING:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        kids_after = _children(proc.pid)
+        assert scheduler in kids_after and worker not in kids_after and len(kids_after) == 2
+        with TandemClient(address) as c:
+            assert len(c.generate(token_ids=[5, 6, 7], max_new_tokens=4, temperature=0).token_ids) == 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
