@@ -89,7 +89,9 @@ def test_soak_with_cancels_deadlines_invalid_requests_and_a_worker_kill():
     for kind in ("ok", "cancel", "deadline", "invalid"):
         ended = sum(v for k, v in out.items() if k.startswith(f"{kind}: "))
         assert ended == out[f"sent {kind}"], f"{kind}: a request neither completed nor ended with a status"
-    assert out["ok: completed"] > out["sent ok"] * 0.5
+    # The worker is down from 40% of the run until its replacement has loaded: on a slow machine that
+    # can be a third of the run; most of the rest must complete.
+    assert out["ok: completed"] > out["sent ok"] * 0.3
     assert out["ok: UNAVAILABLE"] > 0, "the worker kill should have failed requests in flight"
     # Invalid requests are refused as such, or UNAVAILABLE while no worker is connected (validation
     # needs the model's limits); never accepted.
