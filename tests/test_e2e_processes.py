@@ -4,6 +4,7 @@ held with UNAVAILABLE, and serving resumes when a worker connects again, without
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -59,6 +61,21 @@ class _Output:
         return True
 
 
+@contextlib.contextmanager
+def _serve() -> Iterator[tuple[subprocess.Popen, str]]:
+    """A SERVING `tandem serve` (tiny model); its whole process group is killed afterwards if left."""
+    proc, address = _start_serve()
+    try:
+        yield proc, address
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _child(kids: list[int], module: str) -> int:
+    return next(k for k in kids if module in _cmdline(k))
+
+
 def _start_serve() -> tuple[subprocess.Popen, str]:
     directory = tempfile.mkdtemp(prefix="tandem-serve-")
     address = f"127.0.0.1:{free_port()}"
@@ -76,9 +93,8 @@ def _start_serve() -> tuple[subprocess.Popen, str]:
 
 
 def test_tandem_serve_runs_and_stops_cleanly():
-    proc, address = _start_serve()
-    output = _Output(proc.stdout)
-    try:
+    with _serve() as (proc, address):
+        output = _Output(proc.stdout)
         # It tells the user how to call it, once it is serving (its own health poll, a moment later).
         assert output.wait_for("tandem generate", 15), "".join(output.lines)
         kids = _children(proc.pid)
@@ -89,30 +105,20 @@ def test_tandem_serve_runs_and_stops_cleanly():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert all(_gone(k) for k in kids)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_tandem_serve_exits_nonzero_when_the_scheduler_dies():
-    proc, _ = _start_serve()
-    try:
+    with _serve() as (proc, _):
         kids = _children(proc.pid)
-        scheduler = next(k for k in kids if "scheduler_svc" in _cmdline(k))
-        os.kill(scheduler, signal.SIGKILL)
+        os.kill(_child(kids, "scheduler_svc"), signal.SIGKILL)
         assert proc.wait(30) != 0
         assert all(_gone(k) for k in kids)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_tandem_serve_restarts_a_dead_worker_and_keeps_its_scheduler():
-    proc, address = _start_serve()
-    try:
+    with _serve() as (proc, address):
         kids = _children(proc.pid)
-        scheduler = next(k for k in kids if "scheduler_svc" in _cmdline(k))
-        worker = next(k for k in kids if "worker_svc" in _cmdline(k))
+        scheduler, worker = _child(kids, "scheduler_svc"), _child(kids, "worker_svc")
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 5
         while health_status(address) == SERVING:  # the scheduler notices, first
@@ -128,9 +134,6 @@ def test_tandem_serve_restarts_a_dead_worker_and_keeps_its_scheduler():
             assert len(c.generate(token_ids=[5, 6, 7], max_new_tokens=4, temperature=0).token_ids) == 4
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_dead_worker_fails_inflight_then_serving_resumes():

@@ -91,6 +91,11 @@ def _reference(query, cache: PagedKVCache, tables, query_start, kv_lens, scale) 
     return paged_attention(query.double().cpu(), ref_cache.k[0], ref_cache.v[0], step, scale)
 
 
+def dev(a) -> torch.Tensor:
+    """An int32 index array on the test device."""
+    return torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=DEVICE)
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double().cpu() - ref).abs().max() / ref.abs().max())
 
@@ -128,7 +133,6 @@ def test_paged_decode_matches_reference(block_size, group, head_dim, dtype, spli
     query = torch.randn(n, kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
     out = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
-    dev = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=DEVICE)  # noqa: E731
     # Rows in reverse token order: a row's query need not sit at its own index.
     rows_t = dev(np.arange(n)[::-1])
     toks_t = dev(np.arange(n))
@@ -172,7 +176,6 @@ def test_paged_prefill_matches_reference(block_size, group, head_dim, dtype):
     out = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
     multi = np.array([r for r, q in enumerate(q_lens) if q > 1], dtype=np.int32)
-    dev = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=DEVICE)  # noqa: E731
     paged_prefill(query, cache.k[0], cache.v[0], out, dev(tables), dev(kv_lens), dev(query_start), dev(multi),
                   max(q_lens), scale)
     singles = [int(query_start[r]) for r, q in enumerate(q_lens) if q == 1]

@@ -60,11 +60,12 @@ class RowLayout:
     single_blocks: int  # block-table columns the single-token gather reads (covers the longest)
     multi: tuple[MultiRow, ...]
 
-    @property
+    # Cached: the layout is read once per step by the I/O slot and once per layer by attention.
+    @cached_property
     def multi_rows(self) -> np.ndarray:
         return np.array([m.row for m in self.multi], dtype=np.int32)
 
-    @property
+    @cached_property
     def max_query_len(self) -> int:
         return max((m.q_end - m.q_start for m in self.multi), default=0)
 

@@ -56,6 +56,27 @@ def decode_splits(num_rows: int, kv_heads: int, num_sms: int) -> int:
     return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
 
 
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, k_base, v_base, table, pos, ok, visible, d, scale_log2,
+                 stride_kb, stride_ks, stride_vb, stride_vs, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step of both kernels: gather the tile's K/V through the block table (`pos`
+    context positions, `ok` in range), score `q` against K where `visible`, fold into (m_i, l_i, acc)."""
+    block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+    off = pos % BLOCK_SIZE
+    k = tl.load(k_base + block[:, None] * stride_kb + off[:, None] * stride_ks + d[None, :],
+                mask=ok[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + block[:, None] * stride_vb + off[:, None] * stride_vs + d[None, :],
+                mask=ok[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 # Triton specialises integer arguments by value class (== 1, divisible by 16): the block table's row
 # stride is the plan's width, which varies between eager steps, so it is exempt, or the first step of
 # each new class would compile a kernel while serving.
@@ -95,20 +116,9 @@ def _decode_kernel(
     for start in range(lo, hi, TILE):
         pos = start + n
         ok = pos < hi
-        block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        off = pos % BLOCK_SIZE
-        k = tl.load(k_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                    mask=ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, TILE]
-        qk = tl.where(ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                    mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, table, pos,
+                                     ok, ok[None, :], d, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
+                                     BLOCK_SIZE, PRECISION)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]  # an empty part (or a padding row) gives zeros
@@ -217,21 +227,11 @@ def _prefill_kernel(
     for start in range(0, end, TILE):
         pos = start + n
         ok = pos < end
-        block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-        off = pos % BLOCK_SIZE
-        k = tl.load(k_ptr + block[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                    mask=ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, TILE]
         # Position 0 is visible to every query, so no row of a tile is all -inf after the first.
-        qk = tl.where(ok[None, :] & (pos[None, :] <= qpos[:, None]), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + block[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                    mask=ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        visible = ok[None, :] & (pos[None, :] <= qpos[:, None])
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_ptr + kvh * stride_kh, v_ptr + kvh * stride_vh, table, pos,
+                                     ok, visible, d, scale_log2, stride_kb, stride_ks, stride_vb, stride_vs,
+                                     BLOCK_SIZE, PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(o_ptr + toks[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=q_ok[:, None])
