@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from client.bench.arrivals import offsets, ramp_offsets
-from client.bench.metrics import SLO, RequestRecord, peak_concurrency, percentile, summarize
+from client.bench.metrics import SLO, RequestRecord, highest_rate_within, peak_concurrency, percentile, summarize
 
 
 def _record(index: int, start: float, chunks: list[tuple[float, int]], prompt: int = 10,
@@ -140,17 +140,45 @@ def test_harness_against_a_real_server(tiny, tmp_path):
     assert tiny.wait_idle().requests_finished - before == 12 + 2 + 5
 
 
-def test_sweep_plot_compares_labelled_sweeps(tmp_path):
-    """`--compare-sweeps` draws saved sweeps (e.g. async and sync) into one valid PNG, sending no load."""
-    def run(rate: float, ttft: float) -> dict:
-        return {"request_throughput": rate, "output_throughput": rate * 100, "p99_ttft_ms": ttft, "p99_tpot_ms": 20.0}
+def _sweep_run(run: str, rate: float, ttft: float, tpot: float = 20.0, achieved: float | None = None) -> dict:
+    achieved = rate if achieved is None else achieved
+    return {"run": run, "args": {"request_rate": rate}, "request_throughput": achieved,
+            "output_throughput": achieved * 100, "p99_ttft_ms": ttft, "p99_tpot_ms": tpot}
 
+
+def test_highest_rate_within_slos():
+    """The sweep's answer: the highest offered rate kept at p99 with no miss at or below it; the
+    one-at-a-time pass never counts, the all-at-once pass counts at its measured throughput."""
+    slo = SLO.parse(["ttft:1000", "tpot:50"])
+    runs = [_sweep_run("sync", math.inf, 30, achieved=0.9), _sweep_run("rate-24", 24, 150),
+            _sweep_run("rate-28", 28, 600), _sweep_run("rate-32", 32, 1013), _sweep_run("rate-36", 36, 900)]
+    assert highest_rate_within(runs, slo) == 28  # 36 passed, but 32 below it missed
+    runs.append(_sweep_run("rate-28", 28, 400, tpot=51))  # a second pass at 28 misses TPOT
+    assert highest_rate_within(runs, slo) == 24
+    # The all-at-once pass counts at its throughput when it kept the SLOs; its miss rules out nothing.
+    assert highest_rate_within([_sweep_run("throughput", math.inf, 900, achieved=33.8)], slo) == 33.8
+    runs.append(_sweep_run("throughput", math.inf, 16000, achieved=23.9))
+    assert highest_rate_within(runs, slo) == 24
+    assert highest_rate_within([_sweep_run("rate-24", 24, 1500)], slo) is None
+    assert highest_rate_within(runs, SLO.parse(["ttft:2000"])) == 36  # only the SLOs given are checked
+
+
+def test_sweep_plot_compares_labelled_sweeps(tmp_path):
+    """`--compare-sweeps` draws saved sweeps (e.g. async and sync) into one valid PNG, sending no load,
+    merges several files of one label and reports each label's highest rate within the SLOs."""
     for label, slow in (("async", 1.0), ("sync", 2.0)):
-        (tmp_path / f"{label}.sweep.json").write_text(json.dumps([run(r, 50 * r * slow) for r in (1, 2, 4)]))
+        runs = [_sweep_run(f"rate-{r}", r, 200 * r * slow) for r in (1, 2, 4)]
+        (tmp_path / f"{label}.sweep.json").write_text(json.dumps(runs[:2]))
+        (tmp_path / f"{label}.more.sweep.json").write_text(json.dumps(runs[2:]))
     out = subprocess.run(
-        [sys.executable, "-m", "client.cli", "bench", "--compare-sweeps", f"async={tmp_path / 'async.sweep.json'}",
-         f"sync={tmp_path / 'sync.sweep.json'}", "--result-dir", str(tmp_path), "--goodput", "ttft:1000"],
+        [sys.executable, "-m", "client.cli", "bench", "--compare-sweeps",
+         f"async={tmp_path / 'async.sweep.json'},{tmp_path / 'async.more.sweep.json'}",
+         f"sync={tmp_path / 'sync.sweep.json'},{tmp_path / 'sync.more.sweep.json'}",
+         "--result-dir", str(tmp_path), "--goodput", "ttft:1000"],
         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     png = (tmp_path / "sweeps.compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # async: p99 TTFT 200, 400, 800 ms -> all three rates; sync: 400, 800, 1600 ms -> up to 2.
+    assert "async: highest rate within the SLOs 4 req/s" in out.stdout
+    assert "sync: highest rate within the SLOs 2 req/s" in out.stdout

@@ -20,7 +20,7 @@ from typing import Any
 
 from client import AsyncTandemClient
 from client.bench import report
-from client.bench.metrics import SLO, summarize
+from client.bench.metrics import SLO, highest_rate_within, summarize
 from client.bench.runner import LoadSpec, run_load, wait_ready
 from client.bench.workloads import BenchRequest, chat_like_requests, jsonl_requests, random_requests
 
@@ -65,9 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=None, help="per request, seconds")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="write no PNG files")
-    p.add_argument("--compare-sweeps", nargs="+", default=None, metavar="LABEL=PATH",
+    p.add_argument("--compare-sweeps", nargs="+", default=None, metavar="LABEL=PATH[,PATH...]",
                    help="only plot: throughput against p99 TTFT/TPOT of saved sweeps (*.sweep.json) side by side, "
-                   "into --result-dir (or .); no load is sent")
+                   "into --result-dir (or .), several files of one label merged; with --goodput also the highest "
+                   "rate within the SLOs per label; no load is sent")
 
 
 def _conn(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,16 +168,22 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def compare_sweeps(args: argparse.Namespace) -> int:
     from client.bench import plots
 
-    sweeps = {}
+    sweeps: dict[str, list[dict[str, Any]]] = {}
     for item in args.compare_sweeps:
-        label, sep, path = item.partition("=")
-        if not sep:
-            raise ValueError(f"--compare-sweeps takes LABEL=PATH, not {item!r}")
-        sweeps[label] = json.loads(Path(path).read_text())
+        label, sep, paths = item.partition("=")
+        if not sep or not paths:
+            raise ValueError(f"--compare-sweeps takes LABEL=PATH[,PATH...], not {item!r}")
+        # Several files under one label: passes of the same server at different rates, merged.
+        sweeps.setdefault(label, []).extend(r for path in paths.split(",") for r in json.loads(Path(path).read_text()))
     out = Path(args.result_dir or ".") / f"{args.result_filename or 'sweeps'}.compare.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    slo = SLO.parse(args.goodput).as_dict() if args.goodput else None
-    print(f"wrote {plots.sweep(sweeps, out, slo)}")
+    slo = SLO.parse(args.goodput) if args.goodput else None
+    print(f"wrote {plots.sweep(sweeps, out, slo.as_dict() if slo else None)}")
+    if slo:
+        for label, runs in sweeps.items():
+            best = highest_rate_within(runs, slo)
+            print(f"{label}: highest rate within the SLOs "
+                  + ("none (the lowest rate misses)" if best is None else f"{best:g} req/s"))
     return 0
 
 

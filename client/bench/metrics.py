@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 LATENCIES = ("ttft", "tpot", "itl", "itl_per_token", "e2el")
 PERCENTILES = (90, 95, 99)
@@ -104,6 +105,29 @@ class SLO:
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in (("ttft", self.ttft_ms), ("tpot", self.tpot_ms), ("e2el", self.e2el_ms)) if v}
+
+
+def offered_rate(run: Mapping[str, Any]) -> float:
+    """A sweep run's offered request rate; the all-at-once pass counts at its measured throughput."""
+    rate = float(run["args"]["request_rate"])
+    return float(run["request_throughput"]) if math.isinf(rate) else rate
+
+
+def highest_rate_within(runs: Sequence[Mapping[str, Any]], slo: SLO) -> float | None:
+    """The highest offered rate at which the sweep's runs keep the SLOs at p99, counting a rate only
+    when no rate-limited run at that rate or below missed them: one lucky run above a miss does not
+    raise it. The one-at-a-time pass never counts (its rate is not offered load); the all-at-once
+    pass counts at its measured throughput when it kept them, and its miss is no evidence against a
+    lower steady rate (all of its requests queue at once). None when nothing qualifies."""
+    limits = slo.as_dict()
+
+    def kept(r: Mapping[str, Any]) -> bool:
+        return all(float(r[f"p99_{name}_ms"]) <= ms for name, ms in limits.items())
+
+    loaded = [r for r in runs if r.get("run") != "sync"]
+    missed = [offered_rate(r) for r in loaded if not kept(r) and not math.isinf(float(r["args"]["request_rate"]))]
+    return max((offered_rate(r) for r in loaded if kept(r) and offered_rate(r) < min(missed, default=math.inf)),
+               default=None)
 
 
 def percentile(values: Sequence[float], p: float) -> float:
