@@ -1,4 +1,4 @@
-"""`python -m bench cpu|gpu|floor|sweep ...`: the committed benchmarks (see docs/benchmarks.md)."""
+"""`python -m bench cpu|gpu|floor|sweep|graph-memory ...`: the committed benchmarks (see docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import sys
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("cpu", "gpu", "floor", "sweep"):
-        print("usage: python -m bench {cpu,gpu,floor,sweep} [options]  (add --help after the name for its options)")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("cpu", "gpu", "floor", "sweep", "graph-memory"):
+        print("usage: python -m bench {cpu,gpu,floor,sweep,graph-memory} [options]"
+              "  (add --help after the name for its options)")
         return 2
     which = sys.argv[1]
     if which == "cpu":
@@ -16,6 +17,8 @@ def main() -> int:
         from bench.floor import main as run
     elif which == "sweep":
         from bench.rate_sweep import main as run
+    elif which == "graph-memory":
+        from bench.graph_memory import main as run
     else:
         from bench.gpu_async import main as run
     return run(sys.argv[2:])

@@ -101,6 +101,7 @@ class Engine:
         self.graphs: DecodeGraphs | None = None
         self.piecewise: dict[tuple[int, int], PiecewiseGraph] = {}  # (slot, token bucket): other steps
         self.token_buckets: list[int] = []
+        self.graph_memory_bytes = 0  # what capturing the graphs took from the device (reserved)
         if self.sync.cuda:
             torch.cuda.synchronize()  # weights and buffers were written on the default stream
             if cfg.cuda_graphs:
@@ -110,14 +111,15 @@ class Engine:
         """Captures every (slot, row bucket) decode graph, largest bucket first (one shared pool)."""
         width = self.limits.max_blocks_per_row
         self.graphs = DecodeGraphs(self.limits.max_num_rows, width)
-        t0 = time.perf_counter()
+        t0, reserved = time.perf_counter(), torch.cuda.memory_reserved()
         with torch.inference_mode():
             self._capture_all(width)
             self._capture_piecewise()
         torch.cuda.synchronize()
+        self.graph_memory_bytes = torch.cuda.memory_reserved() - reserved
         log.info("captured %d decode CUDA graphs (row buckets %s) and %d piecewise graphs (token buckets %s) "
-                 "in %.1f s", len(self.graphs.captured), self.graphs.buckets, len(self.piecewise),
-                 self.token_buckets, time.perf_counter() - t0)
+                 "in %.1f s, %.0f MiB", len(self.graphs.captured), self.graphs.buckets, len(self.piecewise),
+                 self.token_buckets, time.perf_counter() - t0, self.graph_memory_bytes / (1 << 20))
 
     def _capture_piecewise(self) -> None:
         """Per (slot, token bucket), largest first, the forward of a step that is not decode-only,
