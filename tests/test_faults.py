@@ -31,6 +31,27 @@ def test_hung_worker_is_treated_as_dead():
         assert server.scheduler.poll() is None, "the scheduler itself keeps running"
 
 
+def test_hung_worker_exits_so_a_supervisor_can_restart_it():
+    """The worker's own watchdog: a step that keeps it busy past its --hang-timeout ends the process
+    with status 3 (it would otherwise hold the device forever); the scheduler, whose own watchdog is
+    far slower here, sees the worker go and fails the request UNAVAILABLE at once."""
+    with TandemServer(worker_args=[*TINY_WORKER_ARGS, "--hang-timeout", "1"],
+                      scheduler_args=["--step-timeout", "60"], env={"TANDEM_FAULTS": "hang_at_step=3"}) as server:
+        async def run():
+            async with AsyncTandemClient(server.address) as c:
+                t0 = time.monotonic()
+                with pytest.raises(TandemError) as err:
+                    await c.generate(token_ids=[5, 6, 7], max_new_tokens=50, ignore_eos=True)
+                return err.value, time.monotonic() - t0
+
+        err, elapsed = asyncio.run(run())
+        assert err.code == grpc.StatusCode.UNAVAILABLE, err
+        assert elapsed < 1 + 5.0, "the scheduler's 60-s watchdog must not be what ended it"
+        assert server.worker.wait(timeout=10) == 3
+        assert "exiting with status 3" in server.log_text("worker")
+        assert server.scheduler.poll() is None
+
+
 def test_non_finite_logits_fail_only_that_request():
     """Row 0 of step 6 reports non-finite logits: that request ends INTERNAL, its batch-mates finish
     with exactly the tokens they get without the fault, and every KV block comes back."""

@@ -41,6 +41,9 @@ def build_parser() -> EnvArgumentParser:
                    help="run every step eagerly on CUDA too (no decode or piecewise graphs)")
     p.add_argument("--debug-placeholders", action="store_true",
                    help="assert on the device that no carry-over placeholder sentinel reaches the model")
+    p.add_argument("--hang-timeout", type=float, default=300.0,
+                   help="exit (status 3) when one step keeps the worker busy this many seconds, so a supervisor "
+                   "restarts it; 0 = never")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         log.error("engine link: %s", exc)
         return 2
-    loop = WorkerLoop(engine, link)
+    loop = WorkerLoop(engine, link, args.hang_timeout)
     loop_ref.append(loop)
     log.info("model %s ready; connecting to %s", loaded.name, args.engine_address)
     try:

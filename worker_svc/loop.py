@@ -8,7 +8,10 @@ Owns the result ordering of docs/internals.md:
 - a plan with `flush`, or a FLUSH message, sends everything pending right away.
 A malformed or unsafe message is logged and dropped (the protocol has no error reply); it never
 takes the worker down. Losing the scheduler ends the loop with exit status 1; a stop request
-(SIGTERM/SIGINT) ends it with 0.
+(SIGTERM/SIGINT) ends it with 0; a message that keeps the loop busy past `step_timeout_s` (a hung
+device, a deadlock) ends the process with 3 from the `StepWatchdog` thread, since the loop itself
+cannot: a supervisor (`tandem serve`, compose's restart policy) then starts a fresh worker, where a
+live but hung one would hold the GPU forever.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -44,6 +48,39 @@ rlog = structlog.get_logger("tandem.worker.requests")
 
 POLL_MS = 100  # how often an idle loop looks at the stop flag
 WAIT_LOG_S = 10.0
+EXIT_HUNG = 3
+
+
+class StepWatchdog:
+    """Ends the process when one message keeps the loop busy longer than `timeout_s` (0 = never).
+    A thread, because a loop stuck in a device wait never gets back to check a clock; the wait
+    releases the GIL, so the thread still runs."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._busy_since: float | None = None
+        self._step = -1
+        if timeout_s > 0:
+            threading.Thread(target=self._watch, name="step-watchdog", daemon=True).start()
+
+    def busy(self, last_step_id: int) -> None:
+        self._step = last_step_id
+        self._busy_since = time.monotonic()
+
+    def idle(self) -> None:
+        self._busy_since = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout_s / 4))
+            since = self._busy_since
+            if since is not None and time.monotonic() - since > self.timeout_s:
+                log.critical("one message has kept the loop busy for over %g s (last step launched before it: "
+                             "%d; hung device?): exiting with status %d so that a supervisor restarts the worker",
+                             self.timeout_s, self._step, EXIT_HUNG)
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os._exit(EXIT_HUNG)  # the main thread is stuck: no orderly shutdown is possible
 
 
 def make_hello(engine: Engine) -> wire.Hello:
@@ -76,9 +113,10 @@ def make_hello(engine: Engine) -> wire.Hello:
 
 
 class WorkerLoop:
-    def __init__(self, engine: Engine, link: WorkerLink) -> None:
+    def __init__(self, engine: Engine, link: WorkerLink, step_timeout_s: float = 0.0) -> None:
         self.engine = engine
         self.link = link
+        self.watchdog = StepWatchdog(step_timeout_s)
         self.stop_requested = False
         self.steps = 0
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
@@ -101,7 +139,11 @@ class WorkerLoop:
                         log.info("still waiting for the scheduler at %s", self.link.address)
                         waited = 0.0
                 continue
-            self.handle(frames)
+            self.watchdog.busy(self.engine.last_step_id)
+            try:
+                self.handle(frames)
+            finally:
+                self.watchdog.idle()
         log.info("stop requested; exiting after %d steps", self.steps)
         return 0
 
