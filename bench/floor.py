@@ -100,16 +100,16 @@ def forward_ms(engine, plan: StepPlan, reps: int = 20) -> float:
     width = engine.limits.max_blocks_per_row
     layout = decode_layout(bucket, width)
     inputs = slot.load(pad_decode_plan(plan, bucket, width), layout)
-    step = engine._paged_step(inputs, layout)
+    step = engine.paged_step(inputs, layout)
     stream = engine.sync.compute_stream
     stream.wait_event(slot.h2d_done)
     with torch.inference_mode():
         with torch.cuda.stream(stream):
-            engine._forward(inputs, step, other, False, 0)  # warm-up outside the capture
+            engine.forward(inputs, step, other, False, 0)  # warm-up outside the capture
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
-            engine._forward(inputs, step, other, False, 0)
+            engine.forward(inputs, step, other, False, 0)
         ms = _events_ms(graph.replay, reps, stream)
     slot.in_use = False
     del graph

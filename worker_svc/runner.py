@@ -19,7 +19,6 @@ would be a device-side assert on CUDA, which kills the process.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -27,12 +26,13 @@ import numpy as np
 import torch
 from tandem.wire import PLACEHOLDER_SENTINEL, StepPlan, StepResult, WireError
 
-from worker_svc.attention import STEP_KWARG, PagedStep, attend, install, row_layout
+from worker_svc.attention import STEP_KWARG, PagedStep, install, row_layout
 from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_plan
+from worker_svc.graph_capture import capture_graphs
 from worker_svc.io_slots import MAX_TOP_LOGPROBS, DeviceSync, IOSlot, SlotLimits
 from worker_svc.kv_cache import PagedKVCache, config_for_model
 from worker_svc.models import LoadedModel
-from worker_svc.piecewise import AttentionIO, PiecewiseGraph, token_buckets
+from worker_svc.piecewise import PiecewiseGraph
 from worker_svc.sampler import sample
 
 log = logging.getLogger("tandem.worker.runner")
@@ -105,82 +105,13 @@ class Engine:
         if self.sync.cuda:
             torch.cuda.synchronize()  # weights and buffers were written on the default stream
             if cfg.cuda_graphs:
-                self._capture_graphs()
+                capture_graphs(self)
 
-    def _capture_graphs(self) -> None:
-        """Captures every (slot, row bucket) decode graph, largest bucket first (one shared pool)."""
-        width = self.limits.max_blocks_per_row
-        self.graphs = DecodeGraphs(self.limits.max_num_rows, width)
-        t0, reserved = time.perf_counter(), torch.cuda.memory_reserved()
-        with torch.inference_mode():
-            self._capture_all(width)
-            self._capture_piecewise()
-        torch.cuda.synchronize()
-        self.graph_memory_bytes = torch.cuda.memory_reserved() - reserved
-        log.info("captured %d decode CUDA graphs (row buckets %s) and %d piecewise graphs (token buckets %s) "
-                 "in %.1f s, %.0f MiB", len(self.graphs.captured), self.graphs.buckets, len(self.piecewise),
-                 self.token_buckets, time.perf_counter() - t0, self.graph_memory_bytes / (1 << 20))
-
-    def _capture_piecewise(self) -> None:
-        """Per (slot, token bucket), largest first, the forward of a step that is not decode-only,
-        cut at every attention call (see piecewise.py). Captured on an empty plan padded to the bucket."""
-        assert self.graphs is not None
-        self.token_buckets = token_buckets(self.limits.max_num_tokens)
-        empty = _empty_plan()
-        layout = row_layout(empty.query_start, empty.kv_lens, self.cache.cfg.block_size)
-        stream = self.sync.compute_stream
-        kv = self.cache.cfg
-        io = AttentionIO.allocate(self.token_buckets[-1], self.loaded.config.num_attention_heads, kv.kv_heads,
-                                  kv.head_dim, kv.dtype, self.device)
-        for tokens in reversed(self.token_buckets):
-            for slot in self.slots:
-                other = self.slots[1 - slot.index]
-                inputs = slot.load(empty, layout, pad_to=(tokens, min(tokens, self.limits.max_num_rows)))
-                stream.wait_event(slot.h2d_done)
-                graph = PiecewiseGraph(self.graphs.pool, io, attend)
-                step = self._paged_step(inputs, layout)
-                step.piecewise = graph
-                with torch.cuda.stream(stream):
-                    graph.capturing = False  # warm-up, outside any capture: cuBLAS picks its kernels
-                    self._forward(inputs, step, other, True, inputs.sample_tokens)
-                    stream.synchronize()
-                    graph.capturing = True
-                    graph.begin()
-                    graph.end(self._forward(inputs, step, other, True, inputs.sample_tokens))
-                self.piecewise[(slot.index, tokens)] = graph
-                slot.in_use = False
-
-    def _capture_all(self, width: int) -> None:
-        assert self.graphs is not None
-        for rows in reversed(self.graphs.buckets):
-            idle = _idle_decode_plan(rows, width)
-            for sort_filters in (False, True):
-                for slot in self.slots:
-                    other = self.slots[1 - slot.index]
-                    inputs = slot.load(idle, decode_layout(rows, width))
-                    step = self._paged_step(inputs, decode_layout(rows, width))
-                    self.sync.compute_stream.wait_event(slot.h2d_done)
-                    self.graphs.capture(
-                        slot.index, rows, sort_filters, self.sync.compute_stream,
-                        lambda i=inputs, st=step, sl=slot, o=other, f=sort_filters: self._graph_body(i, st, sl, o, f))
-                    slot.in_use = False
-
-    def _graph_body(self, inputs, step: PagedStep, slot: IOSlot, other: IOSlot,
-                    sort_filters: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a decode graph holds: carry-over, forward, sampling of every row into the slot's outputs."""
-        logits = self._forward(inputs, step, other, True, 0)
-        res = sample(logits, inputs.temperature, inputs.top_p, inputs.top_k, inputs.min_p, inputs.seed,
-                     inputs.counter, 0, sort_filters=sort_filters)
-        rows = logits.shape[0]
-        slot.out_sampled(rows).copy_(res.token_ids)
-        slot.out_logprob(rows).copy_(res.logprob)
-        return logits, res.lse
-
-    def _paged_step(self, inputs, layout) -> PagedStep:
+    def paged_step(self, inputs, layout) -> PagedStep:
         return PagedStep(self.cache, inputs.slot_mapping, inputs.block_tables, inputs.kv_lens,
                          inputs.single_rows, inputs.single_tokens, inputs.query_start, inputs.multi_rows, layout)
 
-    def _forward(self, inputs, step: PagedStep, other: IOSlot, carries: bool, logits_to_keep) -> torch.Tensor:
+    def forward(self, inputs, step: PagedStep, other: IOSlot, carries: bool, logits_to_keep) -> torch.Tensor:
         """Carry-over, then the model forward; returns logits [kept tokens, V]. The body graphs capture."""
         ids = inputs.input_ids
         if carries:
@@ -283,11 +214,11 @@ class Engine:
             if bucket is not None:
                 self._replay(slot, bucket, rows, num_top, hints.sort_filters)
             else:
-                step = self._paged_step(inputs, layout)
+                step = self.paged_step(inputs, layout)
                 if tokens is not None:  # piecewise graph: logits of every padded sample row, real ones first
                     logits = self.piecewise[(slot.index, tokens)].replay(step)[:num_sampled]
                 else:
-                    logits = self._forward(inputs, step, other, carries, inputs.sample_tokens)
+                    logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
                 self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints)
             done.record(compute)  # before compute_done: d2h_done then implies `done` completed
             slot.compute_done.record(compute)
@@ -371,28 +302,3 @@ def apply_carry_over(ids: torch.Tensor, first_tokens: torch.Tensor, carry_index:
     ids.index_copy_(0, first_tokens.to(torch.int64), carried)
     if check:
         torch._assert_async((ids != PLACEHOLDER_SENTINEL).all(), "placeholder survived carry-over")
-
-
-def _empty_plan() -> StepPlan:
-    """A plan of no rows and no tokens: what piecewise graphs are captured on, padded to their bucket."""
-    none = np.zeros(0, dtype=np.int32)
-    return StepPlan(
-        step_id=0, carry_from_step=-1, flush=False, input_ids=none, positions=none, slot_mapping=none,
-        query_start=np.zeros(1, np.int32), kv_lens=none, block_tables=np.zeros((0, 1), np.int32),
-        carry_index=none, sample=none, temperature=np.zeros(0, np.float32), top_p=np.zeros(0, np.float32),
-        top_k=none, min_p=np.zeros(0, np.float32), seed=np.zeros(0, np.uint64), num_logprobs=none,
-    )
-
-
-def _idle_decode_plan(rows: int, width: int) -> StepPlan:
-    """A decode plan whose rows are all padding: what graphs are captured on (it reads and writes no KV).
-    Every row samples, as in every padded graph plan (see cuda_graphs)."""
-    zeros = np.zeros(rows, dtype=np.int32)
-    return StepPlan(
-        step_id=0, carry_from_step=-1, flush=False, input_ids=zeros, positions=zeros,
-        slot_mapping=np.full(rows, -1, np.int32), query_start=np.arange(rows + 1, dtype=np.int32),
-        kv_lens=zeros, block_tables=np.full((rows, width), -1, np.int32), carry_index=np.full(rows, -1, np.int32),
-        sample=np.ones(rows, np.int32), temperature=np.zeros(rows, np.float32), top_p=np.ones(rows, np.float32),
-        top_k=zeros,
-        min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint64), num_logprobs=np.full(rows, -1, np.int32),
-    )
