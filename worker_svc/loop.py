@@ -8,10 +8,10 @@ Owns the result ordering of docs/internals.md:
 - a plan with `flush`, or a FLUSH message, sends everything pending right away.
 A malformed or unsafe message is logged and dropped (the protocol has no error reply); it never
 takes the worker down. Losing the scheduler ends the loop with exit status 1; a stop request
-(SIGTERM/SIGINT) ends it with 0; a message that keeps the loop busy past `step_timeout_s` (a hung
-device, a deadlock) ends the process with 3 from the `StepWatchdog` thread, since the loop itself
-cannot: a supervisor (`tandem serve`, compose's restart policy) then starts a fresh worker, where a
-live but hung one would hold the GPU forever.
+(SIGTERM/SIGINT) ends it with 0; a message that keeps the loop busy past `hang_timeout_s`
+(`--hang-timeout`: a hung device, a deadlock) ends the process with 3 from the `StepWatchdog`
+thread, since the loop itself cannot: a supervisor (`tandem serve`, compose's restart policy) then
+starts a fresh worker, where a live but hung one would hold the GPU forever.
 """
 
 from __future__ import annotations
@@ -113,10 +113,10 @@ def make_hello(engine: Engine) -> wire.Hello:
 
 
 class WorkerLoop:
-    def __init__(self, engine: Engine, link: WorkerLink, step_timeout_s: float = 0.0) -> None:
+    def __init__(self, engine: Engine, link: WorkerLink, hang_timeout_s: float = 0.0) -> None:
         self.engine = engine
         self.link = link
-        self.watchdog = StepWatchdog(step_timeout_s)
+        self.watchdog = StepWatchdog(hang_timeout_s)
         self.stop_requested = False
         self.steps = 0
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
