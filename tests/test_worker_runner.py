@@ -7,6 +7,7 @@ paging, chunked prefill, mixed batches, logits selection or carry-over changes t
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from tandem.wire import StepPlan, WireError
 
-from worker_svc import models
+from worker_svc import models, presets
 from worker_svc.runner import Engine, EngineConfig
 
 BLOCK = 16
@@ -256,3 +257,30 @@ def test_cuda_launch_path_never_syncs() -> None:
     first, second = engine.collect(), engine.collect()
     assert (first.sampled >= 0).all() and (second.sampled >= 0).all()
     assert first.compute_ms > 0 and second.idle_gap_ms >= 0
+
+
+def test_sliding_window_model_runs_within_its_window_and_is_refused_beyond(tmp_path) -> None:
+    """A Mistral-style sliding window: refused with a clear reason when requests could outgrow it
+    (the paged kernels attend to the whole context), served, matching generate, when --max-context
+    keeps every request inside it. Gemma-2-style logit soft-capping is refused the same way."""
+    mistral = {**presets.preset_config("tiny-llama"), "model_type": "mistral", "sliding_window": 48,
+               "max_position_embeddings": 256}
+    spec = tmp_path / "mistral.json"
+    spec.write_text(json.dumps(mistral))
+    with pytest.raises(ValueError, match=r"sliding-window attention \(48 tokens\).*--max-context 48 or less"):
+        models.load(f"random:{spec}", "cpu", torch.float32)
+    ours = models.load(f"random:{spec}", "cpu", torch.float32, max_context=48)
+    ref = models.load(f"random:{spec}", "cpu", torch.float32, max_context=48).model
+    engine = make_engine(ours)
+    planner = Planner(64)
+    req = Req(np.random.default_rng(2).integers(3, 49152, size=20).tolist())
+    req.out.append(int(engine.execute(planner.plan([(req, len(req.prompt), True)])).sampled[0]))
+    for _ in range(7):
+        req.out.append(int(engine.execute(planner.plan([(req, 1, True)])).sampled[0]))
+    assert req.out == greedy_reference(ref, req.prompt, 8)
+
+    gemma2 = tmp_path / "gemma2.json"
+    gemma2.write_text(json.dumps({**presets.preset_config("tiny-llama"), "model_type": "gemma2",
+                                  "attn_logit_softcapping": 50.0, "sliding_window": 4096}))
+    with pytest.raises(ValueError, match="soft-capping"):
+        models.load(f"random:{gemma2}", "cpu", torch.float32)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -196,8 +196,10 @@ def paged_attention_forward(
     assert step is not None, f"attention {ATTN_IMPLEMENTATION!r} needs the forward kwarg {STEP_KWARG!r}"
     assert attention_mask is None, "a dense mask was built; see the module docstring"
     assert query.shape[0] == 1, "the runner packs a step into batch 1"
-    if kwargs.get("sliding_window") or kwargs.get("softcap"):
-        raise NotImplementedError("sliding-window / softcapped attention is not supported by tandem_paged")
+    if kwargs.get("softcap"):
+        raise NotImplementedError("softcapped attention is not supported by tandem_paged")
+    # A `sliding_window` kwarg is ignored: models.load refused every model whose window is shorter
+    # than its context limit (attention_refusal), so no context here is longer than the window.
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if step.piecewise is not None:  # capturing a piecewise graph: this call runs eagerly at replay
         return step.piecewise.split(module.layer_idx, query, key, value, scale), None
@@ -219,6 +221,18 @@ def attend(step: PagedStep, layer: int, query: torch.Tensor, key: torch.Tensor, 
     else:
         step.cache.store(layer, step.slot_mapping, k, v)
     paged_attention(query[0].transpose(0, 1), step.cache.k[layer], step.cache.v[layer], step, scale, out[0])
+
+
+def attention_refusal(config: Any, max_context: int) -> str | None:
+    """Why the paged kernels cannot run this model's attention up to `max_context`, or None. A
+    sliding window at least as long as the context limit never excludes a token, so it is accepted."""
+    if getattr(config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping (Gemma-2 style) is not supported by the paged kernels"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < max_context:
+        return (f"sliding-window attention ({window} tokens) is not supported by the paged kernels; "
+                f"with --max-context {window} or less the window never applies")
+    return None
 
 
 def install(model: torch.nn.Module) -> None:

@@ -232,6 +232,11 @@ def _describe(name: str, model: Any, tok_dir: Path, max_context: int) -> LoadedM
     model_max = int(config.max_position_embeddings)
     if max_context > model_max:
         log.warning("--max-context %d exceeds the model's max_position_embeddings %d", max_context, model_max)
+    from worker_svc.attention import attention_refusal
+
+    refusal = attention_refusal(config, max_context if max_context > 0 else model_max)
+    if refusal is not None:
+        raise ValueError(refusal)
     return LoadedModel(
         name=name,
         model=model,
