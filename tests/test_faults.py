@@ -14,17 +14,22 @@ from client.local_server import TandemServer, health_status
 from tests.conftest import TINY_WORKER_ARGS
 
 
+def failed_generate(address: str) -> tuple[TandemError, float]:
+    """One generate that must fail: its error and how long the failure took to arrive."""
+    async def run():
+        async with AsyncTandemClient(address) as c:
+            t0 = time.monotonic()
+            with pytest.raises(TandemError) as err:
+                await c.generate(token_ids=[5, 6, 7], max_new_tokens=50, ignore_eos=True)
+            return err.value, time.monotonic() - t0
+
+    return asyncio.run(run())
+
+
 def test_hung_worker_is_treated_as_dead():
     with TandemServer(worker_args=TINY_WORKER_ARGS, scheduler_args=["--step-timeout", "1.5"],
                       env={"TANDEM_FAULTS": "hang_at_step=3"}) as server:
-        async def run():
-            async with AsyncTandemClient(server.address) as c:
-                t0 = time.monotonic()
-                with pytest.raises(TandemError) as err:
-                    await c.generate(token_ids=[5, 6, 7], max_new_tokens=50, ignore_eos=True)
-                return err.value, time.monotonic() - t0
-
-        err, elapsed = asyncio.run(run())
+        err, elapsed = failed_generate(server.address)
         assert err.code == grpc.StatusCode.UNAVAILABLE and "unresponsive" in err.message
         assert elapsed < 1.5 + 3.0
         assert health_status(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -37,14 +42,7 @@ def test_hung_worker_exits_so_a_supervisor_can_restart_it():
     far slower here, sees the worker go and fails the request UNAVAILABLE at once."""
     with TandemServer(worker_args=[*TINY_WORKER_ARGS, "--hang-timeout", "1"],
                       scheduler_args=["--step-timeout", "60"], env={"TANDEM_FAULTS": "hang_at_step=3"}) as server:
-        async def run():
-            async with AsyncTandemClient(server.address) as c:
-                t0 = time.monotonic()
-                with pytest.raises(TandemError) as err:
-                    await c.generate(token_ids=[5, 6, 7], max_new_tokens=50, ignore_eos=True)
-                return err.value, time.monotonic() - t0
-
-        err, elapsed = asyncio.run(run())
+        err, elapsed = failed_generate(server.address)
         assert err.code == grpc.StatusCode.UNAVAILABLE, err
         assert elapsed < 1 + 5.0, "the scheduler's 60-s watchdog must not be what ended it"
         assert server.worker.wait(timeout=10) == 3

@@ -107,10 +107,13 @@ class SLO:
         return {k: v for k, v in (("ttft", self.ttft_ms), ("tpot", self.tpot_ms), ("e2el", self.e2el_ms)) if v}
 
 
+def _all_at_once(run: Mapping[str, Any]) -> bool:
+    return math.isinf(float(run["args"]["request_rate"]))
+
+
 def offered_rate(run: Mapping[str, Any]) -> float:
     """A sweep run's offered request rate; the all-at-once pass counts at its measured throughput."""
-    rate = float(run["args"]["request_rate"])
-    return float(run["request_throughput"]) if math.isinf(rate) else rate
+    return float(run["request_throughput"] if _all_at_once(run) else run["args"]["request_rate"])
 
 
 def highest_rate_within(runs: Sequence[Mapping[str, Any]], slo: SLO) -> float | None:
@@ -125,7 +128,7 @@ def highest_rate_within(runs: Sequence[Mapping[str, Any]], slo: SLO) -> float | 
         return all(float(r[f"p99_{name}_ms"]) <= ms for name, ms in limits.items())
 
     loaded = [r for r in runs if r.get("run") != "sync"]
-    missed = [offered_rate(r) for r in loaded if not kept(r) and not math.isinf(float(r["args"]["request_rate"]))]
+    missed = [offered_rate(r) for r in loaded if not kept(r) and not _all_at_once(r)]
     return max((offered_rate(r) for r in loaded if kept(r) and offered_rate(r) < min(missed, default=math.inf)),
                default=None)
 
