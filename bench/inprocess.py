@@ -32,15 +32,18 @@ class LoopStats:
         return self.compute_ms / total if total else 0.0
 
 
-def scheduler_for(engine, depth: int, max_waiting: int = 100_000) -> Scheduler:
+def scheduler_for(engine, depth: int, max_waiting: int = 100_000, check_state: bool = False) -> Scheduler:
     """A Scheduler sized like the scheduler process sizes one from the engine's handshake; it sends the
-    placeholder sentinel when the engine runs in debug-placeholder mode."""
+    placeholder sentinel when the engine runs in debug-placeholder mode. A new scheduler is a new
+    session: the engine's row slots are emptied, as a worker process starts empty."""
+    engine.reset_rows()
     return Scheduler(SchedulerLimits(
         num_blocks=engine.cache.cfg.num_blocks, block_size=engine.cache.cfg.block_size,
         max_num_tokens=engine.limits.max_num_tokens, max_num_rows=engine.limits.max_num_rows,
         max_blocks_per_row=engine.limits.max_blocks_per_row, max_context=engine.loaded.max_context,
         max_waiting=max_waiting, pipeline_depth=depth,
         placeholder=PLACEHOLDER_SENTINEL if engine.cfg.debug_placeholders else 0,
+        num_slots=engine.limits.max_num_rows, check_state=check_state,
     ))
 
 

@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--debug-placeholders", action="store_true",
                    help="Send carry-over placeholders as a sentinel (not 0); a worker started with the same "
                         "flag asserts on the device that none survives carry-over.")
+    p.add_argument("--debug-check-state", action="store_true",
+                   help="After every step, check that the worker's row slots (context lengths, block tables) agree "
+                        "with the scheduler's: the worker returns a digest, a mismatch ends the session INTERNAL.")
     p.add_argument("--step-timeout", type=float, default=60.0,
                    help="Watchdog: a worker returning no step result for this long while steps are in flight is "
                         "treated as dead (0 = off).")
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_rows=args.max_num_rows,
             max_num_tokens=args.max_num_tokens,
             debug_placeholders=args.debug_placeholders,
+            debug_check_state=args.debug_check_state,
         ),
         limits=RequestLimits(
             default_max_new_tokens=args.default_max_new_tokens,

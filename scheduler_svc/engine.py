@@ -44,6 +44,7 @@ class EngineConfig:
     step_timeout_s: float = 60.0  # watchdog: no result for this long with steps in flight = dead worker
     max_num_tokens: int = 0  # 0 = the worker's limit
     debug_placeholders: bool = False  # carry-over placeholders are wire.PLACEHOLDER_SENTINEL, not 0
+    debug_check_state: bool = False  # every step, the worker's row slots are checked against ours (digest)
 
 
 @dataclass
@@ -237,6 +238,8 @@ class Engine:
             max_waiting=self.config.max_waiting,
             pipeline_depth=self.depth,
             placeholder=wire.PLACEHOLDER_SENTINEL if self.config.debug_placeholders else 0,
+            num_slots=hello.max_num_rows,
+            check_state=self.config.debug_check_state,
         )
         self.session = WorkerSession(peer, hello, TandemTokenizer.from_hello(hello), Scheduler(limits))
         log.info(

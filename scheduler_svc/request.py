@@ -3,7 +3,10 @@
 Owns the request's identity, sampling parameters and scheduling state. A request's token sequence is
 `prompt_ids + output_ids` (confirmed tokens) followed by `num_inflight` samples that steps already
 sent will produce; `num_computed` of those tokens have their KV written or scheduled. Everything else
-(lengths, what is left to compute) is derived, so there is one source of truth.
+(lengths, what is left to compute) is derived, so there is one source of truth. While a request runs,
+its counters live in its row slot's columns of the scheduler's `RowTable` (so a step can be planned
+with numpy over every row at once); the properties below read them from there, and from the
+request's own fields when it holds no slot.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ import enum
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scheduler_svc.row_table import RowTable
 
 UINT64_MAX = (1 << 64) - 1
 
@@ -61,10 +68,13 @@ class Request:
     # Scheduling state, owned by the Scheduler.
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0
-    num_inflight: int = 0  # samples scheduled in sent steps whose results have not arrived
-    last_sample: tuple[int, int] | None = None  # (step_id, row) of the newest in-flight sample
     block_ids: list[int] = field(default_factory=list)
+    slot: int = -1  # the worker row slot it runs in; -1 while it holds none
+    rows: RowTable | None = field(default=None, repr=False)  # set with `slot`: where the counters live
+    # The counters while the request holds no slot (see num_computed, num_inflight, last_sample).
+    _computed: int = 0
+    _inflight: int = 0
+    _last_sample: tuple[int, int] | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -74,6 +84,41 @@ class Request:
     def __post_init__(self) -> None:
         assert len(self.prompt_ids) > 0, "empty prompt"
         assert self.max_new_tokens >= 1, "max_new_tokens must be >= 1"
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV is written or scheduled in a step already sent."""
+        return int(self.rows.computed[self.slot]) if self.rows is not None else self._computed
+
+    @num_computed.setter
+    def num_computed(self, value: int) -> None:
+        if self.rows is not None:
+            self.rows.computed[self.slot] = value
+        else:
+            self._computed = value
+
+    @property
+    def num_inflight(self) -> int:
+        """Samples scheduled in sent steps whose results have not arrived."""
+        return int(self.rows.inflight[self.slot]) if self.rows is not None else self._inflight
+
+    @property
+    def last_sample(self) -> tuple[int, int] | None:
+        """(step_id, row) of the newest in-flight sample."""
+        if self.rows is None:
+            return self._last_sample
+        if self.rows.inflight[self.slot] == 0:
+            return None
+        return int(self.rows.last_step[self.slot]), int(self.rows.last_row[self.slot])
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def token_cap(self) -> int:
+        """Tokens (prompt + outputs) it may reach: its max_new_tokens, or the context limit."""
+        return len(self.prompt_ids) + self.max_new_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

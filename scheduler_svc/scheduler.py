@@ -4,13 +4,19 @@ Owns the waiting queue, the running set, the KV block tables and the steps in fl
 numpy (never torch). The engine loop calls `build_plan` while fewer than `pipeline_depth` steps are in
 flight and `process_result` for every result, in step order; the plan returned counts as sent.
 
+Plans are incremental (engine.proto): each running request holds a worker row slot (`RowTable`), and
+a plan carries the slots freed and started, the KV blocks appended, and the rows this step runs. The
+steady-state decode rows are selected, given their blocks and committed with numpy over the row
+table; only prefill chunks, admissions, preemptions and the token events of results are per-row
+Python, so the cost of a decode step is O(rows) with a small constant and never O(rows x context).
+
 Running ahead (depth 2) is made safe here, not in the worker:
 - a decode whose input token is the in-flight step's sample carries it over (input 0 + carry_index);
   one whose pending sample comes from an older in-flight step waits;
 - a sample is never scheduled past max_new_tokens or max_context (in-flight samples count);
 - EOS / stop-token / outside `finish` may leave one step in flight: its rows are discarded;
-- blocks of a finished, aborted or preempted request are freed tagged with the last step sent, and
-  return to the pool only when that step has reported.
+- blocks and the row slot of a finished, aborted or preempted request are freed tagged with the last
+  step sent, and return to their pools only when that step has reported.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from tandem.wire import StepPlan, StepResult
 
 from scheduler_svc.block_manager import BlockManager, cdiv
 from scheduler_svc.request import FinishReason, Request, RequestStatus
+from scheduler_svc.row_table import RowTable
 
 
 class QueueFull(Exception):
@@ -45,11 +52,22 @@ class SchedulerLimits:
     max_waiting: int
     pipeline_depth: int = 1
     placeholder: int = 0  # input id of a carry-over row; wire.PLACEHOLDER_SENTINEL in debug mode
+    num_slots: int = 0  # the worker's row slots (Hello.max_num_rows); 0 = max_num_rows
+    check_state: bool = False  # debug: every plan asks the worker for its row-slot digest
 
     def __post_init__(self) -> None:
         assert self.pipeline_depth in (1, 2), "pipeline depth is 1 (sync) or 2 (async)"
         assert min(self.num_blocks, self.block_size, self.max_num_tokens, self.max_num_rows,
                    self.max_blocks_per_row, self.max_context) > 0
+        assert self.num_slots == 0 or self.num_slots >= self.max_num_rows
+
+    @property
+    def slots(self) -> int:
+        return self.num_slots or self.max_num_rows
+
+
+class StateMismatch(AssertionError):
+    """The worker's row slots disagree with the scheduler's (the debug check of check_state)."""
 
 
 @dataclass
@@ -69,18 +87,22 @@ class StepInfo:
     """What the scheduler must remember about a sent step to interpret its result."""
 
     step_id: int
-    requests: list[Request]  # row -> request
-    sample: list[bool]  # row -> whether it samples
+    requests: np.ndarray  # object [R]: row -> request
+    sample: np.ndarray  # bool [R]: row -> whether it samples
+    slots: np.ndarray  # int64 [R]: row -> slot
     num_tokens: int
     num_carried: int
+    digest: int = 0  # the row-slot state the worker must report (check_state), else 0
 
 
 @dataclass
-class _Row:
+class _Chunk:
+    """A row that is not a plain decode: a prefill chunk (continued or new), built in Python."""
+
     req: Request
     start: int  # first position scheduled
     n: int  # tokens scheduled
-    carry: int  # row of the previous step whose sample is this row's input; -1 = none
+    new_blocks: list[int]
 
 
 class Scheduler:
@@ -91,6 +113,7 @@ class Scheduler:
 
     def _reset(self) -> None:
         self.blocks = BlockManager(self.limits.num_blocks, self.limits.block_size)
+        self.rows = RowTable(self.limits.slots, self.limits.max_context)
         self._requests: dict[str, Request] = {}  # every unfinished request
         self._waiting: deque[Request] = deque()
         self._running: dict[str, Request] = {}  # admission order: the last one is preempted first
@@ -133,18 +156,21 @@ class Scheduler:
         return self._requests.get(req_id)
 
     def check_integrity(self) -> None:
-        """Block accounting invariants; when idle, every block must be back in the pool."""
+        """Block and slot accounting invariants; when idle, every block and slot is back in its pool."""
         self.blocks.check_integrity()
+        self.rows.check_integrity(self.limits.block_size)
         owned = [b for req in self._running.values() for b in req.block_ids]
         assert len(owned) == len(set(owned)) == self.blocks.num_used, "block owned twice or leaked"
         for req in self._running.values():
             assert len(req.block_ids) == self.blocks.blocks_for(req.num_computed)
+            assert req.status is RequestStatus.RUNNING and req.slot >= 0
         for req in self._waiting:
-            assert not req.block_ids and req.num_computed == 0
+            assert not req.block_ids and req.num_computed == 0 and req.slot < 0
         assert len(self._requests) == len(self._running) + len(self._waiting)
         if self.is_idle:
             assert self.blocks.num_used == 0 and self.blocks.num_pending == 0
             assert self.blocks.num_free == self.limits.num_blocks
+            assert self.rows.pool.num_free == self.limits.slots
 
     # ---- requests in and out -------------------------------------------------------------------
 
@@ -185,7 +211,8 @@ class Scheduler:
         for req in lost:
             req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, FinishReason.ABORTED, now
             req.block_ids = []
-            req.num_inflight, req.last_sample = 0, None
+            req.slot, req.rows = -1, None
+            req._computed, req._inflight, req._last_sample = 0, 0, None
         self._reset()
         return lost
 
@@ -193,9 +220,10 @@ class Scheduler:
         del self._requests[req.req_id]
         if req.status is RequestStatus.RUNNING:
             del self._running[req.req_id]
+            self._free_blocks(req)
+            self.rows.release(req, self._next_step - 1)
         else:
             self._waiting.remove(req)
-        self._free_blocks(req)
         req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, reason, time.monotonic()
 
     def _free_blocks(self, req: Request) -> None:
@@ -207,101 +235,133 @@ class Scheduler:
         """Recompute-preemption: drop its KV; it rejoins the queue's front with prompt + outputs to redo."""
         del self._running[req.req_id]
         self._free_blocks(req)
+        self.rows.release(req, self._next_step - 1)
         req.num_computed = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._waiting.appendleft(req)
 
+
     # ---- building a step -----------------------------------------------------------------------
 
     def build_plan(self) -> tuple[StepPlan, StepInfo] | None:
-        L = self.limits
+        L, rt = self.limits, self.rows
         assert len(self._in_flight) < L.pipeline_depth, "build_plan with the pipeline full"
         step = self._next_step
-        rows: list[_Row] = []
-        scheduled: set[str] = set()
-        budget = L.max_num_tokens
         preemptions_before = self.num_preemptions
-        stalled = False  # a running request went without KV blocks: admit nobody new this step
+        in_step = np.zeros(rt.num_slots, bool)  # slots scheduled in this step: never preemption victims
 
-        # Running requests in admission order: decodes (one token) first, then continuing prefills.
-        for decode_pass in (True, False):
-            for req in list(self._running.values()):
-                if len(rows) == L.max_num_rows or budget == 0:
-                    break
-                if req.req_id in scheduled or req.status is not RequestStatus.RUNNING:
-                    continue  # preempted earlier in this build
-                if (req.num_to_compute == 1) != decode_pass or not self._may_sample(req):
-                    continue
-                carry = -1
-                if req.num_inflight > 0:
-                    assert req.num_to_compute == 1 and req.last_sample is not None
-                    if req.last_sample[0] != step - 1:
-                        continue  # its input comes from an older in-flight step: not carried over
-                    carry = req.last_sample[1]
-                if decode_pass:
-                    n = 1 if self._reserve(req, req.num_computed + 1, scheduled) else 0
-                else:
-                    n = self._fit_chunk(req, min(req.num_to_compute, budget), scheduled)
-                if n == 0:
-                    stalled = True
-                    continue
-                rows.append(_Row(req, req.num_computed, n, carry))
-                scheduled.add(req.req_id)
-                budget -= n
+        # Running requests in admission order: decodes (one token) first, then continuing prefills. A
+        # row whose pending sample comes from an older in-flight step than the last waits (it cannot
+        # be carried over); one whose in-flight samples reach its cap has nothing to do.
+        order = rt.order()
+        inflight, computed = rt.inflight[order], rt.computed[order]
+        tokens = rt.known[order] + inflight
+        todo = tokens - computed
+        ready = (tokens < rt.cap[order]) & ((inflight == 0) | (rt.last_step[order] == step - 1))
+        row_cap = min(L.max_num_rows, L.max_num_tokens)
+        decode, appended, stalled = self._schedule_decodes(order[ready & (todo == 1)], row_cap, in_step)
+        budget = L.max_num_tokens - decode.size
+        chunks: list[_Chunk] = []
+        for s in order[ready & (todo > 1)].tolist():
+            if decode.size + len(chunks) == L.max_num_rows or budget == 0:
+                break
+            req = rt.owner[s]
+            if req is None:
+                continue  # preempted earlier in this build
+            start = req.num_computed
+            new = self._fit_chunk(req, min(req.num_to_compute, budget), in_step)
+            if new is None:
+                stalled = True
+                continue
+            n = req.num_computed - start
+            chunks.append(_Chunk(req, start, n, new))
+            in_step[s] = True
+            budget -= n
 
-        # Admit waiting requests FIFO, chunking the prompt to the budget and the free blocks.
+        # Admit waiting requests FIFO, chunking the prompt to the budget and the free blocks; not when
+        # a running request went without blocks or was preempted in this build.
+        admitted = 0
         if not stalled and self.num_preemptions == preemptions_before:
-            while self._waiting and len(rows) < L.max_num_rows and budget > 0:
+            while self._waiting and decode.size + len(chunks) < L.max_num_rows and budget > 0:
                 req = self._waiting[0]
                 if req.num_inflight > 0:
                     break  # preempted with a sample in flight: recompute once it has arrived
                 n = min(req.num_to_compute, budget, self.blocks.num_free * L.block_size)
-                if n == 0:
+                if n == 0 or rt.pool.num_free == 0:
                     break
                 self._waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self._running[req.req_id] = req
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = time.monotonic()
-                grown = self.blocks.grow(req.block_ids, n)
-                assert grown
-                rows.append(_Row(req, 0, n, -1))
-                scheduled.add(req.req_id)
+                s = rt.admit(req)
+                new = self.blocks.grow(req.block_ids, n)
+                assert new is not None
+                rt.num_blocks[s] = len(req.block_ids)
+                rt.computed[s] = n
+                chunks.append(_Chunk(req, 0, n, new))
+                in_step[s] = True
                 budget -= n
+                admitted += 1
 
-        if not rows:
+        if decode.size == 0 and not chunks:
             return None
-        return self._emit(step, rows)
+        return self._emit(step, decode, appended, chunks, admitted)
 
-    def _may_sample(self, req: Request) -> bool:
-        """False when the in-flight samples already reach max_new_tokens or the context: nothing to do."""
-        return (req.num_promised_outputs < req.max_new_tokens
-                and req.num_tokens < self.limits.max_context)
+    def _schedule_decodes(self, candidates: np.ndarray, row_cap: int,
+                          in_step: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The decode rows of this step, each given the block its next token needs; returns (slots,
+        those that got a new block, stalled). With enough free blocks this is a few array operations;
+        otherwise the rows go one by one, preempting newer requests (`_make_room`)."""
+        rt, bs = self.rows, self.limits.block_size
+        chosen = candidates[:row_cap]
+        needs = chosen[rt.computed[chosen] >= rt.num_blocks[chosen] * bs]
+        if needs.size <= self.blocks.num_free:
+            for s, b in zip(needs.tolist(), self.blocks.allocate(needs.size), strict=True):
+                rt.owner[s].block_ids.append(b)
+            rt.num_blocks[needs] += 1
+            in_step[chosen] = True
+            return chosen, needs, False
+        rows: list[int] = []
+        grown: list[int] = []
+        stalled = False
+        for s in candidates.tolist():
+            if len(rows) == row_cap:
+                break
+            req = rt.owner[s]
+            if req is None:
+                continue  # preempted by an older row of this loop
+            if rt.computed[s] >= rt.num_blocks[s] * bs:
+                if not self._make_room(req, 1, in_step):
+                    stalled = True
+                    continue
+                req.block_ids.extend(self.blocks.allocate(1))
+                rt.num_blocks[s] += 1
+                grown.append(s)
+            rows.append(s)
+            in_step[s] = True
+        return np.asarray(rows, np.int64), np.asarray(grown, np.int64), stalled
 
-    def _reserve(self, req: Request, kv_len: int, scheduled: set[str]) -> bool:
-        need = self.blocks.blocks_for(kv_len) - len(req.block_ids)
-        if need > 0 and not self._make_room(req, need, scheduled):
-            return False
-        grown = self.blocks.grow(req.block_ids, kv_len)
-        assert grown
-        return True
-
-    def _fit_chunk(self, req: Request, n: int, scheduled: set[str]) -> int:
-        """Shrinks a prefill chunk to the free blocks (preempting only if not one token fits)."""
+    def _fit_chunk(self, req: Request, n: int, in_step: np.ndarray) -> list[int] | None:
+        """Schedules up to `n` tokens of a continuing prefill, shrunk to the free blocks (preempting
+        only if not one token fits); returns the blocks it took, None if it must wait. Advances
+        num_computed past the chunk."""
         bs = self.limits.block_size
         room = (len(req.block_ids) + self.blocks.num_free) * bs - req.num_computed
         if room <= 0:
-            if not self._make_room(req, 1, scheduled):
-                return 0
+            if not self._make_room(req, 1, in_step):
+                return None
             room = (len(req.block_ids) + self.blocks.num_free) * bs - req.num_computed
         n = min(n, room)
-        grown = self.blocks.grow(req.block_ids, req.num_computed + n)
-        assert grown
-        return n
+        new = self.blocks.grow(req.block_ids, req.num_computed + n)
+        assert new is not None
+        self.rows.num_blocks[req.slot] = len(req.block_ids)
+        req.num_computed += n
+        return new
 
-    def _make_room(self, req: Request, need: int, scheduled: set[str]) -> bool:
+    def _make_room(self, req: Request, need: int, in_step: np.ndarray) -> bool:
         """Preempts the newest running requests for `need` free blocks; False if `req` must wait.
 
         Only requests admitted after `req` and not already in this step are victims, so an older request
@@ -314,7 +374,7 @@ class Scheduler:
             for r in reversed(self._running.values()):
                 if r is req:
                     break
-                if r.req_id not in scheduled:
+                if not in_step[r.slot]:
                     victim = r
                     break
             if victim is None:
@@ -322,81 +382,76 @@ class Scheduler:
             self._preempt(victim)
         return True
 
-    def _emit(self, step: int, rows: list[_Row]) -> tuple[StepPlan, StepInfo]:
-        """Fills the plan's arrays (engine.proto) and commits the rows to the requests' state."""
-        L, bs = self.limits, self.limits.block_size
-        R = len(rows)
+    def _emit(self, step: int, decode: np.ndarray, appended: np.ndarray, chunks: list[_Chunk],
+              admitted: int) -> tuple[StepPlan, StepInfo]:
+        """Fills the plan's arrays (engine.proto) and commits the rows to the requests' state.
+
+        Rows are the decode rows (arrays over slots), then the chunks; the last `admitted` chunks are
+        requests new to the worker."""
+        L, rt = self.limits, self.rows
+        nd, nc = decode.size, len(chunks)
+        R = nd + nc
+        assert R <= L.max_num_rows
+        # Decode rows: the input is the in-flight sample (carried over from the previous step's row)
+        # or, with nothing in flight, the last known token.
+        carried = rt.inflight[decode] > 0
+        d_ids = np.where(carried, L.placeholder, rt.last_token[decode])
+        d_carry = np.where(carried, rt.last_row[decode], -1)
+        rt.computed[decode] += 1
+        rt.inflight[decode] += 1
+        rt.last_step[decode] = step
+        rt.last_row[decode] = np.arange(nd)
+
+        c_slots = np.fromiter((c.req.slot for c in chunks), np.int64, nc)
+        c_lens = np.fromiter((c.n for c in chunks), np.int64, nc)
+        c_ids = [np.asarray(c.req.token_ids(c.start, c.start + c.n), np.int64) for c in chunks]
+        c_sample = np.zeros(nc, bool)
+        for i, c in enumerate(chunks):
+            assert c.req.num_computed == c.start + c.n <= c.req.num_tokens
+            if c.start + c.n == c.req.num_tokens:  # its last scheduled token is the last it has: sample
+                c_sample[i] = True
+        sampling = c_slots[c_sample]
+        rt.inflight[sampling] += 1
+        rt.last_step[sampling] = step
+        rt.last_row[sampling] = nd + np.flatnonzero(c_sample)
+
+        slots = np.concatenate([decode, c_slots])
+        lens = np.concatenate([np.ones(nd, np.int64), c_lens])
         qs = np.zeros(R + 1, np.int32)
-        qs[1:] = np.cumsum([row.n for row in rows])
+        np.cumsum(lens, out=qs[1:])
         T = int(qs[-1])
-        width = max(len(row.req.block_ids) for row in rows)
-        assert T <= L.max_num_tokens and R <= L.max_num_rows and width <= L.max_blocks_per_row
-        # Built as Python lists and converted once: per-row numpy calls cost more than the rows' work.
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        kv_lens: list[int] = []
-        carry: list[int] = []
-        sample: list[int] = []
-        table_cells: list[int] = []  # every row's block ids, concatenated
-        table_lens: list[int] = []
-        params: list[tuple[float, float, int, float, int, int]] = []
+        assert T <= L.max_num_tokens
+        assert np.all(rt.num_blocks[slots] <= L.max_blocks_per_row)
 
-        for r, row in enumerate(rows):
-            req = row.req
-            start, end = row.start, row.start + row.n
-            assert start == req.num_computed and end <= req.num_tokens
-            table = req.block_ids
-            assert len(table) == self.blocks.blocks_for(end)
-            if row.n == 1:  # decode (or a one-token chunk): no ranges to build
-                positions.append(start)
-                slot_mapping.append(table[start // bs] * bs + start % bs)
-            else:
-                span = range(start, end)
-                positions.extend(span)
-                slot_mapping.extend(table[p // bs] * bs + p % bs for p in span)
-            table_cells.extend(table)
-            table_lens.append(len(table))
-            kv_lens.append(end)
-            if row.carry >= 0:
-                assert row.n == 1
-                carry.append(row.carry)
-                input_ids.append(L.placeholder)
-            else:
-                carry.append(-1)
-                input_ids.extend(req.token_ids(start, end))
-            sp = req.sampling
-            params.append((sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.seed, sp.num_logprobs))
-            req.num_computed = end
-            if end == req.num_tokens:  # its last scheduled token is the last token it has: sample
-                assert self._may_sample(req)
-                sample.append(1)
-                req.num_inflight += 1
-                req.last_sample = (step, r)
-            else:
-                sample.append(0)
-
-        # Each row's block ids go to the left of its block-table row, -1 after them.
-        lens = np.asarray(table_lens, np.int64)
-        row_of_cell = np.repeat(np.arange(R), lens)
-        col_of_cell = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-        block_tables = np.full((R, width), -1, np.int32)
-        block_tables[row_of_cell, col_of_cell] = table_cells
-        temperature, top_p, top_k, min_p, seed, num_logprobs = zip(*params, strict=True)
-        carry_index = np.asarray(carry, np.int32)
-        num_carried = int(np.count_nonzero(carry_index >= 0))
+        # Blocks appended this step, each slot's contiguous and in column order.
+        a_slots = [appended] + [np.full(len(c.new_blocks), c.req.slot, np.int64) for c in chunks]
+        a_blocks = [np.asarray([rt.owner[s].block_ids[-1] for s in appended.tolist()], np.int64)]
+        a_blocks += [np.asarray(c.new_blocks, np.int64) for c in chunks]
+        new = chunks[nc - admitted:] if admitted else []
+        new_slots = np.fromiter((c.req.slot for c in new), np.int32, len(new))
+        params = [c.req.sampling for c in new]
+        sample = np.concatenate([np.ones(nd, np.int32), c_sample.astype(np.int32)])
+        carry_index = np.concatenate([d_carry, np.full(nc, -1, np.int64)]).astype(np.int32)
+        num_carried = int(np.count_nonzero(carried))
         plan = StepPlan(
-            step_id=step, carry_from_step=step - 1 if num_carried else -1,
-            flush=L.pipeline_depth == 1, input_ids=np.asarray(input_ids, np.int32),
-            positions=np.asarray(positions, np.int32), slot_mapping=np.asarray(slot_mapping, np.int32),
-            query_start=qs, kv_lens=np.asarray(kv_lens, np.int32), block_tables=block_tables,
-            carry_index=carry_index, sample=np.asarray(sample, np.int32),
-            temperature=np.asarray(temperature, np.float32), top_p=np.asarray(top_p, np.float32),
-            top_k=np.asarray(top_k, np.int32), min_p=np.asarray(min_p, np.float32),
-            seed=np.asarray(seed, np.uint64), num_logprobs=np.asarray(num_logprobs, np.int32),
-            request_ids="\n".join(row.req.client_id for row in rows),
+            step_id=step, carry_from_step=step - 1 if num_carried else -1, flush=L.pipeline_depth == 1,
+            rows=slots.astype(np.int32), query_start=qs,
+            input_ids=np.concatenate([d_ids, *c_ids]).astype(np.int32),
+            carry_index=carry_index, sample=sample,
+            free_slots=rt.take_frees(), new_slots=new_slots,
+            new_temperature=np.asarray([p.temperature for p in params], np.float32),
+            new_top_p=np.asarray([p.top_p for p in params], np.float32),
+            new_top_k=np.asarray([p.top_k for p in params], np.int32),
+            new_min_p=np.asarray([p.min_p for p in params], np.float32),
+            new_seed=np.asarray([p.seed for p in params], np.uint64),
+            new_num_logprobs=np.asarray([p.num_logprobs for p in params], np.int32),
+            append_slots=np.concatenate(a_slots).astype(np.int32),
+            append_blocks=np.concatenate(a_blocks).astype(np.int32),
+            request_ids="\n".join(c.req.client_id for c in new),
+            check_state=L.check_state,
         )
-        info = StepInfo(step, [row.req for row in rows], [bool(x) for x in sample], T, num_carried)
+        info = StepInfo(step, rt.owner[slots], sample.astype(bool), slots, T, num_carried,
+                        rt.digest() if L.check_state else 0)
         assert num_carried == 0 or (self._in_flight and self._in_flight[-1].step_id == step - 1)
         self._in_flight.append(info)
         self._next_step += 1
@@ -409,40 +464,66 @@ class Scheduler:
         info = self._in_flight.popleft()
         assert result.step_id == info.step_id, f"result for step {result.step_id}, expected {info.step_id}"
         assert result.sampled.shape == (len(info.requests),)
-        events: list[TokenEvent] = []
+        if info.digest and result.state_digest != info.digest:
+            raise StateMismatch(f"step {info.step_id}: the worker's row slots disagree with the scheduler's "
+                                f"(digest {result.state_digest:#x}, expected {info.digest:#x})")
+        rt = self.rows
+        rows = np.flatnonzero(info.sample)
+        slots = info.slots[rows]
+        # A slot still active belongs to the request it had when the step was sent: slots are reused
+        # only after this step has reported. Those rows' counters move with array operations.
+        live = rt.active[slots]
+        tokens = result.sampled[rows]
+        ls = slots[live]
+        rt.inflight[ls] -= 1
+        rt.known[ls] += 1
+        rt.last_token[ls] = tokens[live]
+        at_cap = np.zeros(rows.size, bool)
+        at_cap[live] = rt.known[ls] >= rt.cap[ls]
         # The worker's sampler marks a row whose logits were not finite with a NaN logprob.
-        broken = np.isnan(result.logprob) if result.logprob is not None else None
-        for r, req in enumerate(info.requests):
-            if not info.sample[r] or req.is_finished:
-                continue  # a prefill chunk, or the overrun of a request already finished: discarded
-            req.num_inflight -= 1
-            assert req.num_inflight >= 0
-            if req.num_inflight == 0:
-                req.last_sample = None
-            if broken is not None and broken[r]:
+        broken = np.isnan(result.logprob[rows]) if result.logprob is not None else np.zeros(rows.size, bool)
+        events: list[TokenEvent] = []
+        now = None
+        want_logprobs = result.logprob is not None
+        for r, token, is_live, cap_hit, bad in zip(
+                rows.tolist(), tokens.tolist(), live.tolist(), at_cap.tolist(), broken.tolist(), strict=True):
+            req = info.requests[r]
+            if not is_live:
+                if req.is_finished:
+                    continue  # the overrun of a request already finished: discarded
+                # Preempted with this sample in flight: it waits, its counters in its own fields.
+                req._inflight -= 1
+                assert req._inflight >= 0
+                if req._inflight == 0:
+                    req._last_sample = None
+                cap_hit = req.num_known_tokens + 1 >= min(req.token_cap, self.limits.max_context)
+            if bad:
                 events.append(TokenEvent(req, -1, None, None, FinishReason.ABORTED, error="non-finite logits"))
                 self._finish(req, FinishReason.ABORTED)
                 continue
-            token = int(result.sampled[r])
             assert token >= 0, f"step {info.step_id} row {r} sampled nothing"
             req.output_ids.append(token)
             if req.first_token_time is None:
-                req.first_token_time = time.monotonic()
-            events.append(TokenEvent(req, token, *self._logprobs(result, r, req), self._finish_reason(req)))
-            if events[-1].finish is not None:
-                self._finish(req, events[-1].finish)
+                now = now or time.monotonic()
+                req.first_token_time = now
+            if token in req.eos_token_ids and not req.ignore_eos:
+                finish = FinishReason.EOS
+            elif token in req.stop_token_ids:
+                finish = FinishReason.STOP_TOKEN
+            elif cap_hit:
+                finish = FinishReason.LENGTH
+            else:
+                finish = None
+            if want_logprobs and req.sampling.num_logprobs >= 0:
+                logprob, top = self._logprobs(result, r, req)
+            else:
+                logprob, top = None, None
+            events.append(TokenEvent(req, token, logprob, top, finish))
+            if finish is not None:
+                self._finish(req, finish)
         self.blocks.release_through(info.step_id)
+        rt.pool.release_through(info.step_id)
         return events
-
-    def _finish_reason(self, req: Request) -> FinishReason | None:
-        token = req.output_ids[-1]
-        if token in req.eos_token_ids and not req.ignore_eos:
-            return FinishReason.EOS
-        if token in req.stop_token_ids:
-            return FinishReason.STOP_TOKEN
-        if req.num_output_tokens >= req.max_new_tokens or req.num_known_tokens >= self.limits.max_context:
-            return FinishReason.LENGTH
-        return None
 
     @staticmethod
     def _logprobs(

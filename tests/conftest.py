@@ -30,9 +30,11 @@ class ServerPool:
             scheduler_args: tuple[str, ...] = ()) -> TandemServer:
         key = (model, depth, worker_args, scheduler_args)
         if key not in self._servers:
+            # --debug-check-state: after every step the worker's row slots are checked against the
+            # scheduler's; a mismatch fails the session's requests INTERNAL, so every test would see it.
             server = TandemServer(
                 model=model,
-                scheduler_args=["--pipeline-depth", str(depth), *scheduler_args],
+                scheduler_args=["--pipeline-depth", str(depth), "--debug-check-state", *scheduler_args],
                 worker_args=list(worker_args),
             )
             self._servers[key] = server.start()

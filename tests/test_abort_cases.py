@@ -75,7 +75,7 @@ class Driver:
 
 
 def test_abort_during_chunked_prefill(loaded):
-    d = Driver(e := _engine(loaded, 64), scheduler_for(e, depth=2))
+    d = Driver(e := _engine(loaded, 64), scheduler_for(e, depth=2, check_state=True))
     victim, other = _req(0, 300, 8), _req(1, 20, 8)  # 300 tokens at 64 per step: five chunks
     d.sched.add(victim)
     d.sched.add(other)
@@ -90,7 +90,7 @@ def test_abort_during_chunked_prefill(loaded):
 
 
 def test_abort_on_the_final_step(loaded):
-    d = Driver(e := _engine(loaded, 64), scheduler_for(e, depth=2))
+    d = Driver(e := _engine(loaded, 64), scheduler_for(e, depth=2, check_state=True))
     req = _req(0, 10, 6)
     d.sched.add(req)
     for _ in range(100):  # until the step that samples its last token is in flight, not yet reported
@@ -110,7 +110,7 @@ def test_abort_on_the_final_step(loaded):
 
 def test_abort_while_preempted(loaded):
     # 6 blocks of 16 tokens: two 40-token prompts growing by 40 tokens cannot both stay.
-    d = Driver(e := _engine(loaded, 6), scheduler_for(e, depth=2))
+    d = Driver(e := _engine(loaded, 6), scheduler_for(e, depth=2, check_state=True))
     a, b = _req(0, 40, 40), _req(1, 40, 40)
     d.sched.add(a)
     d.sched.add(b)

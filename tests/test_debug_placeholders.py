@@ -47,10 +47,10 @@ def test_scheduler_sends_the_sentinel_only_where_carry_over_fills_in():
     _, second = _pipelined_plans(PLACEHOLDER_SENTINEL)
     assert second.carry_index.tolist() == [0]
     assert second.input_ids.tolist() == [PLACEHOLDER_SENTINEL]
-    second.validate(64, 8, 16, 49152)  # accepted: the sentinel sits where carry-over writes
+    second.validate(64, 8, 49152)  # accepted: the sentinel sits where carry-over writes
     second.carry_index[:] = -1
     with pytest.raises(WireError, match="placeholder sentinel"):
-        second.validate(64, 8, 16, 49152)
+        second.validate(64, 8, 49152)
 
 
 def test_debug_mode_end_to_end_gives_the_same_tokens(servers, tiny):

@@ -6,7 +6,10 @@ set here before the kernels are defined; triton comes with the dev extra on Linu
 smaller contexts since the interpreter is slow, and float32 only (see _skip_interpreted_bf16).
 Every case draws fresh random inputs (never zeros), fills the whole KV pool with random values (a
 read of a wrong block shows), scatters each row's blocks over the pool, and poisons the output with
-NaN first, so an element the kernel fails to write fails the comparison.
+NaN first, so an element the kernel fails to write fails the comparison. The kernels get a
+persistent-style block table: more rows than the step, step rows mapped to shuffled table rows, and
+every cell outside a row's context holding a stale id (a valid block, or -1); the reference gets the
+plain per-step table (row r in row r, -1 past its context), so it shares none of that indirection.
 """
 
 from __future__ import annotations
@@ -65,17 +68,30 @@ def _cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype
     return cache
 
 
-def _tables(kv_lens: list[int], block_size: int, num_blocks: int, rng: random.Random) -> np.ndarray:
-    """Each row's blocks drawn without replacement from a shuffled pool; -1 past the row's context."""
-    need = [-(-n // block_size) for n in kv_lens]
-    pool = rng.sample(range(num_blocks), sum(need))
-    width = max(1, max(need)) + rng.randint(0, 2)
-    tables = np.full((len(kv_lens), width), -1, dtype=np.int32)
-    at = 0
-    for r, k in enumerate(need):
-        tables[r, :k] = pool[at : at + k]
-        at += k
-    return tables
+class Tables:
+    """A step's blocks twice: `plain` [R, B] (row r in row r, -1 past its context) for the reference,
+    and `persistent` [R + spare, B + spare] with `table_rows` [R] for the kernels."""
+
+    def __init__(self, kv_lens: list[int], block_size: int, num_blocks: int, rng: random.Random,
+                 padding: tuple[int, ...] = ()) -> None:
+        """Each row's blocks drawn without replacement from a shuffled pool. Rows in `padding`
+        (kv_len 0) map to table row 0, like a graph bucket's padding rows, whoever owns that row."""
+        need = [-(-n // block_size) for n in kv_lens]
+        pool = rng.sample(range(num_blocks), sum(need))
+        width = max(1, max(need))
+        self.plain = np.full((len(kv_lens), width), -1, dtype=np.int32)
+        slots, wide = len(kv_lens) + rng.randint(2, 5), width + rng.randint(1, 3)
+        # Stale: blocks of other requests (valid ids, random data) and -1, in every cell to begin with.
+        self.persistent = np.array([[rng.randrange(-1, num_blocks) for _ in range(wide)] for _ in range(slots)],
+                                   dtype=np.int32)
+        self.table_rows = np.array(rng.sample(range(slots), len(kv_lens)), dtype=np.int32)
+        self.table_rows[list(padding)] = 0
+        at = 0
+        for r, k in enumerate(need):
+            self.plain[r, :k] = pool[at : at + k]
+            if r not in padding:
+                self.persistent[self.table_rows[r], :k] = pool[at : at + k]
+            at += k
 
 
 def _reference(query, cache: PagedKVCache, tables, query_start, kv_lens, scale) -> torch.Tensor:
@@ -128,20 +144,20 @@ def test_paged_decode_matches_reference(block_size, group, head_dim, dtype, spli
     kv_lens = _context_lengths(rng, rows) + [0]  # the last row is padding, as in a graph bucket
     num_blocks = sum(-(-n // block_size) for n in kv_lens) + 8
     cache = _cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen)
-    tables = _tables(kv_lens, block_size, num_blocks, rng)
     n = len(kv_lens)
+    tables = Tables(kv_lens, block_size, num_blocks, rng, padding=(n - 1,))
     query = torch.randn(n, kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
     out = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
     # Rows in reverse token order: a row's query need not sit at its own index.
     rows_t = dev(np.arange(n)[::-1])
     toks_t = dev(np.arange(n))
-    paged_decode(query, cache.k[0], cache.v[0], out, dev(tables), dev(kv_lens), rows_t, toks_t, scale,
-                 num_splits=splits)
+    paged_decode(query, cache.k[0], cache.v[0], out, dev(tables.persistent), dev(tables.table_rows), dev(kv_lens),
+                 rows_t, toks_t, scale, num_splits=splits)
     assert not out.isnan().any(), "an output element was not written"
     assert torch.all(out[0] == 0), "the padding row (row n - 1, token 0) must attend to nothing"
     # Token t holds row n - 1 - t's query: flipped, tokens are in row order (padding row last, left out).
-    ref = _reference(query.flip(0)[: n - 1], cache, tables[: n - 1], np.arange(n), kv_lens[: n - 1], scale)
+    ref = _reference(query.flip(0)[: n - 1], cache, tables.plain[: n - 1], np.arange(n), kv_lens[: n - 1], scale)
     err = _rel_err(out.flip(0)[: n - 1], ref)
     assert err <= TOLERANCE[dtype], err
 
@@ -170,19 +186,19 @@ def test_paged_prefill_matches_reference(block_size, group, head_dim, dtype):
     kv_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
     num_blocks = sum(-(-n // block_size) for n in kv_lens) + 8
     cache = _cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen)
-    tables = _tables(kv_lens, block_size, num_blocks, rng)
+    tables = Tables(kv_lens, block_size, num_blocks, rng)
     query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     query = torch.randn(int(query_start[-1]), kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
     out = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
     multi = np.array([r for r, q in enumerate(q_lens) if q > 1], dtype=np.int32)
-    paged_prefill(query, cache.k[0], cache.v[0], out, dev(tables), dev(kv_lens), dev(query_start), dev(multi),
-                  max(q_lens), scale)
+    paged_prefill(query, cache.k[0], cache.v[0], out, dev(tables.persistent), dev(tables.table_rows), dev(kv_lens),
+                  dev(query_start), dev(multi), max(q_lens), scale)
     singles = [int(query_start[r]) for r, q in enumerate(q_lens) if q == 1]
     assert out[singles].isnan().all(), "prefill wrote a single-token row"
     written = [t for t in range(out.shape[0]) if t not in singles]
     assert not out[written].isnan().any(), "an output element was not written"
-    ref = _reference(query, cache, tables, query_start, kv_lens, scale)
+    ref = _reference(query, cache, tables.plain, query_start, kv_lens, scale)
     err = _rel_err(out[written], ref[written])
     assert err <= TOLERANCE[dtype], err
 

@@ -1,9 +1,12 @@
-"""Scheduler core (request, block manager, scheduler) driven by an array-level fake worker.
+"""Scheduler core (request, block manager, row table, scheduler) driven by an array-level fake worker.
 
-The fake worker plays the GPU's role on the StepPlan arrays only: it resolves carry-over from the
-previous step's `sampled`, writes input tokens into a slot->token KV dict through `slot_mapping`, reads
-every row's context back through `block_tables`, and samples a token that is a pure function of that
-context and the row's seed (so outputs cannot depend on batching, chunking, preemption or depth).
+The fake worker keeps the worker's row-slot state with the worker's own `RowState` (plans are
+incremental: it resolves each against the slots) and plays the GPU's role on the resolved arrays: it
+resolves carry-over from the previous step's `sampled`, writes input tokens into a slot->token KV dict
+through `slot_mapping`, reads every row's context back through its slot's block table, and samples a
+token that is a pure function of that context and the row's seed (so outputs cannot depend on
+batching, chunking, preemption or depth). Every step, its state digest is checked against the
+scheduler's (`check_state`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import pytest
 from tandem.wire import StepPlan, StepResult
 
 from scheduler_svc.request import FinishReason, Request, RequestStatus, SamplingParams
-from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits
+from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, StateMismatch
+from worker_svc.row_state import RowState, StepBatch
 
 V = 40
 EOS = 3
@@ -62,39 +66,50 @@ def make_request(i: int, prompt_len: int, max_new: int, **kw) -> Request:
                    eos_token_ids=frozenset({EOS}), **kw)
 
 
+def worker_rows(lim: SchedulerLimits) -> RowState:
+    return RowState(lim.slots, lim.max_blocks_per_row, lim.block_size, lim.num_blocks, lim.max_context)
+
+
 class FakeWorker:
     def __init__(self, lim: SchedulerLimits, truth: dict[str, list[int]]) -> None:
         self.lim = lim
         self.truth = truth
+        self.rows = worker_rows(lim)
         self.kv: dict[int, int] = {}
         self.prev: tuple[int, np.ndarray] | None = None
 
-    def run(self, plan: StepPlan, requests: list[Request]) -> StepResult:
+    def blocks_of(self, slot: int) -> list[int]:
+        return self.rows.table[slot, : self.rows.num_blocks[slot]].tolist()
+
+    def run(self, plan: StepPlan, requests) -> tuple[StepResult, StepBatch]:
         bs = self.lim.block_size
-        plan.validate(self.lim.max_num_tokens, self.lim.max_num_rows, self.lim.max_blocks_per_row, V)
-        ids = plan.input_ids.astype(np.int64)
-        qs = plan.query_start
-        for r in np.nonzero(plan.carry_index >= 0)[0]:
+        batch = self.rows.prepare(plan, self.lim.max_num_tokens, V)
+        ids = batch.input_ids.astype(np.int64)
+        qs = batch.query_start
+        for r in np.nonzero(batch.carry_index >= 0)[0]:
             assert self.prev is not None and plan.carry_from_step == self.prev[0] == plan.step_id - 1
             assert ids[qs[r]] == 0, "carried row must have placeholder 0"
-            ids[qs[r]] += self.prev[1][plan.carry_index[r]]
-            assert self.prev[1][plan.carry_index[r]] >= 0, "carried from a row that did not sample"
-        for r in range(plan.num_rows):
+            ids[qs[r]] += self.prev[1][batch.carry_index[r]]
+            assert self.prev[1][batch.carry_index[r]] >= 0, "carried from a row that did not sample"
+        for r in range(batch.num_rows):
             s, e = qs[r], qs[r + 1]
-            assert list(plan.positions[s:e]) == list(range(plan.kv_lens[r] - (e - s), plan.kv_lens[r]))
+            table = self.rows.table[batch.rows[r]]
+            assert list(batch.positions[s:e]) == list(range(batch.kv_lens[r] - (e - s), batch.kv_lens[r]))
             for t in range(s, e):
-                p = plan.positions[t]
-                assert plan.slot_mapping[t] == plan.block_tables[r, p // bs] * bs + p % bs
-                self.kv[int(plan.slot_mapping[t])] = int(ids[t])
-        sampled = np.full(plan.num_rows, -1, np.int32)
-        for r in range(plan.num_rows):
-            n = int(plan.kv_lens[r])
-            ctx = [self.kv.get(int(plan.block_tables[r, p // bs]) * bs + p % bs, -1) for p in range(n)]
+                p = batch.positions[t]
+                assert batch.slot_mapping[t] == table[p // bs] * bs + p % bs
+                self.kv[int(batch.slot_mapping[t])] = int(ids[t])
+        sampled = np.full(batch.num_rows, -1, np.int32)
+        for r in range(batch.num_rows):
+            n = int(batch.kv_lens[r])
+            table = self.rows.table[batch.rows[r]]
+            ctx = [self.kv.get(int(table[p // bs]) * bs + p % bs, -1) for p in range(n)]
             assert ctx == self.truth[requests[r].req_id][:n], f"step {plan.step_id}: row {r} reads wrong KV"
-            if plan.sample[r]:
-                sampled[r] = next_token(ctx, int(plan.seed[r]))
+            if batch.sample[r]:
+                sampled[r] = next_token(ctx, int(batch.seed[r]))
         self.prev = (plan.step_id, sampled)
-        return StepResult(step_id=plan.step_id, sampled=sampled)
+        digest = self.rows.digest() if plan.check_state else 0
+        return StepResult(step_id=plan.step_id, sampled=sampled, state_digest=digest), batch
 
 
 def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: int = 3) -> dict:
@@ -120,11 +135,12 @@ def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: in
             plan, info = built
             stats["steps"] += 1
             stats["carried"] += info.num_carried
+            result, batch = worker.run(plan, info.requests)
             for r, req in enumerate(info.requests):
                 n = int(plan.query_start[r + 1] - plan.query_start[r])
-                stats["chunked"] += n > 1 and plan.kv_lens[r] < req.num_prompt_tokens
+                stats["chunked"] += n > 1 and batch.kv_lens[r] < req.num_prompt_tokens
                 owner = (req.req_id, req.num_preemptions)
-                for b in plan.block_tables[r][plan.block_tables[r] >= 0]:
+                for b in worker.blocks_of(int(batch.rows[r])):
                     prev = last_ref.get(int(b))
                     if prev is not None and prev[0] != owner:
                         assert prev[1] <= reported, f"block {b} reused while step {prev[1]} is in flight"
@@ -133,8 +149,8 @@ def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: in
                 if plan.sample[r]:
                     samples[req.req_id] += 1
                     assert samples[req.req_id] <= req.max_new_tokens, "sample scheduled past max_new_tokens"
-                    assert plan.kv_lens[r] < lim.max_context
-            inflight.append((worker.run(plan, info.requests), info.requests))
+                    assert batch.kv_lens[r] < lim.max_context
+            inflight.append((result, info.requests))
         if not inflight:
             assert sched.is_idle, "nothing schedulable but work remains (deadlock)"
             continue  # more arrivals, or done
@@ -169,7 +185,7 @@ def mixed_requests() -> list[Request]:
 @pytest.mark.parametrize("depth", [1, 2])
 def test_outputs_match_oracle_with_chunking_and_preemption(depth: int) -> None:
     reqs = mixed_requests()
-    out = run_to_completion(Scheduler(limits(depth)), reqs)
+    out = run_to_completion(Scheduler(limits(depth, check_state=True)), reqs)
     stats = out["stats"]
     assert stats["preemptions"] > 0 and stats["chunked"] > 0
     if depth == 2:
@@ -192,24 +208,29 @@ def test_outputs_match_oracle_with_chunking_and_preemption(depth: int) -> None:
 
 def test_depth_1_and_2_identical_and_timestamps_set() -> None:
     a, b = mixed_requests(), mixed_requests()
-    run_to_completion(Scheduler(limits(1)), a)
-    run_to_completion(Scheduler(limits(2, max_num_tokens=24, num_blocks=30)), b, arrive_per_step=5)
+    run_to_completion(Scheduler(limits(1, check_state=True)), a)
+    run_to_completion(Scheduler(limits(2, max_num_tokens=24, num_blocks=30, check_state=True)), b, arrive_per_step=5)
     for x, y in zip(a, b, strict=True):
         assert x.output_ids == y.output_ids and x.finish_reason == y.finish_reason
         assert x.arrival_time <= x.first_scheduled_time <= x.first_token_time <= x.finish_time
 
 
 def test_carry_over_arrays_at_depth_2() -> None:
-    s = Scheduler(limits(2, num_blocks=8))
+    lim = limits(2, num_blocks=8)
+    s, rows = Scheduler(lim), worker_rows(lim)
     req = make_request(0, 6, 5)
     s.add(req)
     p0, _ = s.build_plan()
     assert list(p0.input_ids) == req.prompt_ids and list(p0.sample) == [1] and p0.carry_from_step == -1
+    assert list(p0.new_slots) == [req.slot] and list(p0.append_blocks) == [0, 1] and list(p0.append_slots) == [0, 0]
+    rows.prepare(p0, lim.max_num_tokens, V)
     p1, info1 = s.build_plan()  # built before step 0's token is known
     assert p1.step_id == 1 and p1.carry_from_step == 0 and list(p1.carry_index) == [0]
-    assert list(p1.input_ids) == [0] and list(p1.positions) == [6] and list(p1.kv_lens) == [7]
-    assert list(p1.block_tables[0]) == req.block_ids == [0, 1]
-    assert list(p1.slot_mapping) == [1 * 4 + 2]
+    assert list(p1.input_ids) == [0] and p1.new_slots.size == p1.append_slots.size == p1.free_slots.size == 0
+    b1 = rows.prepare(p1, lim.max_num_tokens, V)  # only the row and its token crossed: the worker knows the rest
+    assert list(b1.positions) == [6] and list(b1.kv_lens) == [7]
+    assert rows.table[req.slot, :2].tolist() == req.block_ids == [0, 1]
+    assert list(b1.slot_mapping) == [1 * 4 + 2]
     assert req.num_inflight == 2 and info1.num_carried == 1
     with pytest.raises(AssertionError):
         s.build_plan()  # pipeline full
@@ -218,7 +239,8 @@ def test_carry_over_arrays_at_depth_2() -> None:
 
 
 def test_plan_arrays_sampling_params_and_logprobs() -> None:
-    s = Scheduler(limits(1, max_num_tokens=64))
+    lim = limits(1, max_num_tokens=64)
+    s, rows = Scheduler(lim), worker_rows(lim)
     a = make_request(0, 9, 2)
     a.sampling = SamplingParams(temperature=0.0, top_p=0.5, top_k=3, min_p=0.1, seed=(1 << 64) - 1,
                                 num_logprobs=2)
@@ -226,12 +248,15 @@ def test_plan_arrays_sampling_params_and_logprobs() -> None:
     s.add(a)
     s.add(b)
     plan, info = s.build_plan()
-    assert info.requests == [a, b] and list(plan.query_start) == [0, 9, 12]
-    assert plan.block_tables.shape == (2, 3) and list(plan.block_tables[1]) == [3, -1, -1]
-    assert plan.seed.dtype == np.uint64 and int(plan.seed[0]) == (1 << 64) - 1
-    assert list(plan.num_logprobs) == [2, -1] and list(plan.top_k) == [3, 0]
-    assert plan.temperature[0] == 0.0 and plan.top_p[0] == pytest.approx(0.5)
+    assert list(info.requests) == [a, b] and list(plan.query_start) == [0, 9, 12]
+    assert list(plan.rows) == list(plan.new_slots) == [a.slot, b.slot] and a.slot != b.slot
+    assert list(plan.append_slots) == [a.slot] * 3 + [b.slot] and list(plan.append_blocks) == [0, 1, 2, 3]
+    assert plan.new_seed.dtype == np.uint64 and int(plan.new_seed[0]) == (1 << 64) - 1
+    assert list(plan.new_num_logprobs) == [2, -1] and list(plan.new_top_k) == [3, 0]
+    assert plan.new_temperature[0] == 0.0 and plan.new_top_p[0] == pytest.approx(0.5)
     assert list(plan.sample) == [1, 1] and plan.flush
+    batch = rows.prepare(plan, lim.max_num_tokens, V)  # the worker's per-row view of the same parameters
+    assert list(batch.top_k) == [3, 0] and int(batch.seed[0]) == (1 << 64) - 1 and list(batch.kv_lens) == [9, 3]
     res = StepResult(step_id=0, sampled=np.array([11, 12], np.int32),
                      logprob=np.array([-0.5, -1.0], np.float32),
                      top_ids=np.array([[11, 9], [12, 8]], np.int32),
@@ -246,6 +271,7 @@ def test_blocks_of_aborted_request_freed_only_after_in_flight_step_reports() -> 
     a, b = make_request(0, 8, 10), make_request(1, 4, 10)
     s.add(a)
     p0, _ = s.build_plan()  # a: 8 tokens, 2 blocks, step 0 in flight
+    slot_a = a.slot
     assert s.blocks.num_free == 6
     assert s.abort("r0") is a and a.finish_reason == FinishReason.ABORTED
     assert s.blocks.num_free == 6 and s.blocks.num_pending == 2  # step 0 still writes them
@@ -253,10 +279,13 @@ def test_blocks_of_aborted_request_freed_only_after_in_flight_step_reports() -> 
     assert a.finish_reason == FinishReason.ABORTED
     s.add(b)
     p1, _ = s.build_plan()
-    assert not set(p1.block_tables[0]) & set(p0.block_tables[0])  # not handed out while in flight
+    assert not set(p1.append_blocks) & set(p0.append_blocks)  # not handed out while in flight
+    assert list(p1.free_slots) == [slot_a] and b.slot != slot_a  # nor is a's row slot
+    assert s.rows.pool.num_pending == 1
     events = s.process_result(StepResult(step_id=0, sampled=np.array([7], np.int32)))
     assert events == [] and a.output_ids == []  # the aborted row's token is discarded
     assert s.blocks.num_free == 6 - 1 + 2 and s.blocks.num_pending == 0  # freed exactly once
+    assert s.rows.pool.num_pending == 0
     s.abort("r1")
     s.process_result(StepResult(step_id=1, sampled=np.array([7], np.int32)))
     assert s.is_idle
@@ -323,3 +352,22 @@ def test_drain_returns_unfinished_and_resets() -> None:
     s.add(make_request(9, 4, 1))
     plan, _ = s.build_plan()
     assert plan.step_id == 0
+
+
+def test_worker_state_that_disagrees_is_caught_on_the_next_result() -> None:
+    """The debug check can fail: a block the scheduler never sent appears in one slot's table."""
+    lim = limits(2, check_state=True)
+    s = Scheduler(lim)
+    reqs = [make_request(i, 6, 8, ignore_eos=True) for i in range(3)]
+    worker = FakeWorker(lim, {r.req_id: oracle(r)[0] for r in reqs})
+    for r in reqs:
+        s.add(r)
+    plan, info = s.build_plan()
+    result, _ = worker.run(plan, info.requests)
+    s.process_result(result)  # agrees
+    plan, info = s.build_plan()
+    slot = reqs[1].slot
+    worker.rows.table[slot, worker.rows.num_blocks[slot]] = lim.num_blocks - 1
+    worker.rows.num_blocks[slot] += 1
+    with pytest.raises(StateMismatch, match="disagree"):
+        s.process_result(worker.run(plan, info.requests)[0])

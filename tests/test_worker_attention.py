@@ -2,7 +2,9 @@
 
 Each scenario is a ragged batch: rows with a cached prefix written by an earlier step through the
 same entry point (chunked prefill, decode history) and rows starting fresh, blocks scattered over
-the pool in random order, block tables padded with -1.
+the pool in random order. Block tables come two ways: per step (row r in row r, padded with -1) and
+persistent (one table kept across both steps, more rows than the step, rows shuffled, every cell
+past a row's context stale: another block's id or -1, over a pool that starts out random).
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ def dense_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 
 class Batch:
-    """Per-row full K/V/Q sequences and the blocks each row owns."""
+    """Per-row full K/V/Q sequences, the blocks each row owns and, when `persistent`, the table."""
 
-    def __init__(self, totals: list[int], heads: int, kv_heads: int, block_size: int, gen: torch.Generator):
+    def __init__(self, totals: list[int], heads: int, kv_heads: int, block_size: int, gen: torch.Generator,
+                 persistent: bool = False):
         self.totals = totals
         self.block_size = block_size
         self.q = [torch.randn(t, heads, HEAD_DIM, generator=gen) for t in totals]
@@ -49,6 +52,12 @@ class Batch:
             need = -(-t // block_size)
             self.blocks.append(perm[:need])
             perm = perm[need:]
+        self.table: np.ndarray | None = None
+        self.table_rows: np.ndarray | None = None
+        if persistent:
+            slots, width = len(totals) + 5, max(len(b) for b in self.blocks) + 3
+            self.table = torch.randint(-1, NUM_BLOCKS, (slots, width), generator=gen, dtype=torch.int32).numpy()
+            self.table_rows = torch.randperm(slots, generator=gen)[: len(totals)].numpy().astype(np.int32)
 
     def step(self, cache: PagedKVCache, spans: list[tuple[int, int]]):
         """Packs positions [a, b) of every row into one step; returns (PagedStep, q, k, v) packed."""
@@ -62,11 +71,19 @@ class Batch:
             slots.append(blocks[pos // self.block_size] * self.block_size + pos % self.block_size)
             starts.append(starts[-1] + b - a)
             kv_lens.append(b)
-        width = max(len(b) for b in self.blocks) + 1  # one spare -1 column, like a padded plan
-        tables = np.full((len(spans), width), -1, dtype=np.int32)
-        for r, blocks in enumerate(self.blocks):
-            tables[r, : len(blocks)] = blocks
-        step = PagedStep.from_arrays(cache, np.concatenate(slots), tables, np.array(starts), np.array(kv_lens))
+        if self.table is None:
+            width = max(len(b) for b in self.blocks) + 1  # one spare -1 column, like a padded plan
+            tables = np.full((len(spans), width), -1, dtype=np.int32)
+            for r, blocks in enumerate(self.blocks):
+                tables[r, : len(blocks)] = blocks
+        else:
+            # Only the columns this step's context covers are written: the rest keep stale ids.
+            tables = self.table
+            for r, b in enumerate(kv_lens):
+                need = -(-b // self.block_size)
+                tables[self.table_rows[r], :need] = self.blocks[r][:need]
+        step = PagedStep.from_arrays(cache, np.concatenate(slots), tables, np.array(starts), np.array(kv_lens),
+                                     self.table_rows)
         dev = cache.cfg.device
         return step, torch.cat(qs).to(dev), torch.cat(ks).to(dev), torch.cat(vs).to(dev)
 
@@ -84,13 +101,17 @@ def run_layer(step: PagedStep, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)])
-def test_ragged_batch_matches_dense_causal(block_size: int, heads: int, kv_heads: int, device: str) -> None:
+@pytest.mark.parametrize("persistent", [False, True], ids=["per_step_table", "persistent_table"])
+def test_ragged_batch_matches_dense_causal(block_size: int, heads: int, kv_heads: int, device: str,
+                                           persistent: bool) -> None:
     gen = torch.Generator().manual_seed(block_size * 100 + heads)
     cache = PagedKVCache(KVCacheConfig(1, kv_heads, HEAD_DIM, block_size, NUM_BLOCKS, torch.float32, device))
+    for pool in (cache.k[0], cache.v[0]):  # a stale block read unmasked then changes the result
+        pool.copy_(torch.randn(pool.shape, generator=gen))
     # (cached prefix, new tokens): fresh prompts of 1, 7 and 45 tokens, decode rows after short and
     # block-crossing histories, prefill chunks continuing a cached prefix (aligned and not).
     rows = [(0, 7), (12, 1), (0, 45), (31, 1), (20, 37), (0, 1), (64, 1), (32, 16), (5, 40)]
-    batch = Batch([c + n for c, n in rows], heads, kv_heads, block_size, gen)
+    batch = Batch([c + n for c, n in rows], heads, kv_heads, block_size, gen, persistent)
     scale = HEAD_DIM**-0.5
 
     # Step 1 writes every cached prefix (rows without one get a single token, like a decode row of a
@@ -101,6 +122,9 @@ def test_ragged_batch_matches_dense_causal(block_size: int, heads: int, kv_heads
     second = [(c, c + n) if c else (0, n) for c, n in rows]
     step2, q2, k2, v2 = batch.step(cache, second)
     out2 = run_layer(step2, q2, k2, v2, scale)
+    # The single-token gather spans the longest single-token row's context, never the table width.
+    longest = max(b for (a, b) in second if b - a == 1)
+    assert step2.layout.single_blocks == -(-longest // block_size) < step2.block_tables.shape[1]
 
     for out, spans in ((out1, first), (out2, second)):
         at = 0

@@ -7,6 +7,7 @@ paging, chunked prefill, mixed batches, logits selection or carry-over changes t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class Req:
     blocks: list[int] = field(default_factory=list)
     out: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V the engine has been asked to store
+    slot: int = -1  # the engine's row slot, given on the request's first plan
 
     @property
     def tokens(self) -> list[int]:
@@ -39,46 +41,45 @@ class Req:
 
 
 class Planner:
-    """A minimal hand scheduler: block allocation and plan arrays, nothing else."""
+    """A minimal hand scheduler: row slots, block allocation and incremental plans, nothing else."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, num_slots: int = 8) -> None:
         self.free = list(range(num_blocks))[::-1]  # hand out high ids first: not the identity mapping
+        self.free_slots = list(range(num_slots))  # slot != row: rows come in other orders
         self.step_id = 0
 
     def plan(self, rows: list[tuple[Req, int, bool]], carry: dict[int, int] | None = None,
              num_logprobs: int = -1) -> StepPlan:
         """rows: (request, tokens this step, sample?). carry: row -> row of the previous step whose
-        sampled token is this row's (still unknown) input."""
+        sampled token is this row's (still unknown) input. num_logprobs: for requests new in this plan."""
         carry = carry or {}
-        ids, pos, slots, starts, kv_lens = [], [], [], [0], []
+        ids, starts, new, app_slots, app_blocks = [], [0], [], [], []
         for r, (req, n, _) in enumerate(rows):
+            if req.slot < 0:
+                req.slot = self.free_slots.pop()
+                new.append(req)
             end = req.cached + n
             while len(req.blocks) * BLOCK < end:
                 req.blocks.append(self.free.pop())
+                app_slots.append(req.slot)
+                app_blocks.append(req.blocks[-1])
             for p in range(req.cached, end):
                 known = p < len(req.tokens)
                 assert known or (r in carry and n == 1), "input token unknown and not carried"
                 ids.append(req.tokens[p] if known else 0)
-                pos.append(p)
-                slots.append(req.blocks[p // BLOCK] * BLOCK + p % BLOCK)
             req.cached = end
             starts.append(starts[-1] + n)
-            kv_lens.append(end)
-        width = max(len(req.blocks) for req, _, _ in rows)
-        tables = np.full((len(rows), width), -1, dtype=np.int32)
-        for r, (req, _, _) in enumerate(rows):
-            tables[r, : len(req.blocks)] = req.blocks
-        nr = len(rows)
+        nr, nn = len(rows), len(new)
         plan = StepPlan(
             step_id=self.step_id, carry_from_step=self.step_id - 1 if carry else -1, flush=False,
-            input_ids=np.array(ids, np.int32), positions=np.array(pos, np.int32),
-            slot_mapping=np.array(slots, np.int32), query_start=np.array(starts, np.int32),
-            kv_lens=np.array(kv_lens, np.int32), block_tables=tables,
-            carry_index=np.array([carry.get(r, -1) for r in range(nr)], np.int32),
+            rows=np.array([req.slot for req, _, _ in rows], np.int32), query_start=np.array(starts, np.int32),
+            input_ids=np.array(ids, np.int32), carry_index=np.array([carry.get(r, -1) for r in range(nr)], np.int32),
             sample=np.array([int(s) for _, _, s in rows], np.int32),
-            temperature=np.zeros(nr, np.float32), top_p=np.ones(nr, np.float32),
-            top_k=np.zeros(nr, np.int32), min_p=np.zeros(nr, np.float32),
-            seed=np.arange(nr, dtype=np.uint64), num_logprobs=np.full(nr, num_logprobs, np.int32),
+            new_slots=np.array([req.slot for req in new], np.int32), new_temperature=np.zeros(nn, np.float32),
+            new_top_p=np.ones(nn, np.float32), new_top_k=np.zeros(nn, np.int32), new_min_p=np.zeros(nn, np.float32),
+            new_seed=np.array([req.slot for req in new], np.uint64),
+            new_num_logprobs=np.full(nn, num_logprobs, np.int32),
+            append_slots=np.array(app_slots, np.int32), append_blocks=np.array(app_blocks, np.int32),
         )
         self.step_id += 1
         return plan
@@ -135,7 +136,7 @@ def test_chunked_prefill_decode_and_mixed_steps_match_generate(tiny) -> None:
             if r.cached < len(r.prompt):
                 n = prefill_rows(r)[0]
                 rows.append((r, n, r.cached + n == len(r.prompt)))
-        res = engine.execute(planner.plan(rows))
+        res = engine.execute(planner.plan(rows, num_logprobs=3))
         for (r, _, s), tok in zip(rows, res.sampled, strict=True):
             assert (tok >= 0) == s, "a row sampled iff it asked to"
             if s:
@@ -196,18 +197,21 @@ def test_bad_plans_are_refused_and_engine_stays_usable(tiny) -> None:
     engine = make_engine(ours)
     planner = Planner(64)
     req = Req(list(range(100, 120)))
-    bad = planner.plan([(req, 20, True)])
-    bad.slot_mapping = bad.slot_mapping.copy()
-    bad.slot_mapping[3] = 10_000  # past the cache
-    with pytest.raises(WireError):
-        engine.launch(bad)
-    req.cached = 0
-    carry_bad = planner.plan([(req, 20, True)], carry={0: 0})  # nothing launched to carry from
-    with pytest.raises(WireError):
-        engine.launch(carry_bad)
-    req.cached = 0
-    res = engine.execute(planner.plan([(req, 20, True)]))
+    good = planner.plan([(req, 20, True)])
+    past_cache = good.append_blocks.copy()
+    past_cache[1] = 10_000
+    unknown_slot = good.rows.copy()
+    unknown_slot[0] = (good.rows[0] + 1) % 8  # a slot no plan has started
+    for bad in (dataclasses.replace(good, append_blocks=past_cache),
+                dataclasses.replace(good, rows=unknown_slot),
+                dataclasses.replace(good, append_blocks=good.append_blocks[:1], append_slots=good.append_slots[:1]),
+                dataclasses.replace(good, carry_index=np.array([0], np.int32), carry_from_step=0)):
+        with pytest.raises(WireError):  # nothing launched to carry from, a context past its blocks, ...
+            engine.launch(bad)
+    res = engine.execute(good)  # the refused plans changed nothing: the good one still applies
     assert int(res.sampled[0]) == greedy_reference(ref, req.prompt, 1)[0]
+    with pytest.raises(WireError, match="still in use"):  # the slot now holds the request
+        engine.launch(dataclasses.replace(planner.plan([(Req([5]), 1, True)]), new_slots=good.new_slots))
 
 
 def test_embedded_smollm2_matches_generate() -> None:
@@ -244,13 +248,13 @@ def test_cuda_launch_path_never_syncs() -> None:
     planner = Planner(64)
     reqs = [Req(list(range(200, 200 + n))) for n in (3, 40)]
     for rows in ([(reqs[0], 3, True), (reqs[1], CHUNK, False)], [(reqs[0], 1, True), (reqs[1], 8, True)]):
-        res = engine.execute(planner.plan(rows))
+        res = engine.execute(planner.plan(rows, num_logprobs=2))
         for (r, _, s), t in zip(rows, res.sampled, strict=True):
             if s:
                 r.out.append(int(t))
     torch.cuda.set_sync_debug_mode("error")
     try:
-        engine.launch(planner.plan([(r, 1, True) for r in reqs], num_logprobs=2))
+        engine.launch(planner.plan([(r, 1, True) for r in reqs]))
         engine.launch(planner.plan([(r, 1, True) for r in reqs], carry={0: 0, 1: 1}))
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -7,6 +7,11 @@ K/V into the paged cache at `slot_mapping`, then computes, for each row, causal 
 row's queries over the row's whole cached context (earlier chunks and decode history included),
 GQA-aware.
 
+Block tables are persistent: one device table `[row slots, max blocks per row]` lives across steps
+and step row r reads its blocks from row `table_rows[r]`, so decode CUDA graphs read the table in
+place rather than copying a per-step table in. Cells past a row's context may be stale (left by the
+slot's previous request): every path reads only the columns the row's kv_len covers, or masks them.
+
 On CUDA everything goes to the Triton kernels in triton_attention.py, which read lengths and block
 tables on the device: one launch stores K/V, one covers the single-token rows (decode, split-K, the
 rows CUDA graphs replay), one covers every multi-token row (prefill chunks). Elsewhere (CPU) runs
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,9 +37,6 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from worker_svc.kv_cache import PagedKVCache
-
-if TYPE_CHECKING:
-    from worker_svc.piecewise import PiecewiseGraph
 
 ATTN_IMPLEMENTATION = "tandem_paged"
 STEP_KWARG = "tandem_step"
@@ -48,7 +50,7 @@ class MultiRow:
     q_start: int
     q_end: int
     kv_len: int
-    num_blocks: int  # blocks of the row's block table that hold its context
+    num_blocks: int  # columns of the row's table row that hold its context (the rest may be stale)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class RowLayout:
 
     single_rows: np.ndarray  # int32 [S]: rows with exactly one query token
     single_tokens: np.ndarray  # int32 [S]: that token's index in the packed step
-    single_blocks: int  # block-table columns the single-token gather reads (covers the longest)
+    single_blocks: int  # table columns the single-token gather reads: the longest row's, not the table width
     multi: tuple[MultiRow, ...]
 
     # Cached: the layout is read once per step by the I/O slot and once per layer by attention.
@@ -83,33 +85,46 @@ def row_layout(query_start: np.ndarray, kv_lens: np.ndarray, block_size: int) ->
     return RowLayout(single, query_start[:-1][single].astype(np.int32), single_blocks, multi)
 
 
+class GraphSplitter(Protocol):
+    """What attention needs of a piecewise graph being captured (piecewise.PiecewiseGraph); a protocol,
+    so this module does not import piecewise, which imports it."""
+
+    def split(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              scale: float) -> torch.Tensor: ...
+
+
 @dataclass
 class PagedStep:
     """One step's attention metadata: device tensors (views of an I/O slot) plus the host layout."""
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # int32 [T]
-    block_tables: torch.Tensor  # int32 [R, B], -1 padded
+    block_tables: torch.Tensor  # int32 [row slots, B]: persistent, stale past each row's context
+    table_rows: torch.Tensor  # int32 [R]: step row r's row of block_tables
     kv_lens: torch.Tensor  # int32 [R]
     single_rows: torch.Tensor  # int32 [S]
     single_tokens: torch.Tensor  # int32 [S]
     query_start: torch.Tensor  # int32 [R + 1]
     multi_rows: torch.Tensor  # int32 [M]: rows with several query tokens
     layout: RowLayout
-    piecewise: PiecewiseGraph | None = None  # set while capturing one: attention splits the graph
+    piecewise: GraphSplitter | None = None  # set while capturing one: attention splits the graph
 
     @classmethod
     def from_arrays(cls, cache: PagedKVCache, slot_mapping: np.ndarray, block_tables: np.ndarray,
-                    query_start: np.ndarray, kv_lens: np.ndarray) -> PagedStep:
-        """Builds a step from numpy arrays with fresh copies (tests, tools; the runner uses slot views)."""
+                    query_start: np.ndarray, kv_lens: np.ndarray, table_rows: np.ndarray | None = None) -> PagedStep:
+        """Builds a step from numpy arrays with fresh copies (tests, tools; the runner uses slot views).
+        `table_rows` defaults to the identity: row r's blocks in `block_tables[r]`."""
         layout = row_layout(query_start, kv_lens, cache.cfg.block_size)
         dev = cache.cfg.device
+        if table_rows is None:
+            table_rows = np.arange(len(kv_lens))
 
         def put(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=dev)
 
-        return cls(cache, put(slot_mapping), put(block_tables), put(kv_lens), put(layout.single_rows),
-                   put(layout.single_tokens), put(query_start), put(layout.multi_rows), layout)
+        return cls(cache, put(slot_mapping), put(block_tables), put(table_rows), put(kv_lens),
+                   put(layout.single_rows), put(layout.single_tokens), put(query_start), put(layout.multi_rows),
+                   layout)
 
     # Every layer of a step reads the same blocks: the gather indices and masks are built once per
     # step, on the first layer, not once per layer.
@@ -117,8 +132,10 @@ class PagedStep:
     def single_gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(block ids [S * B] to gather, visibility mask [S, 1, 1, B * block_size]) of single-token rows."""
         rows = self.single_rows
-        # -1 padding and blocks past a shorter row's end gather block 0; the mask hides them.
-        blocks = self.block_tables[rows, : self.layout.single_blocks].clamp(min=0).to(torch.int64)
+        # Cells past a shorter row's end hold -1 or stale ids: -1 gathers block 0, and the mask hides
+        # every position past kv_len whichever block it came from.
+        tables = self.block_tables[self.table_rows[rows], : self.layout.single_blocks]
+        blocks = tables.clamp(min=0).to(torch.int64)
         span = self.layout.single_blocks * self.cache.cfg.block_size
         ctx = torch.arange(span, device=blocks.device)
         visible = ctx[None, :] < self.kv_lens[rows][:, None]
@@ -129,7 +146,9 @@ class PagedStep:
         """Per multi-token row: (its block ids, causal mask over its context or None when plain causal)."""
         out = []
         for m in self.layout.multi:
-            blocks = self.block_tables[m.row, : m.num_blocks].to(torch.int64)
+            # Only the columns the context covers: those past it may be stale. A one-element index
+            # slice, not table_rows[m.row], so no device value becomes a host int.
+            blocks = self.block_tables[self.table_rows[m.row : m.row + 1], : m.num_blocks][0].to(torch.int64)
             n = m.q_end - m.q_start
             mask = None
             if m.kv_len != n:
@@ -153,10 +172,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if query.is_cuda:
         from worker_svc.triton_attention import paged_decode, paged_prefill  # triton is not on CPU installs
 
-        paged_decode(query, k_cache, v_cache, out, step.block_tables, step.kv_lens, step.single_rows,
-                     step.single_tokens, scale)
-        paged_prefill(query, k_cache, v_cache, out, step.block_tables, step.kv_lens, step.query_start,
-                      step.multi_rows, lay.max_query_len, scale)
+        paged_decode(query, k_cache, v_cache, out, step.block_tables, step.table_rows, step.kv_lens,
+                     step.single_rows, step.single_tokens, scale)
+        paged_prefill(query, k_cache, v_cache, out, step.block_tables, step.table_rows, step.kv_lens,
+                      step.query_start, step.multi_rows, lay.max_query_len, scale)
         return out
     if lay.single_rows.size:
         toks = step.single_tokens

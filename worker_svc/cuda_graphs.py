@@ -1,23 +1,25 @@
 """CUDA graphs of decode steps: one per (I/O slot, row bucket, sampling variant), all in one shared
 memory pool.
 
-A decode-only step (every row one token) is padded on the host to the next row bucket and to the
-full block-table width, so its device inputs have the shapes, and live at the addresses, the graph
-was captured with. Padding rows write nowhere (slot -1 is skipped by the KV store) and attend to
-nothing (context length 0). The graph holds carry-over (gather the other slot's sampled ids by
-carry_index, replace where >= 0), the forward, and sampling of every row (the fused kernel; the
-padded plan marks every row as sampling, so the sampling inputs have the bucket's fixed shape,
-and the scheduler ignores the rows it did not ask for). Its sampled ids and logprobs go straight
-into the slot's output buffer, outside the pool, where carry-over reads them one step later. The
-two sampling variants differ only in whether top-k / top-p (a sort per row) are applied: the plan
-says on the host which one a step needs. Graphs are captured largest bucket first, so the shared
-pool is sized by the largest and the others fit inside it. The logits and log-sum-exp that top-n
-logprobs read after a replay are copied, inside the graph, into one buffer of `max_rows` rows
-outside the pool that every graph shares: an output left in the pool stays allocated for the
-graph's lifetime, and one per graph adds up (all graphs of the 8B shape took 2954 MiB at 256 rows
-with per-graph logits, 1488 MiB shared; 1224 and 946 MiB at 128 rows, measured on an H100). The
-copy (rows x vocabulary, bf16) is a few microseconds. They are consumed on the compute stream
-before the next replay overwrites them.
+A decode-only step (every row one token) is padded on the host to the next row bucket, so its device
+inputs have the shapes, and live at the addresses, the graph was captured with. The block table is
+not an input: the graph reads the engine's persistent device table in place, each row through its
+`table_rows` entry, and attention walks each row's own context only, so no per-step table is built
+or copied and a longer model context costs a decode step nothing. Padding rows write nowhere (slot
+-1 is skipped by the KV store) and attend to nothing (context length 0). The graph holds carry-over
+(gather the other slot's sampled ids by carry_index, replace where >= 0), the forward, and sampling
+of every row (the fused kernel; the padded plan marks every row as sampling, so the sampling inputs
+have the bucket's fixed shape, and the scheduler ignores the rows it did not ask for). Its sampled
+ids and logprobs go straight into the slot's output buffer, outside the pool, where carry-over reads
+them one step later. The two sampling variants differ only in whether top-k / top-p (a sort per row)
+are applied: the plan says on the host which one a step needs. Graphs are captured largest bucket
+first, so the shared pool is sized by the largest and the others fit inside it. The logits and log-
+sum-exp that top-n logprobs read after a replay are copied, inside the graph, into one buffer of
+`max_rows` rows outside the pool that every graph shares: an output left in the pool stays allocated
+for the graph's lifetime, and one per graph adds up (all graphs of the 8B shape took 2954 MiB at 256
+rows with per-graph logits, 1488 MiB shared; 1224 and 946 MiB at 128 rows, measured on an H100). The
+copy (rows x vocabulary, bf16) is a few microseconds. They are consumed on the compute stream before
+the next replay overwrites them.
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tandem.wire import StepPlan
 
 from worker_svc.attention import RowLayout
+from worker_svc.row_state import StepBatch
 
 log = logging.getLogger("tandem.worker.graphs")
 
@@ -45,30 +47,24 @@ def row_buckets(max_rows: int) -> list[int]:
     return buckets
 
 
-def is_decode_only(plan: StepPlan) -> bool:
-    return plan.num_tokens == plan.num_rows
-
-
-def pad_decode_plan(plan: StepPlan, rows: int, width: int) -> StepPlan:
-    """The plan grown to `rows` rows (padding rows do nothing) and a block table `width` wide."""
+def pad_decode_batch(plan: StepBatch, rows: int) -> StepBatch:
+    """The batch grown to `rows` rows; padding rows do nothing (KV slot -1, context 0, table row 0)."""
     r = plan.num_rows
-    assert is_decode_only(plan) and r <= rows
+    assert plan.is_decode_only and r <= rows
 
     def grow(a: np.ndarray, fill: float) -> np.ndarray:
         out = np.full(rows, fill, dtype=a.dtype)
         out[:r] = a
         return out
 
-    tables = np.full((rows, width), -1, dtype=np.int32)
-    tables[:r, : plan.block_tables.shape[1]] = plan.block_tables
-    return StepPlan(
-        step_id=plan.step_id, carry_from_step=plan.carry_from_step, flush=plan.flush,
-        input_ids=grow(plan.input_ids, 0), positions=grow(plan.positions, 0),
-        slot_mapping=grow(plan.slot_mapping, -1), query_start=np.arange(rows + 1, dtype=np.int32),
-        kv_lens=grow(plan.kv_lens, 0), block_tables=tables, carry_index=grow(plan.carry_index, -1),
-        sample=np.ones(rows, dtype=plan.sample.dtype), temperature=grow(plan.temperature, 0), top_p=grow(plan.top_p, 1),
-        top_k=grow(plan.top_k, 0), min_p=grow(plan.min_p, 0), seed=grow(plan.seed, 0),
-        num_logprobs=grow(plan.num_logprobs, -1),
+    return StepBatch(
+        step_id=plan.step_id, carry_from_step=plan.carry_from_step, rows=grow(plan.rows, 0),
+        query_start=np.arange(rows + 1, dtype=np.int32), input_ids=grow(plan.input_ids, 0),
+        positions=grow(plan.positions, 0), slot_mapping=grow(plan.slot_mapping, -1), kv_lens=grow(plan.kv_lens, 0),
+        carry_index=grow(plan.carry_index, -1), sample=np.ones(rows, dtype=plan.sample.dtype),
+        temperature=grow(plan.temperature, 0), top_p=grow(plan.top_p, 1), top_k=grow(plan.top_k, 0),
+        min_p=grow(plan.min_p, 0), seed=grow(plan.seed, 0), num_logprobs=grow(plan.num_logprobs, -1),
+        append_slots=plan.append_slots, append_cols=plan.append_cols, append_blocks=plan.append_blocks,
     )
 
 
@@ -95,8 +91,8 @@ class DecodeGraphs:
         self.logits_out: torch.Tensor | None = None  # [max_rows, V], shared by every graph, outside the pool
         self.lse_out: torch.Tensor | None = None  # [max_rows]
 
-    def bucket_for(self, plan: StepPlan) -> int | None:
-        if not is_decode_only(plan):
+    def bucket_for(self, plan: StepBatch) -> int | None:
+        if not plan.is_decode_only:
             return None
         return next((b for b in self.buckets if b >= plan.num_rows), None)
 

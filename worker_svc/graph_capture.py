@@ -8,20 +8,36 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from tandem.wire import StepPlan
 
 from worker_svc.attention import PagedStep, attend, row_layout
 from worker_svc.cuda_graphs import DecodeGraphs, decode_layout
-from worker_svc.io_slots import IOSlot
+from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
 from worker_svc.piecewise import AttentionIO, PiecewiseGraph, token_buckets
+from worker_svc.row_state import StepBatch
 from worker_svc.sampler import sample
 
-if TYPE_CHECKING:
-    from worker_svc.runner import Engine
+
+class Engine(Protocol):
+    """What capture needs of runner.Engine (typed here so this module never imports the runner)."""
+
+    limits: SlotLimits
+    slots: list[IOSlot]
+    sync: DeviceSync
+    cache: Any
+    loaded: Any
+    device: str
+    graphs: DecodeGraphs | None
+    piecewise: dict[tuple[int, int], PiecewiseGraph]
+    token_buckets: list[int]
+    graph_memory_bytes: int
+
+    def paged_step(self, inputs: Any, layout: Any) -> PagedStep: ...
+
+    def forward(self, inputs: Any, step: PagedStep, other: IOSlot, carries: bool, logits_to_keep: Any) -> Any: ...
 
 log = logging.getLogger("tandem.worker.runner")
 
@@ -74,7 +90,7 @@ def _capture_piecewise(engine: Engine) -> None:
 def _capture_decode(engine: Engine, width: int) -> None:
     assert engine.graphs is not None
     for rows in reversed(engine.graphs.buckets):
-        idle = _idle_decode_plan(rows, width)
+        idle = _idle_decode_plan(rows)
         for sort_filters in (False, True):
             for slot in engine.slots:
                 other = engine.slots[1 - slot.index]
@@ -99,26 +115,25 @@ def _graph_body(engine: Engine, inputs, step: PagedStep, slot: IOSlot, other: IO
     return logits, res.lse
 
 
-def _empty_plan() -> StepPlan:
-    """A plan of no rows and no tokens: what piecewise graphs are captured on, padded to their bucket."""
-    none = np.zeros(0, dtype=np.int32)
-    return StepPlan(
-        step_id=0, carry_from_step=-1, flush=False, input_ids=none, positions=none, slot_mapping=none,
-        query_start=np.zeros(1, np.int32), kv_lens=none, block_tables=np.zeros((0, 1), np.int32),
-        carry_index=none, sample=none, temperature=np.zeros(0, np.float32), top_p=np.zeros(0, np.float32),
-        top_k=none, min_p=np.zeros(0, np.float32), seed=np.zeros(0, np.uint64), num_logprobs=none,
-    )
-
-
-def _idle_decode_plan(rows: int, width: int) -> StepPlan:
-    """A decode plan whose rows are all padding: what graphs are captured on (it reads and writes no KV).
-    Every row samples, as in every padded graph plan (see cuda_graphs)."""
-    zeros = np.zeros(rows, dtype=np.int32)
-    return StepPlan(
-        step_id=0, carry_from_step=-1, flush=False, input_ids=zeros, positions=zeros,
-        slot_mapping=np.full(rows, -1, np.int32), query_start=np.arange(rows + 1, dtype=np.int32),
-        kv_lens=zeros, block_tables=np.full((rows, width), -1, np.int32), carry_index=np.full(rows, -1, np.int32),
+def _batch(rows: int, tokens: int) -> StepBatch:
+    """A batch of `rows` padding rows (every one samples, as in every padded graph batch; see
+    cuda_graphs) over `tokens` tokens: it reads and writes no KV and changes no block-table cell."""
+    zeros, none = np.zeros(rows, np.int32), np.zeros(0, np.int32)
+    return StepBatch(
+        step_id=0, carry_from_step=-1, rows=zeros, query_start=np.arange(rows + 1, dtype=np.int32),
+        input_ids=np.zeros(tokens, np.int32), positions=np.zeros(tokens, np.int32),
+        slot_mapping=np.full(tokens, -1, np.int32), kv_lens=zeros, carry_index=np.full(rows, -1, np.int32),
         sample=np.ones(rows, np.int32), temperature=np.zeros(rows, np.float32), top_p=np.ones(rows, np.float32),
-        top_k=zeros,
-        min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint64), num_logprobs=np.full(rows, -1, np.int32),
+        top_k=zeros, min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint64),
+        num_logprobs=np.full(rows, -1, np.int32), append_slots=none, append_cols=none, append_blocks=none,
     )
+
+
+def _empty_plan() -> StepBatch:
+    """No rows and no tokens: what piecewise graphs are captured on, padded to their bucket."""
+    return _batch(0, 0)
+
+
+def _idle_decode_plan(rows: int) -> StepBatch:
+    """A decode batch whose rows are all padding: what decode graphs are captured on."""
+    return _batch(rows, rows)

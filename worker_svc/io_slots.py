@@ -1,8 +1,9 @@
 """I/O slots A/B and the stream/event plumbing that orders them.
 
-An `IOSlot` owns one step's buffers: a host input buffer (pinned on CUDA) into which a StepPlan is
-written, its device twin filled by ONE bulk copy on `h2d_stream`, and device/host output buffers
-(sampled ids, logprobs) joined by one copy on `d2h_stream`. Events `h2d_done`, `compute_done`,
+An `IOSlot` owns one step's buffers: a host input buffer (pinned on CUDA) into which a StepBatch (a
+plan resolved against the row slots, row_state.py) is written, its device twin filled by ONE bulk
+copy on `h2d_stream`, and device/host output buffers (sampled ids, logprobs) joined by one copy on
+`d2h_stream`. Events `h2d_done`, `compute_done`,
 `d2h_done` order the three streams. Two slots alternate so the host fills step N+1 while step N
 computes; a slot is reloaded only once its previous step's results have been collected (which
 waited on its `d2h_done`), so no buffer is rewritten while a copy or kernel may still read it.
@@ -10,6 +11,11 @@ waited on its `d2h_done`), so no buffer is rewritten while a copy or kernel may 
 `DeviceSync` hides the device: real CUDA streams/events on CUDA, no-op stand-ins on CPU (where
 every op is synchronous) so the same launch code runs on both. CPU events record perf_counter, so
 `elapsed_time` gives wall time of the (synchronous) compute.
+
+The block table is not in the slot: it is the engine's persistent device table, which the kernels
+read in place through each row's `table_rows` entry. What a step changes in it (`append_*`: a few
+cells per step) travels in the slot's bulk copy and is written into the table on the compute
+stream, so a step never sees the cells of a step launched after it.
 """
 
 from __future__ import annotations
@@ -21,11 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tandem.wire import StepPlan
 
 from worker_svc.attention import RowLayout
+from worker_svc.row_state import MAX_TOP_LOGPROBS, StepBatch
 
-MAX_TOP_LOGPROBS = 20  # most alternatives a row may ask for (the scheduler's limit too)
 _ALIGN = 16
 
 
@@ -88,6 +93,13 @@ class SlotLimits:
     max_num_tokens: int
     max_num_rows: int
     max_blocks_per_row: int
+    block_size: int = 16
+
+    @property
+    def max_appends(self) -> int:
+        """Block-table cells one slot carries: every block a step's tokens can start (T / block size, plus
+        one per row for a partly filled first block). A plan with more is applied outside the slot."""
+        return self.max_num_tokens // self.block_size + 2 * self.max_num_rows
 
 
 class _Packed:
@@ -123,7 +135,7 @@ class StepInputs:
     slot_mapping: torch.Tensor  # int32 [T]
     first_tokens: torch.Tensor  # int32 [R]: query_start[:-1]
     kv_lens: torch.Tensor  # int32 [R]
-    block_tables: torch.Tensor  # int32 [R, B]
+    table_rows: torch.Tensor  # int32 [R]: the block-table row (slot) of each row
     carry_index: torch.Tensor  # int32 [R]
     single_rows: torch.Tensor  # int32 [S1]
     single_tokens: torch.Tensor  # int32 [S1]
@@ -137,19 +149,24 @@ class StepInputs:
     min_p: torch.Tensor
     seed: torch.Tensor  # int64 [S], the uint64 seed's bits
     counter: torch.Tensor  # int64 [S] = kv_lens of the row: the position the sampled token takes
+    append_slots: torch.Tensor  # int32 [A]: block-table cells to set before the forward
+    append_cols: torch.Tensor  # int32 [A]
+    append_blocks: torch.Tensor  # int32 [A]
 
 
-# (field, dtype, how it is sized): T tokens, R rows, R1 = R + 1, BT = block table cells.
+# (field, dtype, how it is sized): T tokens, R rows, R1 = R + 1, A = block-table cells set.
 _INPUT_FIELDS = [
     ("input_ids", torch.int32, "T1"), ("positions", torch.int32, "T"), ("slot_mapping", torch.int32, "T"),
-    ("first_tokens", torch.int32, "R"), ("kv_lens", torch.int32, "R"), ("carry_index", torch.int32, "R"),
+    ("first_tokens", torch.int32, "R"), ("kv_lens", torch.int32, "R"), ("table_rows", torch.int32, "R"),
+    ("carry_index", torch.int32, "R"),
     ("single_rows", torch.int32, "R"), ("single_tokens", torch.int32, "R"),
     ("query_start", torch.int32, "R1"), ("multi_rows", torch.int32, "R"),
     ("sample_rows", torch.int32, "R"), ("sample_tokens", torch.int32, "R"),
     ("temperature", torch.float32, "R"), ("top_p", torch.float32, "R"), ("top_k", torch.int32, "R"),
     ("min_p", torch.float32, "R"), ("seed", torch.int64, "R"), ("counter", torch.int64, "R"),
-    # Last and packed at the plan's own width: the bulk copy stops right after the used cells.
-    ("block_tables", torch.int32, "BT"),
+    ("append_slots", torch.int32, "A"), ("append_cols", torch.int32, "A"),
+    # Last: the bulk copy stops right after its used cells.
+    ("append_blocks", torch.int32, "A"),
 ]
 
 
@@ -161,8 +178,7 @@ class IOSlot:
         self.limits = limits
         self.sync = sync
         sizes = {"T": limits.max_num_tokens, "T1": limits.max_num_tokens + 1, "R": limits.max_num_rows,
-                 "R1": limits.max_num_rows + 1,
-                 "BT": limits.max_num_rows * limits.max_blocks_per_row}
+                 "R1": limits.max_num_rows + 1, "A": limits.max_appends}
         self._in = _Packed([(n, dt, sizes[s]) for n, dt, s in _INPUT_FIELDS])
         rows, k = limits.max_num_rows, MAX_TOP_LOGPROBS
         self._out = _Packed([("sampled", torch.int32, rows), ("logprob", torch.float32, rows),
@@ -180,7 +196,7 @@ class IOSlot:
         self.d2h_done = sync.event()
         self.in_use = False  # launched and not yet collected
 
-    def load(self, plan: StepPlan, layout: RowLayout, pad_to: tuple[int, int] | None = None) -> StepInputs:
+    def load(self, plan: StepBatch, layout: RowLayout, pad_to: tuple[int, int] | None = None) -> StepInputs:
         """Writes `plan` into the host buffer and issues the bulk H2D copy; returns device views.
 
         `pad_to = (tokens, rows)`: the views a piecewise graph reads are grown to those sizes, padding
@@ -193,20 +209,22 @@ class IOSlot:
         assert not self.in_use, f"slot {self.index} reloaded before its result was collected"
         self.d2h_done.synchronize()  # already passed once collected; states the hazard
         t, r = plan.num_tokens, plan.num_rows
-        bt = plan.block_tables
+        a = plan.append_slots.shape[0]
+        assert a <= self.limits.max_appends, f"{a} block-table cells in one slot"
         sample_rows = np.flatnonzero(plan.sample).astype(np.int32)
         multi_rows = layout.multi_rows
         s, s1, m = sample_rows.size, layout.single_rows.size, multi_rows.size
         host = {
             "input_ids": plan.input_ids, "positions": plan.positions, "slot_mapping": plan.slot_mapping,
-            "first_tokens": plan.query_start[:-1], "kv_lens": plan.kv_lens, "carry_index": plan.carry_index,
+            "first_tokens": plan.query_start[:-1], "kv_lens": plan.kv_lens, "table_rows": plan.rows,
+            "carry_index": plan.carry_index,
             "single_rows": layout.single_rows, "single_tokens": layout.single_tokens,
             "query_start": plan.query_start, "multi_rows": multi_rows,
             "sample_rows": sample_rows, "sample_tokens": plan.query_start[1:][sample_rows] - 1,
             "temperature": plan.temperature[sample_rows], "top_p": plan.top_p[sample_rows],
             "top_k": plan.top_k[sample_rows], "min_p": plan.min_p[sample_rows],
             "seed": plan.seed[sample_rows].view(np.int64), "counter": plan.kv_lens[sample_rows],
-            "block_tables": bt.reshape(-1),
+            "append_slots": plan.append_slots, "append_cols": plan.append_cols, "append_blocks": plan.append_blocks,
         }
         for name, arr in host.items():
             self._host_fields[name][: arr.shape[0]] = arr
@@ -222,7 +240,7 @@ class IOSlot:
             t, r, s_keep, carry_len = tokens, rows, rows, tokens + 1
         else:
             s_keep, carry_len = s, t
-        nbytes = self._in.end("block_tables", bt.size)
+        nbytes = self._in.end("append_blocks", a)
         with self.sync.on(self.sync.h2d_stream):
             self.sync.h2d_stream.wait_event(self.compute_done)  # device inputs no longer read
             self.dev_in[:nbytes].copy_(self.host_in[:nbytes], non_blocking=True)
@@ -236,12 +254,14 @@ class IOSlot:
             input_ids=dev("input_ids", t), carry_ids=dev("input_ids", carry_len), positions=dev("positions", t),
             slot_mapping=dev("slot_mapping", t),
             first_tokens=dev("first_tokens", r), kv_lens=dev("kv_lens", plan.num_rows),
-            block_tables=dev("block_tables", bt.size).view(bt.shape), carry_index=dev("carry_index", r),
+            table_rows=dev("table_rows", plan.num_rows), carry_index=dev("carry_index", r),
             single_rows=dev("single_rows", s1), single_tokens=dev("single_tokens", s1),
             query_start=dev("query_start", plan.num_rows + 1), multi_rows=dev("multi_rows", m),
             sample_rows=dev("sample_rows", s), sample_tokens=dev("sample_tokens", s_keep),
             temperature=dev("temperature", s), top_p=dev("top_p", s), top_k=dev("top_k", s),
             min_p=dev("min_p", s), seed=dev("seed", s), counter=dev("counter", s),
+            append_slots=dev("append_slots", a), append_cols=dev("append_cols", a),
+            append_blocks=dev("append_blocks", a),
         )
 
     # ----- outputs: written by the compute stream, copied out on the d2h stream ----------------------

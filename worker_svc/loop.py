@@ -184,12 +184,9 @@ class WorkerLoop:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step %d launched: %d rows, %d tokens, carry from %d, flush %s", plan.step_id,
                       plan.num_rows, plan.num_tokens, plan.carry_from_step, plan.flush)
-            # One line per request, on its first prompt chunk: the id ties this process's log to the scheduler's.
-            n = np.diff(plan.query_start)
-            for row, rid in enumerate(plan.row_request_ids()):
-                if plan.kv_lens[row] == n[row]:
-                    rlog.debug("request started", request_id=rid, step=plan.step_id, row=row,
-                               prompt_tokens_this_step=int(n[row]))
+            # One line per request new to the worker: the id ties this process's log to the scheduler's.
+            for slot, rid in zip(plan.new_slots.tolist(), plan.new_request_ids(), strict=True):
+                rlog.debug("request started", request_id=rid, step=plan.step_id, slot=slot)
         self.steps += 1
         if self.engine.is_async:
             self.send_pending(keep=1)  # the step just launched keeps the device busy meanwhile

@@ -1,10 +1,12 @@
 """Executes StepPlans: the in-process engine (no ZeroMQ) the worker loop, tests and benchmarks drive.
 
 `Engine.launch(plan)` issues a step without waiting for it; `Engine.collect()` returns the oldest
-launched step's StepResult; `execute(plan)` does both. A launch, on the slot the step alternates
-onto:
-  h2d_stream:     bulk copy of the plan (IOSlot.load)           -> h2d_done
-  compute_stream: wait h2d_done; carry-over (add the previous step's sampled ids, which live in
+launched step's StepResult; `execute(plan)` does both. Plans are incremental: `RowState` resolves
+each against the requests the row slots hold (their block tables, context lengths, sampling
+parameters) into a StepBatch. A launch, on the I/O slot the step alternates onto:
+  h2d_stream:     bulk copy of the batch (IOSlot.load)          -> h2d_done
+  compute_stream: wait h2d_done; the step's new block-table cells into the persistent device
+                  table; carry-over (add the previous step's sampled ids, which live in
                   the other slot, to each carrying row's first input token); forward with paged
                   attention; logits at the sampling rows' last tokens only; sample -> compute_done
   d2h_stream:     wait compute_done; copy outputs to host        -> d2h_done
@@ -12,12 +14,13 @@ Nothing in the launch path reads a device value on the host (.item(), .tolist(),
 on the default stream; every shape and loop bound comes from the plan's host arrays. On CPU the
 streams and events are no-ops and the same code runs synchronously.
 
-Plans are checked on the host before any buffer is touched (`check_plan`): an out-of-range index
-would be a device-side assert on CUDA, which kills the process.
+Plans are checked on the host before any state or buffer is touched (`check_plan`, RowState): an
+out-of-range index would be a device-side assert on CUDA, which kills the process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -27,12 +30,13 @@ import torch
 from tandem.wire import PLACEHOLDER_SENTINEL, StepPlan, StepResult, WireError
 
 from worker_svc.attention import STEP_KWARG, PagedStep, install, row_layout
-from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_plan
+from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_batch
 from worker_svc.graph_capture import capture_graphs
-from worker_svc.io_slots import MAX_TOP_LOGPROBS, DeviceSync, IOSlot, SlotLimits
+from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
 from worker_svc.kv_cache import PagedKVCache, config_for_model
 from worker_svc.models import LoadedModel
 from worker_svc.piecewise import PiecewiseGraph
+from worker_svc.row_state import RowState, StepBatch
 from worker_svc.sampler import sample
 
 log = logging.getLogger("tandem.worker.runner")
@@ -59,7 +63,7 @@ class SamplingHints:
     sort_filters: bool  # some random row uses top-k or top-p
 
     @classmethod
-    def of(cls, plan: StepPlan, sampling: np.ndarray) -> SamplingHints:
+    def of(cls, plan: StepBatch, sampling: np.ndarray) -> SamplingHints:
         random_rows = sampling & (plan.temperature > 0)
         uses_sort = (plan.top_k[random_rows] > 0) | (plan.top_p[random_rows] < 1)
         return cls(any_random=bool(random_rows.any()), sort_filters=bool(uses_sort.any()))
@@ -75,6 +79,7 @@ class _Launched:
     start: object  # timing events (torch.cuda.Event or HostEvent)
     done: object
     prev_done: object | None
+    state_digest: int = 0  # RowState.digest() after this plan, when it asked (check_state)
 
 
 class Engine:
@@ -91,7 +96,12 @@ class Engine:
                                   dtype, device)
         self.cache = PagedKVCache(kv_cfg)
         self.limits = SlotLimits(cfg.max_num_tokens, cfg.max_num_rows,
-                                 -(-loaded.max_context // cfg.block_size))
+                                 -(-loaded.max_context // cfg.block_size), cfg.block_size)
+        self.rows = RowState(cfg.max_num_rows, self.limits.max_blocks_per_row, cfg.block_size, kv_cfg.num_blocks,
+                             loaded.max_context)
+        # The block table of every row slot, on the device across steps; kernels and graphs read it in place.
+        self.block_table = torch.full((cfg.max_num_rows, self.limits.max_blocks_per_row), -1, dtype=torch.int32,
+                                      device=device)
         self.sync = DeviceSync(device)
         self.slots = [IOSlot(i, self.limits, device, self.sync) for i in range(2)]
         self._timing = [(self.sync.event(timing=True), self.sync.event(timing=True)) for _ in range(_TIMING_RING)]
@@ -108,7 +118,7 @@ class Engine:
                 capture_graphs(self)
 
     def paged_step(self, inputs, layout) -> PagedStep:
-        return PagedStep(self.cache, inputs.slot_mapping, inputs.block_tables, inputs.kv_lens,
+        return PagedStep(self.cache, inputs.slot_mapping, self.block_table, inputs.table_rows, inputs.kv_lens,
                          inputs.single_rows, inputs.single_tokens, inputs.query_start, inputs.multi_rows, layout)
 
     def forward(self, inputs, step: PagedStep, other: IOSlot, carries: bool, logits_to_keep) -> torch.Tensor:
@@ -134,39 +144,15 @@ class Engine:
     def last_step_id(self) -> int:
         return self._last.step_id if self._last is not None else -1
 
+    def reset_rows(self) -> None:
+        """Every row slot empty, as in a fresh worker (a new scheduler session in process)."""
+        assert not self._in_flight, "reset_rows with steps in flight"
+        self.rows.reset()
+
     # ----- host-side checks ------------------------------------------------------------------------
-    def check_plan(self, plan: StepPlan) -> None:
-        """Raises WireError for a plan this worker cannot run safely or correctly."""
-        lim = self.limits
-        plan.validate(lim.max_num_tokens, lim.max_num_rows, lim.max_blocks_per_row, self.loaded.vocab_size)
-        qs, kv = plan.query_start.astype(np.int64), plan.kv_lens.astype(np.int64)
-        n = np.diff(qs)
-        bs, nb = self.cache.cfg.block_size, self.cache.cfg.num_blocks
-        if np.any(kv < n) or np.any(kv > self.loaded.max_context):
-            raise WireError(f"kv_lens outside [row tokens, max_context {self.loaded.max_context}]")
-        tables = plan.block_tables.astype(np.int64)
-        if np.any(tables < -1) or np.any(tables >= nb):
-            raise WireError(f"block_tables: block id outside [-1, {nb})")
-        used = -(-kv // bs)
-        if np.any(used > tables.shape[1]):
-            raise WireError("block_tables narrower than a row's context")
-        in_use = np.arange(tables.shape[1])[None, :] < used[:, None]
-        if np.any(tables[in_use] < 0):
-            raise WireError("block_tables: -1 inside a row's context")
-        # Each token sits at position kv_len - n + i of its row and writes the slot its block table gives.
-        row = np.repeat(np.arange(plan.num_rows), n)
-        pos = np.repeat(kv - n, n) + np.arange(plan.num_tokens) - np.repeat(qs[:-1], n)
-        if not np.array_equal(plan.positions, pos):
-            raise WireError("positions do not match kv_lens / query_start")
-        slots = tables[row, pos // bs] * bs + pos % bs
-        if not np.array_equal(plan.slot_mapping, slots):
-            raise WireError("slot_mapping does not match block_tables")
-        if np.any(plan.num_logprobs > MAX_TOP_LOGPROBS):
-            raise WireError(f"num_logprobs above {MAX_TOP_LOGPROBS}")
-        s = plan.sample.astype(bool)
-        if not (np.all(plan.temperature[s] >= 0) and np.all((plan.top_p[s] > 0) & (plan.top_p[s] <= 1))
-                and np.all(plan.top_k[s] >= 0) and np.all((plan.min_p[s] >= 0) & (plan.min_p[s] <= 1))):
-            raise WireError("sampling parameter out of range")
+    def check_plan(self, plan: StepPlan) -> StepBatch:
+        """Checks `plan` and applies it to the row slots; WireError (state untouched) if this worker
+        cannot run it safely or correctly."""
         carry = plan.carry_index[plan.carry_index >= 0]
         if carry.size:
             prev = self._last
@@ -175,12 +161,14 @@ class Engine:
                                 f"{self.last_step_id}: only the immediately preceding step can be carried from")
             if np.any(carry >= prev.num_rows) or not np.all(prev.sample[carry]):
                 raise WireError("carry_index points at a row that did not sample")
+        return self.rows.prepare(plan, self.limits.max_num_tokens, self.loaded.vocab_size)
 
     # ----- launch / collect ------------------------------------------------------------------------
-    def launch(self, plan: StepPlan) -> None:
-        """Issues `plan` (checked first; WireError leaves the engine untouched)."""
-        self.check_plan(plan)
+    def launch(self, step_plan: StepPlan) -> None:
+        """Issues `step_plan` (checked first; WireError leaves the engine untouched)."""
         assert len(self._in_flight) < len(self.slots), "both slots in flight: collect first"
+        plan = self.check_plan(step_plan)
+        digest = self.rows.digest() if step_plan.check_state else 0
         slot = self.slots[self._launches % 2]
         other = self.slots[(self._launches + 1) % 2]
         layout = row_layout(plan.query_start, plan.kv_lens, self.cache.cfg.block_size)
@@ -197,9 +185,14 @@ class Engine:
         tokens = None
         if bucket is None and self.piecewise:
             tokens = next((b for b in self.token_buckets if b >= plan.num_tokens), None)
+        if plan.append_slots.shape[0] > self.limits.max_appends:  # more than a slot carries (rare): apply now
+            self._set_table_cells(plan)
+            plan = dataclasses.replace(plan, append_slots=plan.append_slots[:0], append_cols=plan.append_cols[:0],
+                                       append_blocks=plan.append_blocks[:0])
+        appends = plan.append_slots.shape[0] > 0
         if bucket is not None:
             layout = decode_layout(bucket, self.limits.max_blocks_per_row)
-            inputs = slot.load(pad_decode_plan(plan, bucket, self.limits.max_blocks_per_row), layout)
+            inputs = slot.load(pad_decode_batch(plan, bucket), layout)
         elif tokens is not None:
             # Rows (and sampled rows) never outnumber tokens: padding to that bound keeps lm_head small.
             inputs = slot.load(plan, layout, pad_to=(tokens, min(tokens, self.limits.max_num_rows)))
@@ -209,6 +202,9 @@ class Engine:
         with self.sync.on(compute), torch.inference_mode():
             compute.wait_event(slot.h2d_done)
             start.record(compute)
+            if appends:  # on the compute stream: steps launched before this one have read the table already
+                self.block_table.index_put_((inputs.append_slots.long(), inputs.append_cols.long()),
+                                            inputs.append_blocks)
             if carries:
                 assert prev is not None and prev.slot is other
             if bucket is not None:
@@ -225,10 +221,17 @@ class Engine:
         slot.issue_d2h(rows, num_top)
 
         launched = _Launched(plan.step_id, slot, rows, plan.sample.copy(), num_top, start, done,
-                             prev.done if prev is not None else None)
+                             prev.done if prev is not None else None, digest)
         self._in_flight.append(launched)
         self._last = launched
         self._launches += 1
+
+    def _set_table_cells(self, plan: StepBatch) -> None:
+        """Block-table cells of a plan too large for an I/O slot, set with their own copy, in stream order."""
+        idx = torch.from_numpy(np.stack([plan.append_slots, plan.append_cols]).astype(np.int64)).to(self.device)
+        blocks = torch.from_numpy(plan.append_blocks).to(self.device)
+        with self.sync.on(self.sync.compute_stream):
+            self.block_table.index_put_((idx[0], idx[1]), blocks)
 
     def _replay(self, slot: IOSlot, bucket: int, rows: int, num_top: int, sort_filters: bool) -> None:
         """A graphed decode step; top-n logprobs, when asked, from the graph's logits right after."""
@@ -277,6 +280,7 @@ class Engine:
             sampled=sampled,
             compute_ms=compute_ms,
             idle_gap_ms=idle_ms,
+            state_digest=f.state_digest,
             logprob=logprob,  # always: NaN marks a row with broken logits (see sampler.py)
             top_ids=top_ids if f.num_top else None,
             top_logprobs=top_lp if f.num_top else None,

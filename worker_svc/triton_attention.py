@@ -4,6 +4,10 @@ Owns the CUDA path of attention.py. Every loop bound (context length, query leng
 entry) is read on the device, so no kernel needs a host value of the step beyond the grid, and the
 decode path is capturable in a CUDA graph.
 
+The block table is the worker's persistent one, `[row slots, max blocks per row]`: step row r reads
+table row `table_rows[r]`. Cells past a row's context may hold stale ids of the slot's previous
+user, so every walk stops at the row's own kv_len and block ids are loaded under that mask.
+
 - `paged_decode`: one query token per row. A program owns (row, KV head, split): the query heads of
   a GQA group are stacked into the M side of one `tl.dot` (padded to 16, the tensor-core minimum),
   so K/V are read once per group. A row's context is cut into `num_splits` contiguous parts, each
@@ -60,7 +64,8 @@ def decode_splits(num_rows: int, kv_heads: int, num_sms: int) -> int:
 def _attend_tile(q, m_i, l_i, acc, k_base, v_base, table, pos, ok, visible, d, scale_log2,
                  stride_kb, stride_ks, stride_vb, stride_vs, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
     """One online-softmax step of both kernels: gather the tile's K/V through the block table (`pos`
-    context positions, `ok` in range), score `q` against K where `visible`, fold into (m_i, l_i, acc)."""
+    context positions, `ok` in range), score `q` against K where `visible`, fold into (m_i, l_i, acc).
+    `ok` must imply pos < kv_len: cells past the context are stale, so they are never loaded."""
     block = tl.load(table + pos // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
     off = pos % BLOCK_SIZE
     k = tl.load(k_base + block[:, None] * stride_kb + off[:, None] * stride_ks + d[None, :],
@@ -78,11 +83,12 @@ def _attend_tile(q, m_i, l_i, acc, k_base, v_base, table, pos, ok, visible, d, s
 
 
 # Triton specialises integer arguments by value class (== 1, divisible by 16): the block table's row
-# stride is the plan's width, which varies between eager steps, so it is exempt, or the first step of
-# each new class would compile a kernel while serving.
+# stride (the persistent table's width, set by the worker's limits; tools pass tables of their own) is
+# exempt, so no width compiles a kernel variant of its own, possibly while serving.
 @triton.jit(do_not_specialize=["stride_table"])
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, tables_ptr, kv_lens_ptr, rows_ptr, toks_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, tables_ptr, table_rows_ptr, kv_lens_ptr, rows_ptr,
+    toks_ptr,
     scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -97,7 +103,7 @@ def _decode_kernel(
     split = tl.program_id(2)
     row = tl.load(rows_ptr + s)
     tok = tl.load(toks_ptr + s).to(tl.int64)
-    kv_len = tl.load(kv_lens_ptr + row)
+    kv_len = tl.load(kv_lens_ptr + row)  # bounds the walk: the table row may be wider than the context
     per_split = tl.cdiv(tl.cdiv(kv_len, SPLITS), TILE) * TILE
     lo = split * per_split
     hi = tl.minimum(kv_len, lo + per_split)
@@ -112,7 +118,7 @@ def _decode_kernel(
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, HEAD_DIM], tl.float32)
-    table = tables_ptr + row.to(tl.int64) * stride_table
+    table = tables_ptr + tl.load(table_rows_ptr + row).to(tl.int64) * stride_table
     for start in range(lo, hi, TILE):
         pos = start + n
         ok = pos < hi
@@ -121,7 +127,8 @@ def _decode_kernel(
                                      BLOCK_SIZE, PRECISION)
 
     has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]  # an empty part (or a padding row) gives zeros
+    # An empty part, or a padding row (kv_len 0: no table cell is read), gives zeros.
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
     if SPLITS == 1:
         tl.store(o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
@@ -154,11 +161,12 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, toks_ptr, stride_ot, stride_o
 
 
 def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                 block_tables: torch.Tensor, kv_lens: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor,
-                 scale: float, num_splits: int | None = None) -> None:
+                 block_tables: torch.Tensor, table_rows: torch.Tensor, kv_lens: torch.Tensor, rows: torch.Tensor,
+                 tokens: torch.Tensor, scale: float, num_splits: int | None = None) -> None:
     """Writes attention of `query[tokens[s]]` over row `rows[s]`'s paged context into `out[tokens[s]]`.
 
-    query/out [T, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [R, B]; kv_lens [R].
+    query/out [T, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [row slots, B], row r's
+    blocks in `block_tables[table_rows[r]]`; table_rows and kv_lens [R].
     `num_splits` defaults to `decode_splits` of the row count; graphs pass their bucket's.
     """
     num = rows.shape[0]
@@ -175,7 +183,7 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_o = torch.empty((num, heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
         part_lse = torch.empty((num, heads, num_splits), dtype=torch.float32, device=query.device)
     _decode_kernel[(num, kv_heads, num_splits)](
-        query, k_cache, v_cache, out, part_o, part_lse, block_tables, kv_lens, rows, tokens,
+        query, k_cache, v_cache, out, part_o, part_lse, block_tables, table_rows, kv_lens, rows, tokens,
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -192,7 +200,7 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @triton.jit(do_not_specialize=["stride_table"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, kv_lens_ptr, qstart_ptr, rows_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, table_rows_ptr, kv_lens_ptr, qstart_ptr, rows_ptr,
     scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -218,12 +226,13 @@ def _prefill_kernel(
     toks = (q0 + qi).to(tl.int64)
     q = tl.load(q_ptr + toks[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_ok[:, None], other=0.0)
 
-    # Tiles past this row's queries do nothing: no early return, an empty loop and masked stores.
+    # Tiles past this row's queries do nothing: no early return, an empty loop and masked stores. The
+    # walk ends at kv_len at the latest: the table row's cells past it are stale.
     end = tl.where(mt * BLOCK_M < n_q, tl.minimum(kv_len, ctx0 + (mt + 1) * BLOCK_M), 0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    table = tables_ptr + row.to(tl.int64) * stride_table
+    table = tables_ptr + tl.load(table_rows_ptr + row).to(tl.int64) * stride_table
     for start in range(0, end, TILE):
         pos = start + n
         ok = pos < end
@@ -238,10 +247,11 @@ def _prefill_kernel(
 
 
 def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                  block_tables: torch.Tensor, kv_lens: torch.Tensor, query_start: torch.Tensor,
-                  rows: torch.Tensor, max_query_len: int, scale: float) -> None:
+                  block_tables: torch.Tensor, table_rows: torch.Tensor, kv_lens: torch.Tensor,
+                  query_start: torch.Tensor, rows: torch.Tensor, max_query_len: int, scale: float) -> None:
     """Causal attention of each multi-token row `rows[i]` (queries `query_start[r]..query_start[r+1]`,
-    at the end of its `kv_lens[r]`-token context) over its paged context, written into `out`.
+    at the end of its `kv_lens[r]`-token context) over its paged context, written into `out`; tables
+    as in `paged_decode`.
 
     `max_query_len` (a host int from the plan) sizes the grid; shorter rows' extra programs idle.
     """
@@ -253,7 +263,7 @@ def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _check(query, k_cache, v_cache, out)
     grid = (num, triton.cdiv(max_query_len, PREFILL_BLOCK_M), heads)
     _prefill_kernel[grid](
-        query, k_cache, v_cache, out, block_tables, kv_lens, query_start, rows,
+        query, k_cache, v_cache, out, block_tables, table_rows, kv_lens, query_start, rows,
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

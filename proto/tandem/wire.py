@@ -8,13 +8,14 @@ the scheduler side must never import torch.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from tandem.v1 import engine_pb2 as pb
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: incremental plans over row slots held by the worker
 
 KIND_HELLO = b"HELLO"
 KIND_PLAN = b"PLAN"
@@ -105,83 +106,101 @@ class Hello:
         return cls(**kw)
 
 
-# Per-row and per-token arrays of a StepPlan, with their dtypes; the order is the frame order.
+# The arrays of a StepPlan with their dtypes; the order is the frame order (see engine.proto).
 PLAN_ARRAYS: dict[str, str] = {
-    "input_ids": "int32",
-    "positions": "int32",
-    "slot_mapping": "int32",
+    "free_slots": "int32",
+    "new_slots": "int32",
+    "new_temperature": "float32",
+    "new_top_p": "float32",
+    "new_top_k": "int32",
+    "new_min_p": "float32",
+    "new_seed": "uint64",
+    "new_num_logprobs": "int32",
+    "append_slots": "int32",
+    "append_blocks": "int32",
+    "rows": "int32",
     "query_start": "int32",
-    "kv_lens": "int32",
-    "block_tables": "int32",
+    "input_ids": "int32",
     "carry_index": "int32",
     "sample": "int32",
-    "temperature": "float32",
-    "top_p": "float32",
-    "top_k": "int32",
-    "min_p": "float32",
-    "seed": "uint64",
-    "num_logprobs": "int32",
 }
+_NEW_ARRAYS = tuple(name for name in PLAN_ARRAYS if name.startswith("new_"))
+_ROW_ARRAYS = ("rows", "carry_index", "sample")
+
+def _none(dtype: str) -> np.ndarray:
+    return np.zeros(0, dtype)
 
 
 @dataclass
 class StepPlan:
-    """One step's batch metadata, shaped like the worker's I/O slot buffers (see engine.proto)."""
+    """One step's changes to the worker's row slots plus the rows it runs (see engine.proto).
+
+    Only `validate` (stateless shape and range checks) lives here; the checks against the worker's
+    slot state (a new slot must be free, a row's context must fit its blocks) are the worker's.
+    """
 
     step_id: int
     carry_from_step: int
     flush: bool
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
+    rows: np.ndarray
     query_start: np.ndarray
-    kv_lens: np.ndarray
-    block_tables: np.ndarray
+    input_ids: np.ndarray
     carry_index: np.ndarray
     sample: np.ndarray
-    temperature: np.ndarray
-    top_p: np.ndarray
-    top_k: np.ndarray
-    min_p: np.ndarray
-    seed: np.ndarray
-    num_logprobs: np.ndarray
-    request_ids: str = ""  # row -> client request id, "\n"-joined (logs only; may be empty)
+    free_slots: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_slots: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_temperature: np.ndarray = field(default_factory=lambda: _none("float32"))
+    new_top_p: np.ndarray = field(default_factory=lambda: _none("float32"))
+    new_top_k: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_min_p: np.ndarray = field(default_factory=lambda: _none("float32"))
+    new_seed: np.ndarray = field(default_factory=lambda: _none("uint64"))
+    new_num_logprobs: np.ndarray = field(default_factory=lambda: _none("int32"))
+    append_slots: np.ndarray = field(default_factory=lambda: _none("int32"))
+    append_blocks: np.ndarray = field(default_factory=lambda: _none("int32"))
+    request_ids: str = ""  # new slot -> client request id, "\n"-joined (logs only; may be empty)
+    check_state: bool = False  # debug: the worker returns its row-slot state digest
 
-    def row_request_ids(self) -> list[str]:
+    def new_request_ids(self) -> list[str]:
         ids = self.request_ids.split("\n") if self.request_ids else []
-        return ids if len(ids) == self.num_rows else [""] * self.num_rows
+        n = int(self.new_slots.shape[0])
+        return ids if len(ids) == n else [""] * n
 
     @property
     def num_rows(self) -> int:
-        return int(self.kv_lens.shape[0])
+        return int(self.rows.shape[0])
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def validate(self, max_tokens: int, max_rows: int, max_blocks_per_row: int, vocab_size: int) -> None:
-        """Shape and range checks a worker runs before touching its buffers."""
+    def validate(self, max_tokens: int, max_rows: int, vocab_size: int) -> None:
+        """Shape and range checks a worker runs before touching its state or buffers."""
         r, t = self.num_rows, self.num_tokens
         if not (0 < r <= max_rows and 0 < t <= max_tokens):
             raise WireError(f"step {self.step_id}: {r} rows / {t} tokens outside limits")
-        for name in PLAN_ARRAYS:
+        for name, dtype in PLAN_ARRAYS.items():
             arr = getattr(self, name)
-            if arr.dtype.name != PLAN_ARRAYS[name]:
-                raise WireError(f"{name}: dtype {arr.dtype.name}, expected {PLAN_ARRAYS[name]}")
-        per_token = ("input_ids", "positions", "slot_mapping")
-        per_row = ("kv_lens", "carry_index", "sample", "temperature", "top_p", "top_k", "min_p",
-                   "seed", "num_logprobs")
-        for name in per_token:
-            if getattr(self, name).shape != (t,):
-                raise WireError(f"{name}: shape {getattr(self, name).shape}, expected ({t},)")
-        for name in per_row:
+            if arr.dtype.name != dtype or arr.ndim != 1:
+                raise WireError(f"{name}: {arr.ndim}-D {arr.dtype.name}, expected 1-D {dtype}")
+        n = self.new_slots.shape[0]
+        for name in _NEW_ARRAYS:
+            if getattr(self, name).shape != (n,):
+                raise WireError(f"{name}: shape {getattr(self, name).shape}, expected ({n},)")
+        for name in _ROW_ARRAYS:
             if getattr(self, name).shape != (r,):
                 raise WireError(f"{name}: shape {getattr(self, name).shape}, expected ({r},)")
+        if self.append_blocks.shape != self.append_slots.shape:
+            raise WireError("append_blocks and append_slots differ in length")
         if self.query_start.shape != (r + 1,):
             raise WireError("query_start: wrong shape")
-        bt = self.block_tables
-        if bt.ndim != 2 or bt.shape[0] != r or bt.shape[1] > max_blocks_per_row:
-            raise WireError(f"block_tables: shape {bt.shape}")
+        for name in ("free_slots", "new_slots", "append_slots", "rows"):
+            arr = getattr(self, name)
+            if arr.size and (arr.min() < 0 or arr.max() >= max_rows):
+                raise WireError(f"{name}: slot outside [0, {max_rows})")
+        for name in ("free_slots", "new_slots", "rows"):
+            arr = getattr(self, name)
+            if np.unique(arr).size != arr.size:
+                raise WireError(f"{name}: a slot listed twice")
         qs = self.query_start
         if qs[0] != 0 or qs[-1] != t or np.any(np.diff(qs) <= 0):
             raise WireError("query_start: not a strictly increasing 0..T range")
@@ -197,12 +216,14 @@ class StepPlan:
             raise WireError("input_ids: token id outside the vocabulary")
         if np.any(self.carry_index >= 0) and self.carry_from_step < 0:
             raise WireError("carry_index set but carry_from_step is -1")
+        if np.any((self.carry_index >= 0) & (np.diff(qs) != 1)):
+            raise WireError("carry_index set on a row of several tokens")
 
     def encode(self) -> list:
         specs, frames = _pack_arrays({name: getattr(self, name) for name in PLAN_ARRAYS})
         header = pb.StepPlanHeader(
             step_id=self.step_id, carry_from_step=self.carry_from_step, flush=self.flush, arrays=specs,
-            request_ids=self.request_ids,
+            request_ids=self.request_ids, check_state=self.check_state,
         )
         return [KIND_PLAN, header.SerializeToString(), *frames]
 
@@ -213,7 +234,16 @@ class StepPlan:
         if list(arrays) != list(PLAN_ARRAYS):
             raise WireError(f"plan arrays {list(arrays)} != {list(PLAN_ARRAYS)}")
         return cls(step_id=msg.step_id, carry_from_step=msg.carry_from_step, flush=msg.flush, **arrays,
-                   request_ids=msg.request_ids)
+                   request_ids=msg.request_ids, check_state=msg.check_state)
+
+
+def state_digest(slots: np.ndarray, context: np.ndarray, num_blocks: np.ndarray, blocks: np.ndarray) -> int:
+    """The digest both sides compute of the row-slot state (debug check): per active slot, ascending,
+    its context length and block count, then every block id in slot and column order. Never 0."""
+    h = hashlib.blake2b(digest_size=8)
+    for arr in (slots, context, num_blocks, blocks):
+        h.update(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+    return int.from_bytes(h.digest(), "little") or 1
 
 
 @dataclass
@@ -224,6 +254,7 @@ class StepResult:
     sampled: np.ndarray  # int32 [R]
     compute_ms: float = 0.0
     idle_gap_ms: float = 0.0
+    state_digest: int = 0  # state_digest() of the worker's row slots, when the plan asked (check_state)
     logprob: np.ndarray | None = None  # float32 [R]
     top_ids: np.ndarray | None = None  # int32 [R, K]
     top_logprobs: np.ndarray | None = None  # float32 [R, K]
@@ -236,7 +267,8 @@ class StepResult:
                 arrays[name] = getattr(self, name)
         specs, frames = _pack_arrays(arrays)
         header = pb.StepResultHeader(
-            step_id=self.step_id, compute_ms=self.compute_ms, idle_gap_ms=self.idle_gap_ms, arrays=specs
+            step_id=self.step_id, compute_ms=self.compute_ms, idle_gap_ms=self.idle_gap_ms, arrays=specs,
+            state_digest=self.state_digest,
         )
         return [KIND_RESULT, header.SerializeToString(), *frames]
 
@@ -251,6 +283,7 @@ class StepResult:
             sampled=arrays["sampled"],
             compute_ms=msg.compute_ms,
             idle_gap_ms=msg.idle_gap_ms,
+            state_digest=msg.state_digest,
             logprob=arrays.get("logprob"),
             top_ids=arrays.get("top_ids"),
             top_logprobs=arrays.get("top_logprobs"),

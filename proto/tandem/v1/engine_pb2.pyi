@@ -67,31 +67,35 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_tokens: _Optional[int] = ..., max_num_rows: _Optional[int] = ..., max_blocks_per_row: _Optional[int] = ..., tokenizer_json: _Optional[bytes] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., add_bos_token: _Optional[bool] = ..., default_temperature: _Optional[float] = ..., default_top_p: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_min_p: _Optional[float] = ...) -> None: ...
 
 class StepPlanHeader(_message.Message):
-    __slots__ = ("step_id", "carry_from_step", "flush", "arrays", "request_ids")
+    __slots__ = ("step_id", "carry_from_step", "flush", "arrays", "request_ids", "check_state")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     CARRY_FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     FLUSH_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_STATE_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     carry_from_step: int
     flush: bool
     arrays: _containers.RepeatedCompositeFieldContainer[ArraySpec]
     request_ids: str
-    def __init__(self, step_id: _Optional[int] = ..., carry_from_step: _Optional[int] = ..., flush: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., request_ids: _Optional[str] = ...) -> None: ...
+    check_state: bool
+    def __init__(self, step_id: _Optional[int] = ..., carry_from_step: _Optional[int] = ..., flush: _Optional[bool] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., request_ids: _Optional[str] = ..., check_state: _Optional[bool] = ...) -> None: ...
 
 class Flush(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StepResultHeader(_message.Message):
-    __slots__ = ("step_id", "compute_ms", "idle_gap_ms", "arrays")
+    __slots__ = ("step_id", "compute_ms", "idle_gap_ms", "arrays", "state_digest")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     IDLE_GAP_MS_FIELD_NUMBER: _ClassVar[int]
     ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     compute_ms: float
     idle_gap_ms: float
     arrays: _containers.RepeatedCompositeFieldContainer[ArraySpec]
-    def __init__(self, step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., idle_gap_ms: _Optional[float] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ...) -> None: ...
+    state_digest: int
+    def __init__(self, step_id: _Optional[int] = ..., compute_ms: _Optional[float] = ..., idle_gap_ms: _Optional[float] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ..., state_digest: _Optional[int] = ...) -> None: ...
