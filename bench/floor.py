@@ -28,31 +28,14 @@ import shlex
 import sys
 from datetime import UTC, datetime
 
-import numpy as np
 import torch
 from tandem.wire import StepPlan
 
-from worker_svc.cuda_graphs import decode_layout, pad_decode_plan
+from bench.decode_state import decode_plan, fixed_context_rows
+from worker_svc.cuda_graphs import decode_layout, pad_decode_batch
 
 # (batch, contexts): what fits next to 16 GB of 8B weights on an 80 GB GPU.
 DEFAULT_GRID = {32: (1024, 4096, 8192), 128: (1024, 2048), 256: (1024,)}
-
-
-def decode_plan(step_id: int, rows: int, context: int, block_size: int, vocab: int) -> StepPlan:
-    """Every row one token at position context - 1, its blocks laid out one row after another."""
-    per_row = -(-context // block_size)
-    tables = np.arange(rows * per_row, dtype=np.int32).reshape(rows, per_row)
-    pos = np.full(rows, context - 1, np.int32)
-    zeros = np.zeros(rows, np.int32)
-    return StepPlan(
-        step_id=step_id, carry_from_step=-1, flush=False,
-        input_ids=np.random.default_rng(step_id).integers(3, vocab, rows).astype(np.int32), positions=pos,
-        slot_mapping=tables[:, (context - 1) // block_size] * block_size + (context - 1) % block_size,
-        query_start=np.arange(rows + 1, dtype=np.int32), kv_lens=np.full(rows, context, np.int32),
-        block_tables=tables, carry_index=np.full(rows, -1, np.int32), sample=np.ones(rows, np.int32),
-        temperature=np.zeros(rows, np.float32), top_p=np.ones(rows, np.float32), top_k=zeros,
-        min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint64), num_logprobs=np.full(rows, -1, np.int32),
-    )
 
 
 def _events_ms(fn, reps: int, stream: torch.cuda.Stream) -> float:
@@ -95,11 +78,12 @@ def step_wall_ms(engine, plan_for, steps: int) -> tuple[float, float]:
 def forward_ms(engine, plan: StepPlan, reps: int = 20) -> float:
     """Device time of a CUDA graph of the model forward alone (no sampling) on `plan`'s inputs,
     captured here the way the engine captures its decode graphs."""
-    bucket = engine.graphs.bucket_for(plan)
+    batch = engine.check_plan(plan)
+    bucket = engine.graphs.bucket_for(batch)
     slot, other = engine.slots
     width = engine.limits.max_blocks_per_row
     layout = decode_layout(bucket, width)
-    inputs = slot.load(pad_decode_plan(plan, bucket, width), layout)
+    inputs = slot.load(pad_decode_batch(batch, bucket), layout)
     step = engine.paged_step(inputs, layout)
     stream = engine.sync.compute_stream
     stream.wait_event(slot.h2d_done)
@@ -121,10 +105,9 @@ def attention_ms(engine, rows: int, context: int, reps: int = 20) -> float:
     from worker_svc.triton_attention import paged_decode, store_kv
 
     cfg, model_cfg = engine.cache.cfg, engine.loaded.config
-    plan = decode_plan(0, rows, context, cfg.block_size, engine.loaded.vocab_size)
+    batch = engine.check_plan(decode_plan(engine, 0, rows, context))
     dev = lambda a: torch.as_tensor(a, device="cuda")  # noqa: E731
-    tables, kv_lens, slots = dev(plan.block_tables), dev(plan.kv_lens), dev(plan.slot_mapping)
-    every = dev(np.arange(rows, dtype=np.int32))
+    kv_lens, slots, every = dev(batch.kv_lens), dev(batch.slot_mapping), dev(batch.rows)
     heads = model_cfg.num_attention_heads
     q = torch.randn(rows, heads, cfg.head_dim, dtype=cfg.dtype, device="cuda")
     kv = torch.randn(rows, cfg.kv_heads, cfg.head_dim, dtype=cfg.dtype, device="cuda")
@@ -134,7 +117,8 @@ def attention_ms(engine, rows: int, context: int, reps: int = 20) -> float:
     def all_layers() -> None:
         for layer in range(cfg.num_layers):
             store_kv(kv, kv, engine.cache.k[layer], engine.cache.v[layer], slots)
-            paged_decode(q, engine.cache.k[layer], engine.cache.v[layer], out, tables, kv_lens, every, every, scale)
+            paged_decode(q, engine.cache.k[layer], engine.cache.v[layer], out, engine.block_table, every, kv_lens,
+                         every, every, scale)
 
     return _events_ms(all_layers, reps, engine.sync.compute_stream)
 
@@ -190,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=batch, max_num_tokens=max(512, batch)),
                         "cuda")
         cfg = engine.cache.cfg
-        vocab = loaded.vocab_size
-        nokv = forward_ms(engine, decode_plan(0, batch, 1, cfg.block_size, vocab))
+        fixed_context_rows(engine, batch, 1)
+        nokv = forward_ms(engine, decode_plan(engine, 0, batch, 1))
         for context in contexts:
-            plan_for = lambda i, b=batch, c=context, bs=cfg.block_size, v=vocab: decode_plan(i, b, c, bs, v)  # noqa: E731
+            fixed_context_rows(engine, batch, context)
+            plan_for = lambda i, e=engine, b=batch, c=context: decode_plan(e, i, b, c)  # noqa: E731
             wall, device = step_wall_ms(engine, plan_for, args.steps)
             forward = forward_ms(engine, plan_for(0))
             attn = attention_ms(engine, batch, context)

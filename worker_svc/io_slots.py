@@ -189,6 +189,9 @@ class IOSlot:
         self.dev_out = torch.zeros(self._out.nbytes, dtype=torch.uint8, device=device)
         self.host_out = torch.zeros(self._out.nbytes, dtype=torch.uint8, pin_memory=pin)
         # numpy views over the whole capacity of each field, built once: load() only slices them.
+        # Device views of every field's whole capacity, likewise: a step's views are one slice each.
+        self._dev_fields = {name: self._in.view(self.dev_in, name, cap)
+                            for name, (_at, _dt, cap, _size) in self._in.offsets.items()}
         self._host_fields = {name: self._in.view(self.host_in, name, cap).numpy()
                              for name, (_at, _dt, cap, _size) in self._in.offsets.items()}
         self.h2d_done = sync.event()
@@ -248,7 +251,7 @@ class IOSlot:
         self.in_use = True
 
         def dev(name: str, count: int) -> torch.Tensor:
-            return self._in.view(self.dev_in, name, count)
+            return self._dev_fields[name][:count]
 
         return StepInputs(
             input_ids=dev("input_ids", t), carry_ids=dev("input_ids", carry_len), positions=dev("positions", t),

@@ -117,7 +117,7 @@ class RowState:
         if not np.all(active[a_slots]):
             raise WireError("append_slots: a slot that holds no request")
         ranks, runs = _run_ranks(a_slots)
-        if runs != np.unique(a_slots).size:
+        if runs != np.count_nonzero(np.bincount(a_slots, minlength=1)):
             raise WireError("append_slots: one slot's appends are not contiguous")
         if a_blocks.size and (a_blocks.min() < 0 or a_blocks.max() >= self.num_kv_blocks):
             raise WireError(f"append_blocks: block id outside [0, {self.num_kv_blocks})")

@@ -9,6 +9,7 @@ the scheduler side must never import torch.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -28,6 +29,10 @@ KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT)
 PLACEHOLDER_SENTINEL = -7
 
 _ALLOWED_DTYPES = {"int8", "int32", "int64", "uint64", "float32"}
+# Little-endian dtype objects by name: comparing dtype objects is far cheaper than `dtype.name`, which
+# numpy rebuilds on every access (tens of arrays cross per step).
+_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _ALLOWED_DTYPES}
+_NAME_OF = {dt: name for name, dt in _DTYPES.items()}
 MAX_ARRAY_BYTES = 1 << 30
 
 
@@ -39,9 +44,10 @@ def _pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[list[pb.ArraySpec], lis
     specs, frames = [], []
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)
-        if arr.dtype.name not in _ALLOWED_DTYPES:
-            raise WireError(f"array {name!r}: dtype {arr.dtype.name} not allowed on the wire")
-        specs.append(pb.ArraySpec(name=name, dtype=arr.dtype.name, shape=list(arr.shape)))
+        dtype = _NAME_OF.get(arr.dtype)
+        if dtype is None:
+            raise WireError(f"array {name!r}: dtype {arr.dtype} not allowed on the wire")
+        specs.append(pb.ArraySpec(name=name, dtype=dtype, shape=arr.shape))
         frames.append(memoryview(arr).cast("B"))
     return specs, frames
 
@@ -51,18 +57,19 @@ def _unpack_arrays(specs, frames: list) -> dict[str, np.ndarray]:
         raise WireError(f"header lists {len(specs)} arrays, message carries {len(frames)}")
     out: dict[str, np.ndarray] = {}
     for spec, frame in zip(specs, frames, strict=True):
-        if spec.dtype not in _ALLOWED_DTYPES:
+        dtype = _DTYPES.get(spec.dtype)
+        if dtype is None:
             raise WireError(f"array {spec.name!r}: dtype {spec.dtype!r} not allowed")
-        if any(d < 0 for d in spec.shape):
+        shape = tuple(spec.shape)
+        if any(d < 0 for d in shape):
             raise WireError(f"array {spec.name!r}: negative dimension")
-        dtype = np.dtype(spec.dtype).newbyteorder("<")
-        count = int(np.prod(spec.shape, dtype=np.int64)) if spec.shape else 1
+        count = math.prod(shape)
         buf = memoryview(frame)
         if count * dtype.itemsize != buf.nbytes or buf.nbytes > MAX_ARRAY_BYTES:
             raise WireError(
                 f"array {spec.name!r}: {buf.nbytes} bytes for shape {list(spec.shape)} {spec.dtype}"
             )
-        out[spec.name] = np.frombuffer(buf, dtype=dtype).reshape(tuple(spec.shape))
+        out[spec.name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     return out
 
 
@@ -180,8 +187,8 @@ class StepPlan:
             raise WireError(f"step {self.step_id}: {r} rows / {t} tokens outside limits")
         for name, dtype in PLAN_ARRAYS.items():
             arr = getattr(self, name)
-            if arr.dtype.name != dtype or arr.ndim != 1:
-                raise WireError(f"{name}: {arr.ndim}-D {arr.dtype.name}, expected 1-D {dtype}")
+            if arr.dtype != _DTYPES[dtype] or arr.ndim != 1:
+                raise WireError(f"{name}: {arr.ndim}-D {arr.dtype}, expected 1-D {dtype}")
         n = self.new_slots.shape[0]
         for name in _NEW_ARRAYS:
             if getattr(self, name).shape != (n,):
@@ -199,7 +206,7 @@ class StepPlan:
                 raise WireError(f"{name}: slot outside [0, {max_rows})")
         for name in ("free_slots", "new_slots", "rows"):
             arr = getattr(self, name)
-            if np.unique(arr).size != arr.size:
+            if arr.size > 1 and np.bincount(arr).max() > 1:
                 raise WireError(f"{name}: a slot listed twice")
         qs = self.query_start
         if qs[0] != 0 or qs[-1] != t or np.any(np.diff(qs) <= 0):

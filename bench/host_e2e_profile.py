@@ -1,0 +1,477 @@
+"""Where the scheduler process's time goes: profile capture and area summaries for bench/host_e2e.py.
+
+Three sources:
+- this file run as a script, `python bench/host_e2e_profile.py --sample OUT --interval-us N -m scheduler_svc
+  ARGS`: runs the scheduler module as `-m` would (cwd first on sys.path, so the version's tree is what
+  it imports) with a CPU-time sampler installed: SIGUSR1 starts a `setitimer(ITIMER_PROF)` timer, whose
+  SIGPROF handler records the main thread's Python stack, so that samples are proportional to the
+  process's CPU time (not to wall time); SIGUSR2 stops it and writes the folded stacks to OUT and
+  OUT.json (samples, CPU time of the window, Python GC time measured by `gc.callbacks`). C code
+  (grpc's Cython core, the tokenizers' Rust, syscalls) is charged to the Python frame that called it;
+  a sample taken while the main thread waits in `select` is CPU of another thread (grpc's poller,
+  libzmq's I/O thread);
+- py-spy raw folded stacks (`py-spy record --format raw --threads --full-filenames [--native]`) taken
+  from the running scheduler for one measured round. Each sample is given to ONE area (exclusive, so
+  the fractions add up to 1): walking the stack from the innermost frame outwards, the first frame of
+  the version's own code that a rule names decides (`Scheduler.build_plan`, `Engine._on_result`,
+  `IncrementalDetokenizer._advance`, ...; the class-qualified name comes from the tree's own source
+  via `ast`, so renamed or new helpers fall to their caller's area); a sample with no such frame
+  goes to the innermost library it is in (gRPC's Cython core, pyzmq/libzmq, protobuf, asyncio);
+  a sample inside CPython's cyclic garbage collector is "Python GC" wherever it was triggered.
+  Inclusive (cumulative) shares of the main entry points are reported beside them.
+- a cProfile file (`python -m cProfile -o FILE -m scheduler_svc ...`): own time (tottime) summed per
+  area with the same rules applied to each function, plus the cumulative time of the entry points.
+
+The area names group into what the host_e2e report needs: plan building, process_result, the
+engine's per-token loop, detokenizing, stop strings, gRPC streaming, admission, ZeroMQ link + wire
+codec, Python GC, event loop, other.
+"""
+
+from __future__ import annotations
+
+import ast
+import gc
+import json
+import os
+import re
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------- capture
+
+
+@contextmanager
+def py_spy_recording(py_spy: str, pid: int, out: Path, rate: int, native: bool) -> Iterator[None]:
+    """py-spy attached to `pid` for the duration of the block; raw folded stacks land in `out`."""
+    log_path = out.with_suffix(".log")
+    cmd = [py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--full-filenames",
+           "--threads", "--output", str(out), *(["--native"] if native else [])]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while "Sampling process" not in log_path.read_text() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        raise RuntimeError(f"py-spy exited at once: {log_path.read_text()[-2000:]}")
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------- areas
+
+GROUPS = ("plan building", "process_result", "engine per-token", "detokenizing", "stop strings",
+          "gRPC streaming", "admission", "zmq link + wire", "Python GC", "event loop", "other threads", "other")
+# On the worker's critical path at pipeline depth 1: from a step's result arriving to the next plan sent.
+CRITICAL = ("plan building", "process_result", "zmq link + wire")
+EVENT_LOOP_C = "gRPC streaming: grpc aio Cython core (C code the event loop runs, no Python frame)"
+EVENT_LOOP_PY = "gRPC streaming: asyncio futures/callbacks called from grpc aio's C core"
+MAIN_IDLE = "other threads: CPU of other threads while the main thread waits in select"
+
+# (path inside the tree, regex on the class-qualified function name, area). First match wins; a frame of
+# the tree's code that no rule names is transparent: its caller decides.
+RULES: list[tuple[str, str, str]] = [
+    ("scheduler_svc/scheduler.py", r"\._emit$", "plan building: Scheduler._emit (arrays, StepPlan)"),
+    ("scheduler_svc/scheduler.py",
+     r"\.(build_plan|_schedule_decodes|_reserve|_fit_chunk|_make_room|_may_sample|_preempt)$",
+     "plan building: Scheduler.build_plan (rows, KV blocks)"),
+    ("scheduler_svc/scheduler.py", r"\.(process_result|_finish_reason|_logprobs)$", "process_result"),
+    ("scheduler_svc/engine.py", r"\._pump$", "plan building: Engine._pump"),
+    ("scheduler_svc/engine.py", r"\._on_result$", "engine per-token: Engine._on_result loop"),
+    ("scheduler_svc/engine.py", r"\._record_finish$", "engine per-token: finish log + metrics"),
+    ("scheduler_svc/engine.py", r"\.(_update_load|_check_idle|stats|_watchdog)$", "engine per-token: bookkeeping"),
+    ("scheduler_svc/engine.py", r"\.submit$", "admission"),
+    ("scheduler_svc/engine.py", r"\._recv_loop$", "zmq link + wire: Engine._recv_loop"),
+    ("scheduler_svc/handle.py", r"\.take$", "gRPC streaming: servicer"),
+    ("scheduler_svc/handle.py", r"", "engine per-token: RequestHandle"),
+    ("scheduler_svc/metrics.py", r"", "engine per-token: finish log + metrics"),
+    ("scheduler_svc/detokenizer.py", r"^StopStringMatcher\.", "stop strings"),
+    ("scheduler_svc/detokenizer.py", r"^IncrementalDetokenizer\.", "detokenizing: IncrementalDetokenizer"),
+    ("scheduler_svc/detokenizer.py", r"", "detokenizing: OutputText"),
+    ("scheduler_svc/tokenizer.py", r"\.(decode|is_special|token_strings)$", "detokenizing: TandemTokenizer.decode"),
+    ("scheduler_svc/tokenizer.py", r"", "admission"),
+    ("scheduler_svc/validation.py", r"", "admission"),
+    ("scheduler_svc/servicer.py", r"\.(_admit|_refuse)$", "admission"),
+    ("scheduler_svc/servicer.py", r"", "gRPC streaming: servicer"),
+    ("proto/tandem/wire.py", r"^StepPlan\.", "zmq link + wire: plan encode"),
+    ("proto/tandem/wire.py", r"^StepResult\.", "zmq link + wire: result decode"),
+    ("proto/tandem/wire.py", r"", "zmq link + wire: wire"),
+    ("scheduler_svc/link.py", r"", "zmq link + wire: EngineLink / pyzmq"),
+]
+
+# Innermost library a sample is in, when no frame of the tree's code claims it: (regex on the frame's file
+# or function, area).
+LIBRARIES: list[tuple[str, str]] = [
+    (r"cygrpc|/grpc/|grpc_", "gRPC streaming: grpc library (aio + C core)"),
+    (r"/zmq/|libzmq|pyzmq", "zmq link + wire: EngineLink / pyzmq"),
+    (r"google/protobuf|_upb|upb_", "gRPC streaming: protobuf"),
+    (r"/tokenizers/", "detokenizing: tokenizers (Rust)"),
+    (r"/structlog/|/logging/", "engine per-token: finish log + metrics"),
+    (r"/numpy/|_multiarray", "other: numpy"),
+    (r"asyncio", "event loop"),
+]
+STARTUP = re.compile(r"importlib|marshal\.loads|builtins\.(compile|exec|__build_class__)|/re/_|/typing\.py|"
+                     r"/inspect\.py|_imp\.|posix\.stat|io\.open_code|BufferedReader|_runtime_protos|from_str")
+GC = re.compile(r"^(gc_collect|collect_with_callback|collect_generations|gc_collect_main)")
+FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+@dataclass(frozen=True)
+class Frame:
+    func: str
+    file: str
+    line: int
+
+    @property
+    def python(self) -> bool:
+        return self.file.endswith(".py")
+
+
+def parse_frame(text: str) -> Frame:
+    m = FRAME.match(text)
+    if m is None:
+        return Frame(text, "", 0)
+    return Frame(m["func"], m["file"], int(m["line"] or 0))
+
+
+@cache
+def _functions(path: str) -> list[tuple[int, int, int, str]]:
+    """(first line, last line, depth, qualified name) of every def in a source file."""
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    out: list[tuple[int, int, int, str]] = []
+
+    def walk(node: ast.AST, prefix: str, depth: int) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    out.append((child.lineno, child.end_lineno or child.lineno, depth, name))
+                walk(child, f"{name}.", depth + 1)
+            else:
+                walk(child, prefix, depth)
+
+    walk(tree, "", 0)
+    return out
+
+
+def qualname(path: str, line: int, func: str) -> str:
+    """Class-qualified name of the innermost def around `line` (decorators count as the def's lines)."""
+    best: tuple[int, str] | None = None
+    for first, last, depth, name in _functions(path):
+        if first <= line <= last and (best is None or depth > best[0]):
+            best = (depth, name)
+    return best[1] if best is not None else func
+
+
+class Classifier:
+    """Turns frames of one version's tree into areas."""
+
+    def __init__(self, tree: Path) -> None:
+        self.root = str(tree.resolve()) + "/"
+        self.rules = [(path, re.compile(rx), area) for path, rx, area in RULES]
+        self.libraries = [(re.compile(rx), area) for rx, area in LIBRARIES]
+
+    def relpath(self, frame: Frame) -> str | None:
+        if frame.python and frame.file.startswith(self.root):
+            return frame.file[len(self.root):]
+        return None
+
+    def project_area(self, frame: Frame) -> tuple[str | None, str | None]:
+        """(area, qualified name) of a frame of the tree's code; (None, None) for any other frame."""
+        rel = self.relpath(frame)
+        if rel is None:
+            return None, None
+        name = qualname(frame.file, frame.line, frame.func) if frame.line else frame.func
+        for path, rx, area in self.rules:
+            if rel == path and rx.search(name):
+                return area, f"{rel}:{name}"
+        return "", f"{rel}:{name}"  # ours, but transparent
+
+    def library_area(self, frame: Frame) -> str | None:
+        text = f"{frame.file} {frame.func}"
+        for rx, area in self.libraries:
+            if rx.search(text):
+                return area
+        return None
+
+    def classify(self, frames: list[Frame], python_only: bool = False) -> tuple[str, list[str]]:
+        """(area, the tree's qualified names on the stack, outermost first) of one sample (root first).
+        `python_only`: the stacks have no native frames (sampler, py-spy without --native), so a sample
+        whose innermost frame is the event loop running a callback is C code that callback ran."""
+        if python_only and frames:
+            leaf = frames[-1]
+            if leaf.func == "on_gc" and leaf.file.endswith("host_e2e_profile.py"):
+                return "Python GC", []  # a SIGPROF during a collection runs when it ends: in the gc callback
+            if leaf.func == "select" and leaf.file.endswith("selectors.py"):
+                return MAIN_IDLE, []
+            if leaf.func == "_run" and leaf.file.endswith("asyncio/events.py"):
+                return EVENT_LOOP_C, []
+        names: list[str] = []
+        area: str | None = None
+        library: str | None = None
+        first_ours: str | None = None
+        for frame in reversed(frames):
+            if GC.match(frame.func):
+                area = area or "Python GC"
+            got, name = self.project_area(frame)
+            if name is not None:
+                names.append(name)
+                first_ours = first_ours or name
+                if got and area is None:
+                    area = got
+            elif library is None and area is None and first_ours is None:
+                library = self.library_area(frame)
+        names.reverse()
+        if area is None and library == "event loop" and python_only:
+            # asyncio's own Python code called straight from a callback with no Python frame (C): grpc aio's
+            # Cython core creating and resolving its futures
+            runs = [i for i, f in enumerate(frames) if f.func == "_run" and f.file.endswith("asyncio/events.py")]
+            if runs and all("/asyncio/" in f.file for f in frames[runs[-1] + 1:]):
+                area = EVENT_LOOP_PY
+        if area is None:
+            area = library or (f"other: {first_ours.split(':')[0]}" if first_ours else "other")
+        return area, names
+
+
+def group_of(area: str) -> str:
+    head = area.split(":", 1)[0]
+    return head if head in GROUPS else "other"
+
+
+# ---------------------------------------------------------------------------------------------- py-spy
+
+
+def summarize_stacks(path: Path, tree: Path, sched_cpu_s: float, steps: int, rate: float,
+                     thread_cpu_s: dict[str, float], python_only: bool, weighting: str) -> dict[str, Any]:
+    """Exclusive areas (fractions of all samples), groups, inclusive entry points, per-thread split."""
+    c = Classifier(tree)
+    areas: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    area_leaves: dict[str, Counter[str]] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        parts = stack.split(";")
+        thread = parts[0] if parts[0].startswith("thread (") else ""
+        frames = [parse_frame(p) for p in (parts[1:] if thread else parts)]
+        area, names = c.classify(frames, python_only)
+        if thread and "MainThread" not in thread:
+            # grpc.aio's poller (Cython around epoll + eventfd); any other Python thread by its name
+            area = "gRPC streaming: grpc poller thread" if "_poll_wrapper" in thread else f"other: thread {thread}"
+        total += n
+        areas[area] += n
+        threads[re.sub(r"^thread \(\d+\): ", "", thread) or "?"] += n
+        for name in dict.fromkeys(names):
+            inclusive[name] += n
+        if frames:
+            leaf = f"{frames[-1].func} ({Path(frames[-1].file).name}:{frames[-1].line})"
+            leaves[leaf] += n
+            area_leaves.setdefault(area, Counter())[leaf] += n
+    if not total:
+        return {"error": f"no samples in {path}"}
+    groups: Counter[str] = Counter()
+    for area, n in areas.items():
+        groups[group_of(area)] += n
+    ms_per_step = 1000 * sched_cpu_s / steps if steps else 0.0
+
+    def share(n: int) -> dict[str, float]:
+        return {"fraction": round(n / total, 4), "ms_per_step": round(ms_per_step * n / total, 3)}
+
+    critical = sum(groups[g] for g in CRITICAL)
+    return {
+        "samples": total,
+        "sampled_s": round(total / rate, 3),
+        "sched_cpu_s": sched_cpu_s,
+        "coverage": round(total / rate / sched_cpu_s, 3) if sched_cpu_s else None,
+        "weighting": weighting,
+        "note": "exclusive: each sample in one area; ms_per_step = fraction x the profiled rounds' scheduler CPU "
+                "ms per step",
+        "groups": {g: share(groups[g]) for g in GROUPS if groups[g]},
+        "critical_path_depth1": {**share(critical), "groups": list(CRITICAL)},
+        "areas": {a: share(n) for a, n in areas.most_common()},
+        "inclusive_top": {name: round(n / total, 4) for name, n in inclusive.most_common(30)},
+        "threads_samples": dict(threads.most_common()),
+        "threads_cpu_s": thread_cpu_s,
+        "leaves_top": {k: round(n / total, 4) for k, n in leaves.most_common(20)},
+        "area_leaves_top": {a: {k: round(n / total, 4) for k, n in c.most_common(6)}
+                            for a, c in sorted(area_leaves.items(), key=lambda kv: -areas[kv[0]])},
+    }
+
+
+# -------------------------------------------------------------------------------------------- cProfile
+
+
+def summarize_cprofile(path: Path, tree: Path) -> dict[str, Any]:
+    """Own time per area (each function by the same rules, no call context) and entry points' cumulative."""
+    import pstats
+
+    c = Classifier(tree)
+    stats = pstats.Stats(str(path)).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+    areas: Counter[str] = Counter()
+    cumulative: dict[str, float] = {}
+    total = 0.0
+    idle = 0.0
+    for (file, line, func), (_cc, _nc, tt, ct, _callers) in stats.items():
+        frame = Frame(func, file, line)
+        if file == "~" and re.search(r"select\.epoll|'poll'|select\.select", func):
+            idle += tt  # the event loop waiting: not work
+            continue
+        if GC.match(func):
+            area = "Python GC"
+        elif STARTUP.search(f"{file} {func}"):
+            area = "other: start-up (imports, compiling)"
+        elif file == "~" and "_contextvars.Context" in func:
+            area = EVENT_LOOP_C  # Handle._run's callback: C code run by the loop, minus the Python it calls
+        else:
+            area, name = c.project_area(frame)
+            if name is not None:
+                short = name.split(":", 1)[1]
+                if re.search(r"(build_plan|process_result|_on_result|GenerateStream|_emit|_advance)$", short) or \
+                        short in ("OutputText.push", "StopStringMatcher.push", "TandemTokenizer.decode"):
+                    cumulative[name] = round(cumulative.get(name, 0.0) + ct, 4)
+                area = area or f"other: {name.split(':')[0]}"
+            else:
+                area = c.library_area(frame) or ("event loop" if "select" in func or "epoll" in func else "other")
+        areas[area] += tt
+        total += tt
+    groups: Counter[str] = Counter()
+    for area, t in areas.items():
+        groups[group_of(area)] += t
+    return {
+        "total_tottime_s": round(total, 3),
+        "note": "cProfile own times, wall clock per call (with cProfile's per-call overhead), over the "
+                "scheduler's whole life (start-up, warm-up, the round); the event loop's waiting is left out",
+        "epoll_wait_s_left_out": round(idle, 3),
+        "weighting": "cProfile own time (wall clock), whole scheduler life",
+        "groups": {g: round(groups[g] / total, 4) for g in GROUPS if groups[g]},
+        "areas": {a: round(t / total, 4) for a, t in areas.most_common()},
+        "cumulative_s": dict(sorted(cumulative.items(), key=lambda kv: -kv[1])),
+    }
+
+
+def summarize_py_spy(path: Path, tree: Path, sched_cpu_s: float, steps: int, rate: int,
+                     thread_cpu_s: dict[str, float], native: bool) -> dict[str, Any]:
+    return summarize_stacks(path, tree, sched_cpu_s, steps, rate, thread_cpu_s, not native,
+                            "py-spy: wall-clock samples of non-idle Python threads (its idle test is unreliable "
+                            "here: see coverage), not CPU")
+
+
+def summarize_sampler(path: Path, tree: Path, steps: int, thread_cpu_s: dict[str, float]) -> dict[str, Any]:
+    meta = json.loads(path.with_suffix(".json").read_text())
+    out = summarize_stacks(path, tree, meta["cpu_s"], steps, 1e6 / meta["interval_us"], thread_cpu_s, True,
+                           "CPU time: SIGPROF from setitimer(ITIMER_PROF), main thread's Python stack")
+    # ITIMER_PROF fires on the kernel's tick (CONFIG_HZ): fewer samples than asked, still in proportion to CPU
+    out["effective_rate_hz"] = round(out["samples"] / meta["cpu_s"], 1) if meta["cpu_s"] else None
+    out["coverage"] = None
+    gc_frac = meta["gc_s"] / meta["cpu_s"] if meta["cpu_s"] else 0.0
+    out["python_gc_measured"] = {
+        "gc_s": meta["gc_s"], "collections": meta["gc_collections"], "fraction_of_cpu": round(gc_frac, 4),
+        "ms_per_step": round(1000 * meta["gc_s"] / steps, 3) if steps else None,
+        "note": "time inside CPython's cyclic GC (gc.callbacks); the samples charge it to the code whose "
+                "allocation set it off, so it is inside the areas above, not beside them"}
+    out["live_imports"] = meta.get("modules", {})
+    return out
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    if "error" in summary:
+        return f"(no profile: {summary['error']})"
+    lines = [f"weighting: {summary.get('weighting', '?')}; samples {summary.get('samples')}", "",
+             "| area | share | ms/step |", "| --- | ---: | ---: |"]
+    for g, v in summary["groups"].items():
+        frac, ms = (v["fraction"], v["ms_per_step"]) if isinstance(v, dict) else (v, None)
+        lines.append(f"| **{g}** | {100 * frac:.1f}% | {'-' if ms is None else f'{ms:.2f}'} |")
+        for a, w in summary["areas"].items():
+            if group_of(a) == g and a != g:
+                f2, m2 = (w["fraction"], w["ms_per_step"]) if isinstance(w, dict) else (w, None)
+                lines.append(f"| &nbsp;&nbsp;{a} | {100 * f2:.1f}% | {'-' if m2 is None else f'{m2:.2f}'} |")
+    crit = summary.get("critical_path_depth1")
+    if crit:
+        lines.append(f"| *result in -> next plan out ({' + '.join(crit['groups'])})* | {100 * crit['fraction']:.1f}% | "
+                     f"{crit['ms_per_step']:.2f} |")
+    gcm = summary.get("python_gc_measured")
+    if gcm:
+        lines.append(f"| *of all the above: inside Python GC (measured)* | {100 * gcm['fraction_of_cpu']:.1f}% | "
+                     f"{gcm['ms_per_step']:.2f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ the CPU sampler
+
+
+def _sampler_main(argv: list[str]) -> None:
+    """`--sample OUT --interval-us N -m MODULE ARGS...`: MODULE as `python -m` runs it, sampled on signal."""
+    if len(argv) < 6 or argv[0] != "--sample" or argv[2] != "--interval-us" or argv[4] != "-m":
+        raise SystemExit("usage: host_e2e_profile.py --sample OUT --interval-us N -m MODULE [ARGS...]")
+    out, interval_us, module, rest = Path(argv[1]), int(argv[3]), argv[5], argv[6:]
+    counts: Counter[str] = Counter()
+    state: dict[str, Any] = {"on": False, "gc_t0": 0.0, "gc_s": 0.0, "gcs": Counter(), "cpu0": 0.0}
+
+    def on_prof(_signum: int, frame: Any) -> None:
+        stack = []
+        while frame is not None:
+            stack.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
+            frame = frame.f_back
+        counts[";".join(reversed(stack))] += 1
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if not state["on"]:
+            return
+        if phase == "start":
+            state["gc_t0"] = time.thread_time()
+        else:
+            state["gc_s"] += time.thread_time() - state["gc_t0"]
+            state["gcs"][str(info.get("generation"))] += 1
+
+    def start(_signum: int, _frame: Any) -> None:
+        counts.clear()
+        state.update(on=True, gc_s=0.0, gcs=Counter(), cpu0=time.process_time())
+        signal.setitimer(signal.ITIMER_PROF, interval_us / 1e6, interval_us / 1e6)
+
+    def stop(_signum: int, _frame: Any) -> None:
+        signal.setitimer(signal.ITIMER_PROF, 0, 0)
+        state["on"] = False
+        out.write_text("".join(f"{stack} {n}\n" for stack, n in counts.items()))
+        mods = {m: getattr(sys.modules.get(m), "__file__", None) for m in ("scheduler_svc", "scheduler_svc.engine",
+                                                                           "tandem", "tandem.wire")}
+        meta = {"interval_us": interval_us, "samples": sum(counts.values()), "cpu_s": time.process_time() -
+                state["cpu0"], "gc_s": state["gc_s"], "gc_collections": dict(state["gcs"]), "modules": mods}
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, out.with_suffix(".json"))
+
+    signal.signal(signal.SIGPROF, on_prof)
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+    gc.callbacks.append(on_gc)
+    sys.argv = [module, *rest]
+    sys.path[0] = os.getcwd()  # as `python -m`: the working directory (the version's tree), not bench/
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _sampler_main(sys.argv[1:])
