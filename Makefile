@@ -45,7 +45,8 @@ lint: dev
 proto: dev
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto \
 		proto/tandem/v1/api.proto
-	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto proto/tandem/v1/engine.proto
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto proto/tandem/v1/engine.proto \
+		proto/tandem/v1/core.proto
 
 bench: install
 	$(PY) -m bench.cpu_e2e

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             debug_placeholders=args.debug_placeholders,
             debug_check_state=args.debug_check_state,
         ),
+        log_level=args.log_level,
         limits=RequestLimits(
             default_max_new_tokens=args.default_max_new_tokens,
             max_stop_strings=args.max_stop_strings,

@@ -1,11 +1,14 @@
-"""The scheduler process's engine loop: requests in, step plans out, step results back to requests.
+"""The core's engine loop: requests in, step plans out, step results back as token batches.
 
+Runs in the scheduler's core process (scheduler_svc/core.py), apart from the front end (gRPC,
+detokenizing, stop strings: engine_client.py), so that no per-stream work ever delays the next plan.
 Owns the pipeline: at depth 1 (synchronous) one step is in flight and the worker idles while the
 scheduler plans the next; at depth 2 (asynchronous) the next plan is built and sent while the
 worker computes the current one, its decode rows carrying the pending tokens over on the worker.
-Everything runs on the asyncio loop: results are processed, then the pipeline is topped up, in the
-same callback, so a plan is never built from stale state. One `WorkerSession` per connected worker:
-a worker that dies takes its session (allocator, in-flight steps) with it.
+Everything runs on the asyncio loop: results are processed, then the pipeline is topped up, then the
+step's tokens go to the front end, in the same callback, so a plan is never built from stale state.
+One `WorkerSession` per connected worker: a worker that dies takes its session (allocator, in-flight
+steps, the requests it held) with it, and the front end is told (LOST).
 """
 
 from __future__ import annotations
@@ -13,27 +16,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-import structlog
+import numpy as np
 import zmq
 from tandem import wire
+from tandem.v1 import core_pb2 as cpb
 
-from scheduler_svc.handle import RequestHandle
+from scheduler_svc.core_link import (
+    KIND_ABORT,
+    KIND_ADMITTED,
+    KIND_LOST,
+    KIND_SERVING,
+    KIND_STATS,
+    KIND_SUBMIT,
+    CoreLink,
+    OutputBatch,
+)
 from scheduler_svc.link import EngineLink
-from scheduler_svc.metrics import Metrics
-from scheduler_svc.request import FinishReason
-from scheduler_svc.scheduler import Scheduler, SchedulerLimits
-from scheduler_svc.tokenizer import TandemTokenizer
+from scheduler_svc.request import FinishReason, Request, SamplingParams
+from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, TokenEvent
 
 log = logging.getLogger("tandem.engine")
-rlog = structlog.get_logger("tandem.requests")  # one canonical line per finished request
-
-
-class Unavailable(Exception):
-    """No worker is connected (or it just went away)."""
 
 
 @dataclass
@@ -71,127 +76,30 @@ class BusyMeter:
 class WorkerSession:
     peer: bytes
     hello: wire.Hello
-    tokenizer: TandemTokenizer
     scheduler: Scheduler
     flushed: bool = False  # a FLUSH went out since the last plan
     meter: BusyMeter = field(default_factory=BusyMeter)
 
 
 class Engine:
-    def __init__(self, link: EngineLink, config: EngineConfig,
-                 on_serving_change: Callable[[bool], None] | None = None) -> None:
+    """The core's loop over its two links: `front` (the front end: requests in, tokens out) and
+    `link` (the worker: plans out, results in)."""
+
+    def __init__(self, link: EngineLink, front: CoreLink, config: EngineConfig) -> None:
         assert config.pipeline_depth in (0, 1, 2)
         self.link = link
+        self.front = front
         self.config = config
         self.session: WorkerSession | None = None
-        self.handles: dict[str, RequestHandle] = {}
-        self._on_serving_change = on_serving_change or (lambda serving: None)
-        self.last_session_stats: dict[str, float] = {}
-        self.requests_finished = 0
         self.depth = config.pipeline_depth  # resolved per worker when it is 0 (auto)
-        self._serving_event = asyncio.Event()
-        self.metrics = Metrics()
-        self.draining = False  # shutting down: admit nothing new, let what runs finish
+        self._by_uid: dict[int, Request] = {}  # every request the scheduler holds, by the front end's uid
         self._last_progress = time.monotonic()  # last step result, or the first send after an idle spell
+        self.last_session_stats = cpb.Stats()
 
-    # ----- public API used by the gRPC servicer -------------------------------------------------------
-    @property
-    def serving(self) -> bool:
-        return self.session is not None
-
-    async def wait_serving(self, timeout: float | None = None) -> bool:
-        try:
-            await asyncio.wait_for(self._serving_event.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
-
-    def tokenizer(self) -> TandemTokenizer:
-        if self.session is None:
-            raise Unavailable("no worker connected")
-        return self.session.tokenizer
-
-    def hello(self) -> wire.Hello:
-        if self.session is None:
-            raise Unavailable("no worker connected")
-        return self.session.hello
-
-    def submit(self, handle: RequestHandle) -> None:
-        """Admits a request; raises Unavailable, QueueFull or NeverFits (nothing is kept then)."""
-        if self.draining:
-            raise Unavailable("shutting down")
-        if self.session is None:
-            raise Unavailable("no worker connected")
-        self.session.scheduler.add(handle.request)
-        self.handles[handle.req_id] = handle
-        self.metrics.admitted(len(handle.request.prompt_ids))
-        self._pump()
-        self._update_load()
-
-    def abort(self, req_id: str) -> None:
-        """Client cancel or deadline: idempotent; KV blocks come back once in-flight steps report."""
-        handle = self.handles.pop(req_id, None)
-        if handle is not None:
-            handle.complete(FinishReason.ABORTED)
-            self._record_finish(handle)
-        if self.session is not None:
-            self.session.scheduler.abort(req_id)
-            self._pump()
-            self._check_idle()
-            self._update_load()
-
-    def start_drain(self) -> None:
-        """Shutdown begins: new requests get UNAVAILABLE, requests in flight go on."""
-        self.draining = True
-
-    def fail_remaining(self, code: grpc.StatusCode, message: str) -> int:
-        """Ends every request still in flight with `code`; their KV blocks return as steps report."""
-        handles, self.handles = self.handles, {}
-        for handle in handles.values():
-            handle.fail(code, message)
-            if self.session is not None:
-                self.session.scheduler.abort(handle.req_id)
-        if self.session is not None:
-            self._pump()
-            self._check_idle()
-        return len(handles)
-
-    def _record_finish(self, handle: RequestHandle) -> None:
-        c = handle.completion
-        if c is not None:
-            reason = c.finish_reason.name.lower()
-            self.metrics.finished(reason, c.total_s, c.queue_s)
-            rlog.info("request finished", request_id=handle.client_request_id, prompt_tokens=c.prompt_tokens,
-                      output_tokens=c.completion_tokens, finish_reason=reason, ttft_s=round(c.ttft_s, 6),
-                      total_s=round(c.total_s, 6), queue_s=round(c.queue_s, 6))
-
-    def _update_load(self) -> None:
-        s = self.session
-        if s is not None:
-            sch = s.scheduler
-            self.metrics.set_load(sch.num_running, sch.num_waiting, sch.kv_usage, s.meter.busy_ratio,
-                                  sch.num_preemptions)
-
-    def stats(self) -> dict[str, float]:
-        s = self.session
-        if s is None:
-            return dict(self.last_session_stats)
-        return {
-            "running": s.scheduler.num_running,
-            "waiting": s.scheduler.num_waiting,
-            "kv_usage": s.scheduler.kv_usage,
-            "preemptions": s.scheduler.num_preemptions,
-            "kv_blocks_total": s.hello.num_blocks,
-            "kv_blocks_free": s.scheduler.blocks.num_free,
-            "steps": s.meter.steps,
-            "busy_ratio": s.meter.busy_ratio,
-            "compute_ms": s.meter.compute_ms,
-            "idle_gap_ms": s.meter.idle_gap_ms,
-        }
-
-    # ----- the loop ----------------------------------------------------------------------------------
+    # ----- the loops ---------------------------------------------------------------------------------
     async def run(self) -> None:
-        await asyncio.gather(self._recv_loop(), self.link.watch_disconnects(self._on_disconnect), self._watchdog())
+        await asyncio.gather(self._recv_worker(), self._recv_front(),
+                             self.link.watch_disconnects(self._on_disconnect), self._watchdog())
 
     async def _watchdog(self) -> None:
         """A worker that is connected but returns no step result for `step_timeout_s` while steps are
@@ -205,7 +113,7 @@ class Engine:
                           time.monotonic() - self._last_progress, s.scheduler.in_flight)
                 self._lose_worker(f"worker unresponsive (no step result in {timeout:g} s)")
 
-    async def _recv_loop(self) -> None:
+    async def _recv_worker(self) -> None:
         while True:
             msg = await self.link.recv()
             try:
@@ -221,6 +129,72 @@ class Engine:
                 log.exception("engine failure handling %r; dropping the worker session", msg.kind)
                 self._lose_worker("internal error in the scheduler engine", grpc.StatusCode.INTERNAL)
 
+    async def _recv_front(self) -> None:
+        while True:
+            kind, header, _frames = await self.front.recv()
+            if kind == KIND_SUBMIT:
+                self._on_submit(cpb.Submit.FromString(header))
+            elif kind == KIND_ABORT:
+                msg = cpb.Abort.FromString(header)
+                self._on_abort(list(msg.uids), FinishReason(msg.reason))
+            elif kind == KIND_STATS:
+                self.front.send(KIND_STATS, self.stats(cpb.Stats.FromString(header).nonce).SerializeToString())
+            else:
+                log.warning("unexpected %r from the front end", kind)
+
+    # ----- requests ----------------------------------------------------------------------------------
+    def _on_submit(self, msg: cpb.Submit) -> None:
+        refusal, why = cpb.ACCEPTED, ""
+        s = self.session
+        if s is None:
+            refusal, why = cpb.NO_WORKER, "no worker connected"
+        else:
+            req = Request(
+                req_id=msg.req_id, prompt_ids=list(msg.prompt_ids), max_new_tokens=msg.max_new_tokens,
+                sampling=SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
+                                        min_p=msg.min_p, seed=msg.seed, num_logprobs=msg.num_logprobs),
+                stop_token_ids=frozenset(msg.stop_token_ids), eos_token_ids=frozenset(msg.eos_token_ids),
+                ignore_eos=msg.ignore_eos, arrival_time=msg.arrival_time, client_id=msg.client_id, uid=msg.uid,
+            )
+            try:
+                s.scheduler.add(req)
+                self._by_uid[msg.uid] = req
+            except QueueFull as exc:
+                refusal, why = cpb.QUEUE_FULL, str(exc)
+            except NeverFits as exc:
+                refusal, why = cpb.NEVER_FITS, str(exc)
+        self.front.send(KIND_ADMITTED, cpb.Admitted(uid=msg.uid, refusal=refusal, message=why).SerializeToString())
+        if refusal == cpb.ACCEPTED:
+            self._pump()
+
+    def _on_abort(self, uids: list[int], reason: FinishReason) -> None:
+        """Client cancels, deadlines and stop strings: idempotent; KV blocks come back once in-flight
+        steps report."""
+        s = self.session
+        for uid in uids:
+            req = self._by_uid.pop(uid, None)
+            if req is not None and s is not None:
+                s.scheduler.abort(req.req_id, reason)
+        if s is not None:
+            self._pump()
+            self._check_idle()
+
+    def stats(self, nonce: int = 0) -> cpb.Stats:
+        s = self.session
+        if s is None:
+            out = cpb.Stats()
+            out.CopyFrom(self.last_session_stats)
+            out.nonce, out.connected = nonce, False
+            return out
+        sch = s.scheduler
+        return cpb.Stats(
+            nonce=nonce, connected=True, running=sch.num_running, waiting=sch.num_waiting, kv_usage=sch.kv_usage,
+            preemptions=sch.num_preemptions, kv_blocks_total=s.hello.num_blocks, kv_blocks_free=sch.blocks.num_free,
+            steps=s.meter.steps, busy_ratio=s.meter.busy_ratio, compute_ms=s.meter.compute_ms,
+            idle_gap_ms=s.meter.idle_gap_ms,
+        )
+
+    # ----- the worker --------------------------------------------------------------------------------
     def _on_hello(self, peer: bytes, hello: wire.Hello) -> None:
         if hello.protocol_version != wire.PROTOCOL_VERSION:
             log.error("worker speaks protocol %d, we speak %d", hello.protocol_version, wire.PROTOCOL_VERSION)
@@ -241,14 +215,14 @@ class Engine:
             num_slots=hello.max_num_rows,
             check_state=self.config.debug_check_state,
         )
-        self.session = WorkerSession(peer, hello, TandemTokenizer.from_hello(hello), Scheduler(limits))
+        self.session = WorkerSession(peer, hello, Scheduler(limits))
         log.info(
             "worker %s connected: model %s on %s (%s), %d KV blocks x %d tokens, context %d, depth %d",
             hello.worker_id, hello.model_name, hello.device, hello.dtype, hello.num_blocks,
             hello.block_size, hello.max_context, self.depth,
         )
-        self._serving_event.set()
-        self._on_serving_change(True)
+        self.front.send(KIND_SERVING, cpb.Serving(hello=hello.encode()[1], pipeline_depth=self.depth)
+                        .SerializeToString())
 
     def _on_result(self, peer: bytes, result: wire.StepResult) -> None:
         s = self.session
@@ -257,41 +231,42 @@ class Engine:
         self._last_progress = time.monotonic()
         s.meter.add(result)
         info = s.scheduler.oldest_in_flight
-        if info is not None and info.step_id == result.step_id:
-            self.metrics.step_done(info.num_tokens == len(info.requests), result.compute_ms / 1000)
+        decode = info is not None and info.step_id == result.step_id and info.num_tokens == len(info.requests)
         events = s.scheduler.process_result(result)
-        # The next plan goes out before any per-token client work (detokenising, stop strings,
-        # waking RPCs): that work is off the worker's critical path. A stop string found below
-        # finishes its request one step late at most, the overrun the scheduler already discards.
-        self._pump()
-        now = time.monotonic()
-        metrics = self.metrics
-        for ev in events:
-            handle = self.handles.get(ev.request.req_id)
-            if handle is None:
-                continue
-            if ev.error is not None:  # only this request: its batch-mates go on
-                log.error("request %s: %s", handle.client_request_id, ev.error)
-                handle.fail(grpc.StatusCode.INTERNAL, ev.error)
-                del self.handles[handle.req_id]
-                continue
-            if handle.first_token_at is None:
-                metrics.first_token(now - handle.accepted_at)
-            else:
-                metrics.next_token(now - handle.last_token_at)
-            matched = handle.on_token(ev.token_id, ev.logprob, ev.top, ev.finish, now)
-            if matched is not None:
-                s.scheduler.finish(handle.req_id, FinishReason.STOP_STRING)
-                handle.complete(FinishReason.STOP_STRING, stop_string=matched)
-            elif ev.finish is not None:
-                handle.complete(ev.finish)
-            if handle.done:
-                del self.handles[handle.req_id]
-                self.requests_finished += 1
-                self._record_finish(handle)
-        self._pump()
+        self._pump()  # the next plan goes out before the front end hears of this step's tokens
+        if events:
+            self.front.send_frames(self._outputs(result, events, decode).encode())
         self._check_idle()
-        self._update_load()
+
+    def _outputs(self, result: wire.StepResult, events: list[TokenEvent], decode: bool) -> OutputBatch:
+        n = len(events)
+        reqs = [ev.request for ev in events]
+        for ev in events:
+            if ev.finish is not None:
+                self._by_uid.pop(ev.request.uid, None)
+        top_ids = top_lp = None
+        if result.top_ids is not None and any(ev.top for ev in events):
+            k = result.top_ids.shape[1]
+            top_ids, top_lp = np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)
+            for i, ev in enumerate(events):
+                if ev.top:
+                    ids, lps = zip(*ev.top, strict=True)
+                    top_ids[i, : len(ids)], top_lp[i, : len(lps)] = ids, lps
+        sch = self.session.scheduler if self.session is not None else None
+        load = cpb.Load()
+        if sch is not None:
+            load = cpb.Load(running=sch.num_running, waiting=sch.num_waiting, kv_usage=sch.kv_usage,
+                            busy_ratio=self.session.meter.busy_ratio, preemptions=sch.num_preemptions)
+        return OutputBatch(
+            step_id=result.step_id,
+            uid=np.fromiter((r.uid for r in reqs), np.uint64, n),
+            token=np.fromiter((ev.token_id for ev in events), np.int32, n),
+            finish=np.fromiter((0 if ev.finish is None else int(ev.finish) for ev in events), np.int32, n),
+            error=np.fromiter((ev.error is not None for ev in events), np.int8, n),
+            scheduled_at=np.fromiter((r.first_scheduled_time or 0.0 for r in reqs), np.float64, n),
+            logprob=np.fromiter((np.nan if ev.logprob is None else ev.logprob for ev in events), np.float32, n),
+            top_ids=top_ids, top_logprobs=top_lp, load=load, decode_only=decode, compute_s=result.compute_ms / 1000,
+        )
 
     def _pump(self) -> None:
         """Tops the pipeline up to its depth; asks for pending results when nothing more can go."""
@@ -341,15 +316,12 @@ class Engine:
         if s is None:
             return
         self.last_session_stats = self.stats()
-        self.metrics.end_session(s.scheduler.num_preemptions)
         self.session = None
-        self._serving_event.clear()
-        self._on_serving_change(False)
-        s.scheduler.drain()
-        handles, self.handles = self.handles, {}
-        for handle in handles.values():
-            handle.fail(code, reason)
-        log.warning("%s: failed %d requests, not serving until a worker connects", reason, len(handles))
+        lost = s.scheduler.drain()
+        self._by_uid.clear()
+        self.front.send(KIND_LOST, cpb.Lost(code=code.value[0], reason=reason, preemptions=s.scheduler.num_preemptions,
+                                            last=self.last_session_stats).SerializeToString())
+        log.warning("%s: %d requests lost, not serving until a worker connects", reason, len(lost))
 
 
 def auto_depth(device: str) -> int:

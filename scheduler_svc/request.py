@@ -64,6 +64,7 @@ class Request:
     ignore_eos: bool = False
     arrival_time: float = field(default_factory=time.monotonic)
     client_id: str = ""  # the client-facing request id (x-request-id or generated): for logs
+    uid: int = 0  # the front end's number for it (core.proto): how the two processes name it
 
     # Scheduling state, owned by the Scheduler.
     status: RequestStatus = RequestStatus.WAITING

@@ -1,8 +1,9 @@
-"""The scheduler process: gRPC server (API, health, reflection) + engine link + engine loop.
+"""The scheduler process: gRPC server (API, health, reflection) + the core process it starts.
 
-Owns start-up and shutdown order: bind the engine link, start gRPC reporting NOT_SERVING (and the
-Prometheus endpoint when asked), flip to SERVING when a worker's handshake arrives (and back when it
-goes), and on SIGINT/SIGTERM drain (see `drain`) then stop.
+Owns start-up and shutdown order: start the core (which binds the engine link: core.py), start gRPC
+reporting NOT_SERVING (and the Prometheus endpoint when asked), flip to SERVING when a worker's
+handshake arrives (and back when it goes), on SIGINT/SIGTERM drain (see `drain`) then stop the
+core; a core that dies ends the process with status 1 (a supervisor restarts the scheduler).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from grpc_reflection.v1alpha import reflection
 from tandem.v1 import api_pb2, api_pb2_grpc
 
 from scheduler_svc.auth import BearerAuth
-from scheduler_svc.engine import Engine, EngineConfig
-from scheduler_svc.link import EngineLink
+from scheduler_svc.engine import EngineConfig
+from scheduler_svc.engine_client import CoreConfig, EngineClient
 from scheduler_svc.metrics import serve as serve_metrics
 from scheduler_svc.servicer import TandemServicer
 from scheduler_svc.validation import RequestLimits
@@ -50,6 +51,7 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     max_concurrent_rpcs: int = 0  # 0 = no cap; past it gRPC answers RESOURCE_EXHAUSTED
+    log_level: str = "INFO"  # the core's
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
@@ -65,8 +67,10 @@ class SchedulerServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.health = health_aio.HealthServicer()
-        self.link = EngineLink(config.engine_address, config.link_curve_secret, config.link_curve_clients)
-        self.engine = Engine(self.link, config.engine, on_serving_change=self._serving_changed)
+        self.engine = EngineClient(
+            CoreConfig(config.engine_address, config.engine, config.link_curve_secret, config.link_curve_clients,
+                       config.log_level),
+            on_serving_change=self._serving_changed)
         interceptors = [BearerAuth(config.api_keys, config.health_without_auth)] if config.api_keys else []
         self.grpc = grpc.aio.server(
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES), ("grpc.so_reuseport", 0)],
@@ -83,6 +87,7 @@ class SchedulerServer:
         else:
             self.port = self.grpc.add_insecure_port(config.address)
         if self.port == 0:
+            self.engine.close()
             raise OSError(f"cannot bind gRPC address {config.address}")
         self._tasks: list[asyncio.Future] = []
 
@@ -113,7 +118,7 @@ class SchedulerServer:
             await self._engine_task
         except (asyncio.CancelledError, Exception):
             pass
-        self.link.close()
+        self.engine.close()
 
     async def serve_forever(self) -> None:
         await self.start()

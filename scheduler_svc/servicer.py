@@ -23,7 +23,7 @@ from grpc_status import rpc_status
 from tandem.v1 import api_pb2, api_pb2_grpc
 
 from scheduler_svc.detokenizer import OutputText
-from scheduler_svc.engine import Engine, Unavailable
+from scheduler_svc.engine_client import EngineClient, Unavailable
 from scheduler_svc.handle import Completion, Delta, RequestHandle
 from scheduler_svc.scheduler import NeverFits, QueueFull
 from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request, prompt_ids
@@ -88,7 +88,7 @@ async def internal_errors(context: grpc.aio.ServicerContext):
 
 
 class TandemServicer(api_pb2_grpc.TandemServicer):
-    def __init__(self, engine: Engine, limits: RequestLimits) -> None:
+    def __init__(self, engine: EngineClient, limits: RequestLimits) -> None:
         self.engine = engine
         self.limits = limits
         self._ids = itertools.count()
@@ -104,7 +104,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
             req, stops = build_request(request, f"{self._prefix}-{next(self._ids)}", tokenizer, hello, self.limits)
             req.client_id = client_id
             handle = RequestHandle(req, client_id, OutputText(tokenizer, stops))
-            self.engine.submit(handle)
+            await self.engine.submit(handle)
         except InvalidArgument as exc:
             await self._refuse(context, invalid_argument(exc.field, exc.description))
         except NeverFits as exc:
@@ -149,7 +149,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                 )
             finally:
                 if not handle.done:
-                    self.engine.abort(handle.req_id)
+                    self.engine.abort(handle)
 
     async def GenerateStream(self, request, context):  # noqa: N802
         async with internal_errors(context):
@@ -167,7 +167,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                     yield msg
             finally:
                 if not handle.done:
-                    self.engine.abort(handle.req_id)
+                    self.engine.abort(handle)
 
     async def Tokenize(self, request, context):  # noqa: N802
         async with internal_errors(context):
@@ -200,11 +200,10 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
 
     async def GetStats(self, request, context):  # noqa: N802
         async with internal_errors(context):
-            st = self.engine.stats()
+            st = await self.engine.stats()
             return api_pb2.ServerStats(
-                num_running=int(st.get("running", 0)), num_waiting=int(st.get("waiting", 0)),
-                kv_blocks_total=int(st.get("kv_blocks_total", 0)), kv_blocks_free=int(st.get("kv_blocks_free", 0)),
-                num_preemptions=int(st.get("preemptions", 0)), steps=int(st.get("steps", 0)),
-                worker_busy_ratio=float(st.get("busy_ratio", 0.0)), worker_connected=self.engine.serving,
+                num_running=st.running, num_waiting=st.waiting, kv_blocks_total=st.kv_blocks_total,
+                kv_blocks_free=st.kv_blocks_free, num_preemptions=st.preemptions, steps=st.steps,
+                worker_busy_ratio=st.busy_ratio, worker_connected=self.engine.serving,
                 requests_finished=self.engine.requests_finished,
             )

@@ -15,7 +15,8 @@ from client.local_server import ROOT
 def test_generated_stubs_are_fresh():
     """`make proto` output must be committed: regenerate into a temp dir and compare byte for byte."""
     with tempfile.TemporaryDirectory() as out:
-        for proto, grpc_out in (("tandem/v1/api.proto", True), ("tandem/v1/engine.proto", False)):
+        for proto, grpc_out in (("tandem/v1/api.proto", True), ("tandem/v1/engine.proto", False),
+                                ("tandem/v1/core.proto", False)):
             args = [sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--python_out={out}", f"--pyi_out={out}"]
             if grpc_out:
                 args.append(f"--grpc_python_out={out}")
@@ -28,7 +29,8 @@ def test_generated_stubs_are_fresh():
 
 def test_scheduler_never_imports_torch():
     code = (
-        "import sys, scheduler_svc.__main__, scheduler_svc.server, scheduler_svc.engine, client, client.cli\n"
+        "import sys, scheduler_svc.__main__, scheduler_svc.server, scheduler_svc.engine, scheduler_svc.core, client\n"
+        "import client.cli\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

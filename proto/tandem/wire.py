@@ -28,7 +28,7 @@ KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT)
 # placeholder that reaches the embedding unresolved cannot pass for a real token.
 PLACEHOLDER_SENTINEL = -7
 
-_ALLOWED_DTYPES = {"int8", "int32", "int64", "uint64", "float32"}
+_ALLOWED_DTYPES = {"int8", "int32", "int64", "uint64", "float32", "float64"}
 # Little-endian dtype objects by name: comparing dtype objects is far cheaper than `dtype.name`, which
 # numpy rebuilds on every access (tens of arrays cross per step).
 _DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _ALLOWED_DTYPES}
@@ -40,7 +40,7 @@ class WireError(ValueError):
     """A message that does not follow the protocol (garbage, truncated, wrong sizes)."""
 
 
-def _pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[list[pb.ArraySpec], list[memoryview]]:
+def pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[list[pb.ArraySpec], list[memoryview]]:
     specs, frames = [], []
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)
@@ -52,7 +52,7 @@ def _pack_arrays(arrays: dict[str, np.ndarray]) -> tuple[list[pb.ArraySpec], lis
     return specs, frames
 
 
-def _unpack_arrays(specs, frames: list) -> dict[str, np.ndarray]:
+def unpack_arrays(specs, frames: list) -> dict[str, np.ndarray]:
     if len(specs) != len(frames):
         raise WireError(f"header lists {len(specs)} arrays, message carries {len(frames)}")
     out: dict[str, np.ndarray] = {}
@@ -227,7 +227,7 @@ class StepPlan:
             raise WireError("carry_index set on a row of several tokens")
 
     def encode(self) -> list:
-        specs, frames = _pack_arrays({name: getattr(self, name) for name in PLAN_ARRAYS})
+        specs, frames = pack_arrays({name: getattr(self, name) for name in PLAN_ARRAYS})
         header = pb.StepPlanHeader(
             step_id=self.step_id, carry_from_step=self.carry_from_step, flush=self.flush, arrays=specs,
             request_ids=self.request_ids, check_state=self.check_state,
@@ -237,7 +237,7 @@ class StepPlan:
     @classmethod
     def decode(cls, header: bytes, frames: list) -> StepPlan:
         msg = pb.StepPlanHeader.FromString(header)
-        arrays = _unpack_arrays(msg.arrays, frames)
+        arrays = unpack_arrays(msg.arrays, frames)
         if list(arrays) != list(PLAN_ARRAYS):
             raise WireError(f"plan arrays {list(arrays)} != {list(PLAN_ARRAYS)}")
         return cls(step_id=msg.step_id, carry_from_step=msg.carry_from_step, flush=msg.flush, **arrays,
@@ -272,7 +272,7 @@ class StepResult:
         for name in ("logprob", "top_ids", "top_logprobs"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
-        specs, frames = _pack_arrays(arrays)
+        specs, frames = pack_arrays(arrays)
         header = pb.StepResultHeader(
             step_id=self.step_id, compute_ms=self.compute_ms, idle_gap_ms=self.idle_gap_ms, arrays=specs,
             state_digest=self.state_digest,
@@ -282,7 +282,7 @@ class StepResult:
     @classmethod
     def decode(cls, header: bytes, frames: list) -> StepResult:
         msg = pb.StepResultHeader.FromString(header)
-        arrays = _unpack_arrays(msg.arrays, frames)
+        arrays = unpack_arrays(msg.arrays, frames)
         if "sampled" not in arrays or arrays["sampled"].ndim != 1:
             raise WireError("result without a 1-D `sampled` array")
         return cls(
