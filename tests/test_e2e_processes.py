@@ -1,5 +1,6 @@
 """Acceptance: the process model. `tandem serve` supervises both processes; a dead worker fails what it
-held with UNAVAILABLE, and serving resumes when a worker connects again, without restarting the scheduler."""
+held with UNAVAILABLE, and serving resumes when a worker connects again, without restarting the scheduler.
+The scheduler starts its core process (scheduler, engine link) and lives and dies with it."""
 
 from __future__ import annotations
 
@@ -99,12 +100,13 @@ def test_tandem_serve_runs_and_stops_cleanly():
         assert output.wait_for("tandem generate", 15), "".join(output.lines)
         kids = _children(proc.pid)
         assert len(kids) == 2 and {"scheduler_svc" in _cmdline(k) for k in kids} == {True, False}
+        core = _child(_children(_child(kids, "scheduler_svc")), "scheduler_svc.core")
         with TandemClient(address) as c:
             r = c.generate(token_ids=[5, 6, 7], max_new_tokens=4, temperature=0)
         assert len(r.token_ids) == 4
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        assert all(_gone(k) for k in kids)
+        assert all(_gone(k) for k in [*kids, core])
 
 
 def test_tandem_serve_exits_nonzero_when_the_scheduler_dies():
@@ -168,3 +170,36 @@ def test_dead_worker_fails_inflight_then_serving_resumes():
         assert len(r.token_ids) == 5
         st = server.wait_idle()
         assert st.kv_blocks_free == st.kv_blocks_total
+
+
+def test_dead_core_fails_what_it_held_and_ends_the_scheduler():
+    with TandemServer(worker_args=["--max-num-tokens", "128"]) as server:
+        core = _child(_children(server.scheduler.pid), "scheduler_svc.core")
+
+        async def run():
+            async with AsyncTandemClient(server.address) as c:
+                stream = c.generate_stream(token_ids=[8] * 20, max_new_tokens=1500, ignore_eos=True)
+                async for _chunk in stream:
+                    break  # tokens are flowing through the core
+                os.kill(core, signal.SIGKILL)
+                killed = time.monotonic()
+                with pytest.raises(TandemError) as err:
+                    async for _chunk in stream:
+                        pass
+                assert err.value.code == grpc.StatusCode.UNAVAILABLE and "core" in err.value.message
+                assert time.monotonic() - killed < 2.0
+
+        asyncio.run(run())
+        assert server.scheduler.wait(15) == 1  # a supervisor (tandem serve, compose) restarts it
+        assert server.worker.wait(15) != 0  # the engine link it served went with the core
+
+
+def test_dead_scheduler_takes_its_core_along():
+    with TandemServer() as server:
+        core = _child(_children(server.scheduler.pid), "scheduler_svc.core")
+        server.scheduler.send_signal(signal.SIGKILL)
+        server.scheduler.wait(5)
+        deadline = time.monotonic() + 3  # the core checks on its parent twice a second
+        while not _gone(core):
+            assert time.monotonic() < deadline, "the core outlived its scheduler"
+            time.sleep(0.05)
