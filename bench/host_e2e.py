@@ -1,10 +1,26 @@
 """Scheduler-side CPU time per engine step at 1024 concurrent gRPC streams, two code versions in one run.
 
-What it measures: the whole CPU time (user + system, all threads) of the scheduler process
-(`python -m scheduler_svc`: planning, result processing, detokenizing, stop strings, gRPC streaming,
-the ZeroMQ link) per engine step and per generated token, while N (default 1024) GenerateStream RPCs
-run at once against a real scheduler + worker pair on this CPU machine. The same workload runs on two
-code versions, one after the other:
+What it measures: the whole CPU time (user + system, all threads) of the scheduler side per engine step
+and per generated token, while N (default 1024) GenerateStream RPCs run at once against a real
+scheduler + worker pair on this CPU machine. The scheduler side is whatever `python -m scheduler_svc`
+runs as:
+- one process in older trees (`before`, f31f37b): planning, result processing, detokenizing, stop
+  strings, gRPC streaming and the ZeroMQ link in one event loop;
+- two processes in trees with scheduler_svc/core.py (63d89ac and later): the front end (`python -m
+  scheduler_svc`: gRPC servicer, tokenizing, detokenizing, stop strings, metrics, the per-token loop
+  `EngineClient._on_outputs`) and its child, the core (`python -m scheduler_svc.core`, started by the
+  front end: scheduler, KV blocks, `Engine._on_result` / `_pump` / `_outputs`, the engine link the
+  worker connects to), over a private PAIR socket (scheduler_svc/core_link.py). The core is found as
+  the child of the scheduler process (/proc/<pid>/task/*/children) whose command line has the
+  argument `scheduler_svc.core`; a split tree whose core is not found fails.
+The headline, scheduler-side CPU ms per step, is front end + core (the one process of `before`), so
+the two versions compare as the same work. For a split tree the front end's and the core's shares are
+reported apart: the core's CPU per step is what now sits on the worker's (on a GPU machine: the
+GPU's) critical path, from a step's result to the next plan; the front end runs beside it, and when it
+lags behind, the core keeps the worker fed and the front end merges the backlog of tokens into fewer
+stream messages (which is why messages are counted against tokens).
+
+The same workload runs on two code versions, one after the other:
 
 - `before`: a git ref (`--before-ref`, default f31f37b) checked out with `git worktree add --detach`
   into a temporary directory (removed afterwards);
@@ -14,37 +30,51 @@ code versions, one after the other:
   diff against HEAD go into the record.
 
 How: each version's scheduler and worker are started as separate processes with that tree as their
-working directory and `PYTHONPATH=<tree>:<tree>/proto` ahead of the editable install, sized for the
-N rows (`--max-num-rows`, `--max-num-tokens`, `--num-blocks`, `--max-waiting`), serving a tiny random
-Llama (`random:<config.json>` written here: hidden 64, 2 layers, a vocabulary of SmolLM2's first 8192
-ids; random models borrow the whole SmolLM2 tokenizer, which the scheduler decodes with) so that a
-step's forward stays short while every row still costs the scheduler its full per-token work. One
-warm-up round of N streams (a few tokens each) goes first; then each measured round sends N streams
-at once (seeded random prompts of `--prompt-len` token ids, `--max-new-tokens` tokens, ignore_eos,
+working directory and `PYTHONPATH=<tree>:<tree>/proto` ahead of the editable install (the core
+inherits the scheduler's cwd and environment), sized for the N rows (`--max-num-rows`,
+`--max-num-tokens`, `--num-blocks`, `--max-waiting`), serving a tiny random Llama
+(`random:<config.json>` written here: hidden 64, 2 layers, a vocabulary of SmolLM2's first 8192 ids;
+random models borrow the whole SmolLM2 tokenizer, which the scheduler decodes with) so that a step's
+forward stays short while every row still costs the scheduler its full per-token work. One warm-up
+round of N streams (a few tokens each) goes first; then each measured round sends N streams at once
+(seeded random prompts of `--prompt-len` token ids, `--max-new-tokens` tokens, ignore_eos,
 temperature 0) from this process (the current tree's stubs: the public API is the same) over a few
-gRPC connections. Around each round it reads utime + stime of the scheduler, the worker and this
-client from /proc/<pid>/stat (per thread too, from /proc/<pid>/task), and the engine's step count
-from GetStats (`steps`: step results the engine received). With two or more CPUs the scheduler is
-pinned alone to the first one and the worker (one torch thread per CPU it gets) and this client to
-the others (`--no-pin` leaves placement to the OS), so that the scheduler's CPU time is its own
-work, not time lost to cores shared with the worker's compute. Reported per version: scheduler CPU
-ms per step (the headline), steps, wall time, tokens, stream messages, scheduler CPU us per
-generated token, worker CPU and busy ratio, and the scheduler's busiest threads.
+gRPC connections. Around each round it reads utime + stime of the scheduler (front end), its core, the
+worker and this client from /proc/<pid>/stat (per thread too, from /proc/<pid>/task), the engine's
+step count from GetStats (`steps`: step results the engine received; a split tree's front end asks
+its core), and counts the stream messages and tokens the client received.
+
+CPU pinning (with two or more CPUs; `--no-pin` leaves placement to the OS): the whole scheduler side
+on the first CPU, the worker (one torch thread per CPU it gets) and this client on the others. The
+scheduler process is started with that CPU set (set on this thread just before the fork), so every
+thread and child it starts, the core included, inherits it; once the core is found its threads' CPU
+sets are checked and, if they differ, set (recorded as `core_pinning`). On this 2-CPU machine the front
+end and the core therefore share CPU 0: their CPU times are each one's own work, but wall time and
+worker busy ratio are those of a scheduler side confined to one core (a real deployment gives the
+core a CPU of its own).
+
+Reported per version: scheduler-side CPU ms per step (front end + core; the headline), for a split
+tree the front end's and the core's ms per step, scheduler-side CPU us per generated token, steps,
+wall time, tokens, stream messages (tokens per message), worker CPU and busy ratio, client CPU, and
+the busiest threads of each process.
 
 How the import tree is verified (all recorded; a mismatch fails that version):
 1. before any server starts, a probe `python -c "import scheduler_svc, worker_svc, client, tandem,
-   tandem.wire, tandem.v1.api_pb2; print(their __file__)"` runs with exactly the servers' command
-   environment (same interpreter, cwd and PYTHONPATH); every path must lie inside that version's tree;
-2. when py-spy is installed, `py-spy dump --full-filenames` of the running scheduler and worker lists
-   the source files of their live frames (<tree>/scheduler_svc/__main__.py, <tree>/worker_svc/loop.py,
-   ...), which must lie inside the tree too;
-3. the profiled scheduler (`--profile`, sampler) reports `sys.modules[...].__file__` of scheduler_svc,
-   scheduler_svc.engine, tandem and tandem.wire from inside itself; they must be the tree's.
+   tandem.wire, tandem.v1.api_pb2 (and scheduler_svc.core / engine_client where the tree has them);
+   print(their __file__)"` runs with exactly the servers' command environment (same interpreter, cwd and
+   PYTHONPATH); every path must lie inside that version's tree;
+2. when py-spy is installed, `py-spy dump --full-filenames` of the running scheduler, core and worker
+   lists the source files of their live frames (<tree>/scheduler_svc/__main__.py,
+   <tree>/scheduler_svc/core.py, <tree>/worker_svc/loop.py, ...), which must lie inside the tree too;
+3. the profiled processes (`--profile`, sampler) report `sys.modules[...].__file__` of scheduler_svc,
+   its engine / engine_client / core, tandem and tandem.wire from inside themselves; they must be the
+   tree's.
 
-`--profile` adds a breakdown of where the scheduler's time goes, from rounds that are reported apart
-and never mixed into the CPU-per-step numbers above (bench/host_e2e_profile.py does the capture and the
-areas: plan building, process_result, the engine's per-token loop, detokenizing, stop strings, gRPC
-streaming, admission, ZeroMQ link + wire codec, Python GC, event loop, other threads):
+`--profile` adds a breakdown of where the scheduler side's time goes, from rounds that are reported
+apart and never mixed into the CPU-per-step numbers above (bench/host_e2e_profile.py does the capture
+and the areas: plan building, process_result, the per-token loop, detokenizing, stop strings, gRPC
+streaming, admission, ZeroMQ engine link + wire codec, the core link, Python GC, event loop, other
+threads):
 - `--profiler sampler` (default): a second server per version whose scheduler is started through
   bench/host_e2e_profile.py, which runs `scheduler_svc` as `-m` does (its tree first on sys.path) with a
   CPU-time sampler (SIGPROF from `setitimer(ITIMER_PROF)`, so samples follow CPU time, not wall time;
@@ -52,13 +82,17 @@ streaming, admission, ZeroMQ link + wire codec, Python GC, event loop, other thr
   `--profile-rounds` rounds after the warm-up. C code (grpc's Cython core, tokenizers' Rust, syscalls)
   is charged to its Python caller: a sample whose innermost frame is the event loop running a callback
   is grpc aio's Cython core (the only C callbacks there that run no Python code; py-spy's native
-  frames show them as cygrpc);
-- `--profiler py-spy`: `py-spy record --native` attached to the measured server for one more round
-  (native frames: sendmsg, gc, cygrpc visible); its samples are wall-clock ones (its idle detection
-  keeps threads that wait in epoll), so its shares weigh waiting too;
+  frames show them as cygrpc). A split tree's core is sampled too, with its own breakdown: the front
+  end starts it itself (`sys.executable -m scheduler_svc.core`), so a sitecustomize.py on the front
+  end's PYTHONPATH (written here, bench/host_e2e_profile.py `core_sitecustomize`) installs the same
+  sampler in the process whose argv has `scheduler_svc.core`, and both get the signals;
+- `--profiler py-spy`: `py-spy record --native` attached to the measured server's scheduler (and core)
+  for one more round (native frames: sendmsg, gc, cygrpc visible); its samples are wall-clock ones
+  (its idle detection keeps threads that wait in epoll), so its shares weigh waiting too;
 - `--profiler cprofile`: a second server whose scheduler runs under `python -m cProfile -o FILE -m
   scheduler_svc` for its whole life (written on SIGTERM: the scheduler drains, `main` returns, cProfile
-  dumps); own time per area, wall clock, with cProfile's own per-call overhead.
+  dumps); own time per area, wall clock, with cProfile's own per-call overhead. The front end only:
+  a split tree's core runs unprofiled (its CPU time is still measured).
 
     python -m bench.host_e2e [--before-ref f31f37b] [--rows 1024] [--max-new-tokens 48] [--repeats 2]
                              [--profile] [--json docs/bench/host_e2e.json]
@@ -89,6 +123,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from bench.host_e2e_profile import is_split
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -174,16 +210,25 @@ def snapshot_working_tree(parent: Path) -> Tree:
 
 
 PROBE = """
-import json, sys
+import importlib, json, sys
 import scheduler_svc, worker_svc, client, tandem, tandem.wire, tandem.v1.api_pb2, scheduler_svc.engine
 mods = ["scheduler_svc", "scheduler_svc.engine", "worker_svc", "client", "tandem", "tandem.wire", "tandem.v1.api_pb2"]
+for m in sys.argv[1:]:
+    importlib.import_module(m)
+    mods.append(m)
 print(json.dumps({m: sys.modules[m].__file__ for m in mods}))
 """
+# Probed too where the tree has them (split trees). Chosen by the tree's files, not by find_spec: the editable
+# install's finder would find the working tree's scheduler_svc/core.py for a tree that has none.
+SPLIT_MODULES = {"scheduler_svc.core": "scheduler_svc/core.py", "scheduler_svc.engine_client":
+                 "scheduler_svc/engine_client.py", "scheduler_svc.core_link": "scheduler_svc/core_link.py",
+                 "tandem.v1.core_pb2": "proto/tandem/v1/core_pb2.py"}
 
 
 def probe_imports(tree: Tree) -> None:
     """Runs the import probe in the servers' environment; raises unless every module is the tree's."""
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=tree.path, env=tree.env(), capture_output=True,
+    extra = [m for m, f in SPLIT_MODULES.items() if (tree.path / f).is_file()]
+    out = subprocess.run([sys.executable, "-c", PROBE, *extra], cwd=tree.path, env=tree.env(), capture_output=True,
                          text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError(f"import probe failed in {tree.path}:\n{out.stderr[-3000:]}")
@@ -222,6 +267,45 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return out
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live children of a process (those any of its threads started)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return sorted(set(out))
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def find_core(scheduler_pid: int) -> int | None:
+    """The scheduler's core: its child whose command line has the argument `scheduler_svc.core`."""
+    cores = [c for c in child_pids(scheduler_pid) if "scheduler_svc.core" in cmdline(c)]
+    if len(cores) > 1:
+        raise RuntimeError(f"scheduler {scheduler_pid} has {len(cores)} core processes: {cores}")
+    return cores[0] if cores else None
+
+
+def pin_pid(pid: int, cpus: list[int]) -> None:
+    """Every live thread of another process onto `cpus`."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, OSError):
+            continue
 
 
 def pin_process(cpus: list[int]) -> None:
@@ -294,8 +378,13 @@ class Server:
     (e.g. `-m cProfile -o FILE`)."""
 
     def __init__(self, tree: Tree, workdir: Path, model: str, settings: Settings,
-                 scheduler_prefix: list[str] | None = None, tag: str = "") -> None:
+                 scheduler_prefix: list[str] | None = None, tag: str = "",
+                 scheduler_env: dict[str, str] | None = None) -> None:
         self.tree, self.model, self.settings = tree, model, settings
+        self.split = is_split(tree.path)  # front end + core
+        self.scheduler_env = scheduler_env or {}
+        self.core_pid: int | None = None
+        self.core_pinning: str | None = None
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tree.code}{tag}-", dir=workdir))
         os.chmod(self.dir, 0o700)
         self.address = f"127.0.0.1:{free_port()}"
@@ -321,14 +410,29 @@ class Server:
 
     def start(self, timeout: float = 600.0) -> None:
         s = self.settings
+        # The scheduler's CPU set is inherited by every thread and process it starts: its core too.
         self.scheduler = self._spawn("scheduler", [
             *self.prefix, "-m", "scheduler_svc", "--address", self.address, "--engine-address", self.engine_address,
-            *s.scheduler_args()], s.scheduler_cpus)
+            *s.scheduler_args()], s.scheduler_cpus, self.scheduler_env)
         threads = {"OMP_NUM_THREADS": str(len(s.other_cpus))} if s.other_cpus else {}
         self.worker = self._spawn("worker", [
             "-m", "worker_svc", "--model", self.model, "--engine-address", self.engine_address,
             *s.worker_args()], s.other_cpus, threads)
         self.wait_serving(timeout)
+        if self.split:
+            self.core_pid = find_core(self.scheduler_pid)  # SERVING: the worker is connected to the core
+            if self.core_pid is None:
+                raise RuntimeError(f"{self.tree.code}: no scheduler_svc.core child of the scheduler "
+                                   f"{self.scheduler_pid}\n{self.logs()}")
+            if s.scheduler_cpus:
+                want = [",".join(map(str, s.scheduler_cpus))] if len(s.scheduler_cpus) == 1 else None
+                got = allowed_cpus(self.core_pid)
+                if want is not None and got == want:
+                    self.core_pinning = f"inherited from the scheduler process (CPUs {got})"
+                else:
+                    pin_pid(self.core_pid, s.scheduler_cpus)
+                    self.core_pinning = (f"set after start (had {got}, now {allowed_cpus(self.core_pid)}; "
+                                         f"threads it starts later inherit it)")
 
     def wait_serving(self, timeout: float) -> None:
         import grpc
@@ -353,6 +457,8 @@ class Server:
         for name, proc in (("scheduler", self.scheduler), ("worker", self.worker)):
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"{self.tree.code} {name} exited with {proc.returncode}\n{self.logs()}")
+        if self.core_pid is not None and self.core_pid not in child_pids(self.scheduler_pid):
+            raise RuntimeError(f"{self.tree.code} core {self.core_pid} is gone\n{self.logs()}")
 
     @property
     def scheduler_pid(self) -> int:
@@ -383,6 +489,17 @@ class Server:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        # The scheduler stops its core; one that outlived it (reparented) is ended here, by its pid.
+        if self.core_pid is not None and "scheduler_svc.core" in cmdline(self.core_pid):
+            deadline = time.monotonic() + 10
+            while "scheduler_svc.core" in cmdline(self.core_pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if "scheduler_svc.core" in cmdline(self.core_pid):
+                print(f"{self.tree.code}: core {self.core_pid} outlived its scheduler; killing it", file=sys.stderr)
+                try:
+                    os.kill(self.core_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         for f in self._logs:
             f.close()
 
@@ -393,8 +510,10 @@ def verify_live_imports(server: Server, py_spy: str | None) -> dict[str, Any]:
         return {"checked": False, "why": "py-spy not installed"}
     root = str(server.tree.path.resolve())
     report: dict[str, Any] = {"checked": True}
-    for name, pid, pkg in (("scheduler", server.scheduler_pid, "scheduler_svc"),
-                           ("worker", server.worker_pid, "worker_svc")):
+    procs = [("scheduler", server.scheduler_pid, "scheduler_svc"), ("worker", server.worker_pid, "worker_svc")]
+    if server.core_pid is not None:
+        procs.insert(1, ("core", server.core_pid, "scheduler_svc"))
+    for name, pid, pkg in procs:
         out = subprocess.run([py_spy, "dump", "--full-filenames", "--pid", str(pid)], capture_output=True, text=True,
                              timeout=60)
         files = sorted(set(re.findall(r"\(([^()\s]+\.py):\d+\)", out.stdout)))
@@ -481,11 +600,14 @@ class Measured:
     steps: int
     tokens: int
     messages: int
-    sched_cpu_s: float
+    sched_cpu_s: float  # the scheduler side: front end + core (the one process of an unsplit tree)
+    front_cpu_s: float  # the scheduler process itself (`python -m scheduler_svc`)
+    core_cpu_s: float | None  # its child `python -m scheduler_svc.core`; None: no core in this tree
     worker_cpu_s: float
     client_cpu_s: float
     busy_ratio_session: float
-    sched_threads_cpu_s: dict[str, float]
+    sched_threads_cpu_s: dict[str, float]  # the scheduler process's threads
+    core_threads_cpu_s: dict[str, float]
     mean_ttft_s: float
     errors: list[str]
     load_avg_1m: float
@@ -493,6 +615,21 @@ class Measured:
     @property
     def sched_cpu_ms_per_step(self) -> float:
         return 1000 * self.sched_cpu_s / self.steps if self.steps else float("nan")
+
+    @property
+    def front_cpu_ms_per_step(self) -> float:
+        return 1000 * self.front_cpu_s / self.steps if self.steps else float("nan")
+
+    @property
+    def core_cpu_ms_per_step(self) -> float | None:
+        if self.core_cpu_s is None:
+            return None
+        return 1000 * self.core_cpu_s / self.steps if self.steps else float("nan")
+
+    def line(self) -> str:
+        split = "" if self.core_cpu_s is None else \
+            f" (front end {self.front_cpu_ms_per_step:.2f} + core {self.core_cpu_ms_per_step:.2f})"
+        return f"{self.sched_cpu_ms_per_step:.2f} ms scheduler-side CPU/step{split}"
 
 
 @dataclass
@@ -504,10 +641,18 @@ class Entry:
     imports_live: dict[str, Any] = field(default_factory=dict)
     pipeline_depth: int | None = None
     cpus_allowed: dict[str, list[str]] = field(default_factory=dict)  # per process, its threads' CPU sets
-    # headline: median over the measured rounds
+    split: bool = False  # the scheduler side is front end + core
+    core_pinning: str | None = None
+    # headline: median over the measured rounds; sched_* = the whole scheduler side (front end + core)
     sched_cpu_ms_per_step: float | None = None
+    front_cpu_ms_per_step: float | None = None  # the scheduler process alone (split trees)
+    core_cpu_ms_per_step: float | None = None  # the core alone: on the worker's critical path
     sched_cpu_us_per_token: float | None = None
+    front_cpu_us_per_token: float | None = None
+    core_cpu_us_per_token: float | None = None
     sched_cpu_s: float | None = None
+    front_cpu_s: float | None = None
+    core_cpu_s: float | None = None
     steps: int | None = None
     wall_s: float | None = None
     tokens: int | None = None
@@ -517,14 +662,19 @@ class Entry:
     worker_cpu_ms_per_step: float | None = None
     worker_busy_ratio: float | None = None
     client_cpu_s: float | None = None
-    sched_share_of_wall: float | None = None  # scheduler CPU s / wall s: 1.0 = one core all the time
-    top_sched_threads_cpu_s: dict[str, float] = field(default_factory=dict)
+    sched_share_of_wall: float | None = None  # scheduler-side CPU s / wall s: 1.0 = one core all the time
+    front_share_of_wall: float | None = None
+    core_share_of_wall: float | None = None
+    top_sched_threads_cpu_s: dict[str, float] = field(default_factory=dict)  # the scheduler process's
+    top_core_threads_cpu_s: dict[str, float] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     profile: dict[str, Any] | None = None
     error: str | None = None
 
     def finish(self, rounds: list[Measured]) -> None:
-        self.rounds = [{**asdict(r), "sched_cpu_ms_per_step": r.sched_cpu_ms_per_step} for r in rounds]
+        self.rounds = [{**asdict(r), "sched_cpu_ms_per_step": r.sched_cpu_ms_per_step,
+                        "front_cpu_ms_per_step": r.front_cpu_ms_per_step,
+                        "core_cpu_ms_per_step": r.core_cpu_ms_per_step} for r in rounds]
         ok = [r for r in rounds if r.steps > 0]
         if not ok:
             return
@@ -535,6 +685,16 @@ class Entry:
         self.sched_cpu_ms_per_step = round(med([r.sched_cpu_ms_per_step for r in ok]), 3)
         self.sched_cpu_us_per_token = round(med([1e6 * r.sched_cpu_s / max(1, r.tokens) for r in ok]), 2)
         self.sched_cpu_s = round(med([r.sched_cpu_s for r in ok]), 3)
+        self.front_cpu_ms_per_step = round(med([r.front_cpu_ms_per_step for r in ok]), 3)
+        self.front_cpu_us_per_token = round(med([1e6 * r.front_cpu_s / max(1, r.tokens) for r in ok]), 2)
+        self.front_cpu_s = round(med([r.front_cpu_s for r in ok]), 3)
+        self.front_share_of_wall = round(med([r.front_cpu_s / r.wall_s for r in ok]), 3)
+        cores = [r for r in ok if r.core_cpu_s is not None]
+        if cores:
+            self.core_cpu_ms_per_step = round(med([1000 * r.core_cpu_s / r.steps for r in cores]), 3)
+            self.core_cpu_us_per_token = round(med([1e6 * r.core_cpu_s / max(1, r.tokens) for r in cores]), 2)
+            self.core_cpu_s = round(med([r.core_cpu_s for r in cores]), 3)
+            self.core_share_of_wall = round(med([r.core_cpu_s / r.wall_s for r in cores]), 3)
         self.steps = int(med([r.steps for r in ok]))
         self.wall_s = round(med([r.wall_s for r in ok]), 3)
         self.tokens = int(med([r.tokens for r in ok]))
@@ -545,26 +705,37 @@ class Entry:
         self.worker_busy_ratio = round(ok[-1].busy_ratio_session, 4)
         self.client_cpu_s = round(med([r.client_cpu_s for r in ok]), 3)
         self.sched_share_of_wall = round(med([r.sched_cpu_s / r.wall_s for r in ok]), 3)
-        threads = ok[len(ok) // 2].sched_threads_cpu_s
-        self.top_sched_threads_cpu_s = dict(sorted(threads.items(), key=lambda kv: -kv[1])[:6])
+        mid = ok[len(ok) // 2]
+        self.top_sched_threads_cpu_s = dict(sorted(mid.sched_threads_cpu_s.items(), key=lambda kv: -kv[1])[:6])
+        self.top_core_threads_cpu_s = dict(sorted(mid.core_threads_cpu_s.items(), key=lambda kv: -kv[1])[:6])
 
 
 async def measured_round(server: Server, stubs: list[Any], stats_stub: Any, prompts: list[list[int]],
                          s: Settings) -> Measured:
     before = await wait_idle(stats_stub)
     load = os.getloadavg()[0]
-    sp, wp = server.scheduler_pid, server.worker_pid
+    sp, wp, cp = server.scheduler_pid, server.worker_pid, server.core_pid
     threads0 = thread_cpu_s(sp)
+    core_threads0 = thread_cpu_s(cp) if cp is not None else {}
     c0, s0, w0 = self_cpu_s(), proc_cpu_s(sp), proc_cpu_s(wp)
+    k0 = proc_cpu_s(cp) if cp is not None else 0.0
     res = await stream_round(stubs, prompts, s.max_new_tokens, s.stop, timeout=900)
     s1, w1, c1 = proc_cpu_s(sp), proc_cpu_s(wp), self_cpu_s()
+    k1 = proc_cpu_s(cp) if cp is not None else 0.0
     threads1 = thread_cpu_s(sp)
+    core_threads1 = thread_cpu_s(cp) if cp is not None else {}
     after = await wait_idle(stats_stub)
-    threads = {k: round(v - threads0.get(k, 0.0), 3) for k, v in threads1.items() if v - threads0.get(k, 0.0) > 0}
+
+    def delta(t0: dict[str, float], t1: dict[str, float]) -> dict[str, float]:
+        return {k: round(v - t0.get(k, 0.0), 3) for k, v in t1.items() if v - t0.get(k, 0.0) > 0}
+
+    front, core = s1 - s0, (k1 - k0 if cp is not None else None)
     return Measured(
         wall_s=round(res.wall_s, 4), steps=int(after.steps - before.steps), tokens=res.tokens,
-        messages=res.messages, sched_cpu_s=round(s1 - s0, 3), worker_cpu_s=round(w1 - w0, 3),
-        client_cpu_s=round(c1 - c0, 3), busy_ratio_session=after.worker_busy_ratio, sched_threads_cpu_s=threads,
+        messages=res.messages, sched_cpu_s=round(front + (core or 0.0), 3), front_cpu_s=round(front, 3),
+        core_cpu_s=None if core is None else round(core, 3), worker_cpu_s=round(w1 - w0, 3),
+        client_cpu_s=round(c1 - c0, 3), busy_ratio_session=after.worker_busy_ratio,
+        sched_threads_cpu_s=delta(threads0, threads1), core_threads_cpu_s=delta(core_threads0, core_threads1),
         mean_ttft_s=round(statistics.fmean(res.ttft_s), 4), errors=res.errors, load_avg_1m=load)
 
 
@@ -599,8 +770,8 @@ async def run_rounds(server: Server, prompts: list[list[int]], s: Settings, repe
         rounds = []
         for i in range(repeats):
             m = await measured_round(server, stubs, stats_stub, prompts, s)
-            print(f"  {server.tree.code} round {i + 1}: {m.sched_cpu_ms_per_step:.2f} ms scheduler CPU/step, "
-                  f"{m.steps} steps, {m.tokens} tokens, {m.wall_s:.2f} s wall, worker {m.worker_cpu_s:.2f} s CPU, "
+            print(f"  {server.tree.code} round {i + 1}: {m.line()}, {m.steps} steps, {m.tokens} tokens in "
+                  f"{m.messages} messages, {m.wall_s:.2f} s wall, worker {m.worker_cpu_s:.2f} s CPU, "
                   f"load {m.load_avg_1m:.2f}" + (f", ERRORS {m.errors}" if m.errors else ""), flush=True)
             rounds.append(m)
         profiled = None
@@ -613,7 +784,7 @@ def run_version(tree: Tree, workdir: Path, model: str, prompts: list[list[int]],
                 profiler: str | None, native: bool, rate: int, py_spy: str | None, profile_rounds: int) -> Entry:
     from bench import host_e2e_profile as prof
 
-    entry = Entry(tree.code, s.rows, tree=tree.describe)
+    entry = Entry(tree.code, s.rows, tree=tree.describe, split=is_split(tree.path))
     server = None
     try:
         probe_imports(tree)
@@ -621,6 +792,10 @@ def run_version(tree: Tree, workdir: Path, model: str, prompts: list[list[int]],
         server = Server(tree, workdir, model, s)
         print(f"starting {tree.code} ({tree.path}) ...", flush=True)
         server.start()
+        entry.core_pinning = server.core_pinning
+        if server.core_pid is not None:
+            print(f"  {tree.code}: scheduler {server.scheduler_pid}, core {server.core_pid} "
+                  f"({server.core_pinning or 'not pinned'})", flush=True)
         entry.imports_live = verify_live_imports(server, py_spy)
 
         hook = None
@@ -629,17 +804,28 @@ def run_version(tree: Tree, workdir: Path, model: str, prompts: list[list[int]],
 
             async def hook(round_fn: Any) -> dict[str, Any]:
                 out = server.dir / "scheduler.pyspy.txt"
+                core_out = server.dir / "core.pyspy.txt"
                 with prof.py_spy_recording(py_spy, server.scheduler_pid, out, rate, native):
-                    m = await round_fn()
-                print(f"  {tree.code} profiled round: {m.sched_cpu_ms_per_step:.2f} ms scheduler CPU/step "
-                      f"(py-spy attached), {m.steps} steps", flush=True)
-                return {"round": asdict(m), "sched_cpu_ms_per_step": m.sched_cpu_ms_per_step,
-                        "summary": prof.summarize_py_spy(out, tree.path, m.sched_cpu_s, m.steps, rate,
-                                                         m.sched_threads_cpu_s, native)}
+                    if server.core_pid is None:
+                        m = await round_fn()
+                    else:
+                        with prof.py_spy_recording(py_spy, server.core_pid, core_out, rate, native):
+                            m = await round_fn()
+                print(f"  {tree.code} profiled round: {m.line()} (py-spy attached), {m.steps} steps", flush=True)
+                role = "front" if server.core_pid is not None else "scheduler"
+                got = {"round": asdict(m), "sched_cpu_ms_per_step": m.sched_cpu_ms_per_step,
+                       "summary": prof.summarize_py_spy(out, tree.path, m.front_cpu_s, m.steps, rate,
+                                                        m.sched_threads_cpu_s, native, role)}
+                if m.core_cpu_s is not None:
+                    got["core_summary"] = prof.summarize_py_spy(core_out, tree.path, m.core_cpu_s, m.steps, rate,
+                                                                m.core_threads_cpu_s, native, "core")
+                return got
 
         rounds, depth, profiled = asyncio.run(run_rounds(server, prompts, s, s.repeats, hook))
         entry.cpus_allowed = {"scheduler": allowed_cpus(server.scheduler_pid),
                               "worker": allowed_cpus(server.worker_pid), "client": allowed_cpus(os.getpid())}
+        if server.core_pid is not None:
+            entry.cpus_allowed["core"] = allowed_cpus(server.core_pid)
         entry.pipeline_depth = depth
         entry.finish(rounds)
         if profiled is not None:
@@ -670,60 +856,86 @@ def run_sampler(tree: Tree, workdir: Path, model: str, prompts: list[list[int]],
     for `rounds` measured rounds after the warm-up (SIGUSR1 before each round, SIGUSR2 after it)."""
     from bench import host_e2e_profile as prof
 
-    out = workdir / f"{tree.code}.sampler.txt"
     interval_us = max(100, 1_000_000 // rate)
-    server = Server(tree, workdir, model, s, tag="-sampler", scheduler_prefix=[
-        str(Path(prof.__file__).resolve()), "--sample", str(out), "--interval-us", str(interval_us)])
-    stacks: dict[str, int] = {}
-    metas: list[dict[str, Any]] = []
+    split = is_split(tree.path)
+    # per process: (name, where its sampler writes, role for the areas)
+    procs = [("scheduler", workdir / f"{tree.code}.sampler.txt", "front" if split else "scheduler")]
+    scheduler_env: dict[str, str] = {}
+    if split:
+        procs.append(("core", workdir / f"{tree.code}.core.sampler.txt", "core"))
+        scheduler_env = prof.core_sitecustomize(workdir / f"{tree.code}-core-sitecustomize", procs[1][1],
+                                                interval_us, tree.env()["PYTHONPATH"])
+    server = Server(tree, workdir, model, s, tag="-sampler", scheduler_env=scheduler_env, scheduler_prefix=[
+        str(Path(prof.__file__).resolve()), "--sample", str(procs[0][1]), "--interval-us", str(interval_us)])
+    stacks: dict[str, dict[str, int]] = {name: {} for name, _, _ in procs}
+    metas: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in procs}
     measured: list[Measured] = []
+
+    def pids() -> list[int]:
+        return [server.scheduler_pid] + ([server.core_pid] if server.core_pid is not None else [])
 
     async def hook(round_fn: Any) -> None:
         for i in range(rounds):
-            meta = out.with_suffix(".json")
-            meta.unlink(missing_ok=True)
-            os.kill(server.scheduler_pid, signal.SIGUSR1)
-            await asyncio.sleep(0.2)  # the idle scheduler takes the signal at once; let it settle
+            for _, out, _ in procs:
+                out.with_suffix(".json").unlink(missing_ok=True)
+            for pid in pids():
+                os.kill(pid, signal.SIGUSR1)
+            await asyncio.sleep(0.2)  # the idle processes take the signal at once; let them settle
             m = await round_fn()
-            os.kill(server.scheduler_pid, signal.SIGUSR2)
+            for pid in pids():
+                os.kill(pid, signal.SIGUSR2)
             deadline = time.monotonic() + 30
-            while not meta.is_file():
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the sampler wrote no profile")
-                await asyncio.sleep(0.05)
-            metas.append(json.loads(meta.read_text()))
-            for line in out.read_text().splitlines():
-                stack, _, n = line.rpartition(" ")
-                stacks[stack] = stacks.get(stack, 0) + int(n)
+            for name, out, _ in procs:
+                meta = out.with_suffix(".json")
+                while not meta.is_file():
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the {name}'s sampler wrote no profile")
+                    await asyncio.sleep(0.05)
+                metas[name].append(json.loads(meta.read_text()))
+                for line in out.read_text().splitlines():
+                    stack, _, n = line.rpartition(" ")
+                    stacks[name][stack] = stacks[name].get(stack, 0) + int(n)
             measured.append(m)
-            print(f"  {tree.code} sampled round {i + 1}: {m.sched_cpu_ms_per_step:.2f} ms scheduler CPU/step, "
-                  f"{metas[-1]['samples']} samples", flush=True)
+            print(f"  {tree.code} sampled round {i + 1}: {m.line()}, "
+                  + ", ".join(f"{name} {metas[name][-1]['samples']} samples" for name, _, _ in procs), flush=True)
 
     try:
-        print(f"starting {tree.code} with the CPU sampler ...", flush=True)
+        print(f"starting {tree.code} with the CPU sampler{' (front end and core)' if split else ''} ...", flush=True)
         server.start()
         asyncio.run(run_rounds(server, prompts, s, 0, hook))
     finally:
         server.stop()
-    merged = workdir / f"{tree.code}.sampler.merged.txt"
-    merged.write_text("".join(f"{k} {v}\n" for k, v in stacks.items()))
-    merged.with_suffix(".json").write_text(json.dumps({
-        "interval_us": interval_us, "samples": sum(x["samples"] for x in metas),
-        "cpu_s": sum(x["cpu_s"] for x in metas), "gc_s": sum(x["gc_s"] for x in metas),
-        "gc_collections": [x["gc_collections"] for x in metas], "modules": metas[-1]["modules"]}))
     steps = sum(m.steps for m in measured)
-    threads: dict[str, float] = {}
-    for m in measured:
-        for k, v in m.sched_threads_cpu_s.items():
-            threads[k] = round(threads.get(k, 0.0) + v, 3)
-    summary = prof.summarize_sampler(merged, tree.path, steps, threads)
-    outside = [f for f in summary["live_imports"].values()
-               if f and not str(Path(f).resolve()).startswith(str(tree.path.resolve()))]
-    if outside:
-        raise RuntimeError(f"sampled scheduler imported code from outside {tree.path}: {outside}")
-    return {"profiler": "sampler", "interval_us": interval_us, "rounds": [asdict(m) for m in measured],
-            "sched_cpu_ms_per_step": round(1000 * sum(m.sched_cpu_s for m in measured) / max(1, steps), 3),
-            "summary": summary}
+    summaries: dict[str, Any] = {}
+    for name, out, role in procs:
+        merged = out.with_suffix(".merged.txt")
+        merged.write_text("".join(f"{k} {v}\n" for k, v in stacks[name].items()))
+        ms = metas[name]
+        merged.with_suffix(".json").write_text(json.dumps({
+            "interval_us": interval_us, "samples": sum(x["samples"] for x in ms),
+            "cpu_s": sum(x["cpu_s"] for x in ms), "gc_s": sum(x["gc_s"] for x in ms),
+            "gc_collections": [x["gc_collections"] for x in ms], "modules": ms[-1]["modules"]}))
+        threads: dict[str, float] = {}
+        for m in measured:
+            for k, v in (m.core_threads_cpu_s if name == "core" else m.sched_threads_cpu_s).items():
+                threads[k] = round(threads.get(k, 0.0) + v, 3)
+        summary = prof.summarize_sampler(merged, tree.path, steps, threads, role)
+        outside = [f for f in summary["live_imports"].values()
+                   if f and not str(Path(f).resolve()).startswith(str(tree.path.resolve()))]
+        if outside:
+            raise RuntimeError(f"sampled {name} imported code from outside {tree.path}: {outside}")
+        summaries[name] = summary
+    got: dict[str, Any] = {
+        "profiler": "sampler", "interval_us": interval_us, "rounds": [asdict(m) for m in measured],
+        "sched_cpu_ms_per_step": round(1000 * sum(m.sched_cpu_s for m in measured) / max(1, steps), 3),
+        "front_cpu_ms_per_step": round(1000 * sum(m.front_cpu_s for m in measured) / max(1, steps), 3),
+        "summary": summaries["scheduler"]}
+    if split:
+        got["core_cpu_ms_per_step"] = round(1000 * sum(m.core_cpu_s or 0.0 for m in measured) / max(1, steps), 3)
+        got["core_summary"] = summaries["core"]
+        got["core_sampler"] = "sitecustomize.py on the front end's PYTHONPATH (bench/host_e2e_profile.py " \
+                              "core_sitecustomize), the same SIGPROF sampler installed in the core only"
+    return got
 
 
 def run_cprofile(tree: Tree, workdir: Path, model: str, prompts: list[list[int]], s: Settings) -> dict[str, Any]:
@@ -739,8 +951,10 @@ def run_cprofile(tree: Tree, workdir: Path, model: str, prompts: list[list[int]]
         server.stop()  # SIGTERM: the scheduler drains and returns from main, cProfile writes `out`
     if not out.is_file():
         return {"profiler": "cprofile", "error": f"no profile written\n{server.logs()}"}
-    return {"profiler": "cprofile", "scope": "whole scheduler lifetime (start-up, warm-up, one round)",
-            "round": asdict(profiled), "summary": prof.summarize_cprofile(out, tree.path)}
+    role = "front" if is_split(tree.path) else "scheduler"
+    return {"profiler": "cprofile", "scope": "whole scheduler lifetime (start-up, warm-up, one round)"
+            + ("; the front end only: the core runs unprofiled" if role == "front" else ""),
+            "round": asdict(profiled), "summary": prof.summarize_cprofile(out, tree.path, role)}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -750,17 +964,27 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+TABLE_NOTE = ("sched-side = the whole scheduler side: front end + core in a split tree, the one scheduler process "
+              "otherwise. core = `python -m scheduler_svc.core`, whose CPU per step is what sits on the worker's "
+              "(GPU's) critical path; the front end (gRPC, detokenizing, stop strings) runs beside it. Here both "
+              "share CPU 0, the worker and the client CPU 1.")
+
+
 def markdown(entries: list[Entry]) -> str:
-    lines = ["| code | sched CPU ms/step | sched CPU us/token | steps | wall s | tokens | msgs | "
-             "sched CPU s | worker CPU ms/step | worker busy | client CPU s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| code | sched-side CPU ms/step | front end ms/step | core ms/step (critical path) | "
+             "sched-side CPU us/token | steps | wall s | tokens | msgs | tokens/msg | sched-side CPU s | "
+             "worker CPU ms/step | worker busy | client CPU s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for e in entries:
         if e.sched_cpu_ms_per_step is None:
-            lines.append(f"| {e.code} | failed: {(e.error or '?').splitlines()[0][:150]} |" + " |" * 9)
+            lines.append(f"| {e.code} | failed: {(e.error or '?').splitlines()[0][:150]} |" + " |" * 12)
             continue
+        split = e.core_cpu_ms_per_step is not None
+        front = _fmt(e.front_cpu_ms_per_step, ".2f") if split else "(one process)"
         lines.append(
-            f"| {e.code} | {e.sched_cpu_ms_per_step:.2f} | {_fmt(e.sched_cpu_us_per_token, '.1f')} | {e.steps} | "
-            f"{_fmt(e.wall_s, '.2f')} | {e.tokens} | {e.messages} | {_fmt(e.sched_cpu_s, '.2f')} | "
+            f"| {e.code} | {e.sched_cpu_ms_per_step:.2f} | {front} | {_fmt(e.core_cpu_ms_per_step, '.2f')} | "
+            f"{_fmt(e.sched_cpu_us_per_token, '.1f')} | {e.steps} | {_fmt(e.wall_s, '.2f')} | {e.tokens} | "
+            f"{e.messages} | {_fmt(e.tokens_per_message, '.2f')} | {_fmt(e.sched_cpu_s, '.2f')} | "
             f"{_fmt(e.worker_cpu_ms_per_step, '.1f')} | {_fmt(e.worker_busy_ratio, '.2f')} | "
             f"{_fmt(e.client_cpu_s, '.2f')} |")
     return "\n".join(lines)
@@ -869,13 +1093,22 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(entries)
     print()
     print(table)
+    print(f"\n{TABLE_NOTE}")
     if profiler is not None:
         from bench import host_e2e_profile as prof
 
         for e in entries:
             if e.profile and "summary" in e.profile:
-                print(f"\n{e.code}: where the scheduler's time goes ({e.profile['profiler']})")
+                who = "the front end's (python -m scheduler_svc)" if e.split else "the scheduler's"
+                print(f"\n{e.code}: where {who} time goes ({e.profile['profiler']})")
                 print(prof.summary_markdown(e.profile["summary"]))
+            if e.profile and "core_summary" in e.profile:
+                print(f"\n{e.code}: where the core's (python -m scheduler_svc.core) time goes "
+                      f"({e.profile['profiler']}; on the critical path)")
+                print(prof.summary_markdown(e.profile["core_summary"]))
+            elif e.split and e.profile:
+                print(f"\n{e.code}: the core was not profiled ({e.profile['profiler']}); its CPU time is in the "
+                      f"table")
     record = {
         "meta": {
             "command": " ".join(["python", "-m", "bench.host_e2e", *(sys.argv[1:] if argv is None else argv)]),
@@ -883,11 +1116,25 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {**asdict(s), "scheduler_args": s.scheduler_args(), "worker_args": s.worker_args(),
                          "model": "random:<tiny-config.json> (model_config)", "temperature": 0.0,
                          "ignore_eos": True, "prompt_tokens_total": sum(map(len, prompts))},
-            "metric": "sched_cpu_ms_per_step = scheduler process utime+stime (all threads, /proc/<pid>/stat) "
-                      "over a measured round / engine steps in it (GetStats.steps delta); median over rounds",
+            "metric": "sched_cpu_ms_per_step = scheduler-side utime+stime (all threads, /proc/<pid>/stat): the "
+                      "scheduler process (front end) + its child python -m scheduler_svc.core (core) where the tree "
+                      "has one, over a measured round / engine steps in it (GetStats.steps delta); median over "
+                      "rounds. front_cpu_ms_per_step and core_cpu_ms_per_step: the two processes apart; the core's "
+                      "is on the worker's critical path, the front end runs beside it.",
+            "table_note": TABLE_NOTE,
             "profiler": profiler,
-            "pinning": {"scheduler_cpus": s.scheduler_cpus, "worker_and_client_cpus": s.other_cpus,
-                        "worker_OMP_NUM_THREADS": len(s.other_cpus) or None} if pin else None,
+            "core_profile": {"sampler": "sampled too (sitecustomize.py on the front end's PYTHONPATH installs the "
+                                        "same CPU sampler in the core)",
+                             "py-spy": "py-spy attached to the core too", "cprofile": "not profiled (CPU time "
+                             "only)"}.get(profiler or "", None),
+            "pinning": {"scheduler_side_cpus": s.scheduler_cpus, "worker_and_client_cpus": s.other_cpus,
+                        "worker_OMP_NUM_THREADS": len(s.other_cpus) or None,
+                        "how": "os.sched_setaffinity on this thread just before forking each server process "
+                               "(restored right after): the scheduler process and every thread and child it starts "
+                               "(the core) inherit CPU set scheduler_side_cpus; the core's threads are checked "
+                               "once it is found (entries[].core_pinning) and set if they differ; the worker and "
+                               "this client on worker_and_client_cpus; per-process CPU sets at the end of the "
+                               "measured rounds in entries[].cpus_allowed"} if pin else None,
             "load_avg_at_end": os.getloadavg(),
         },
         "entries": [asdict(e) for e in entries],

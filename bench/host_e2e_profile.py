@@ -1,4 +1,12 @@
-"""Where the scheduler process's time goes: profile capture and area summaries for bench/host_e2e.py.
+"""Where the scheduler side's time goes: profile capture and area summaries for bench/host_e2e.py.
+
+The scheduler side is one process in old trees (`python -m scheduler_svc`: gRPC, detokenizing and the
+engine loop together) and two in trees that have scheduler_svc/core.py: the front end (`python -m
+scheduler_svc`: gRPC servicer, tokenizing, detokenizing, stop strings, metrics, the per-token loop
+`EngineClient._on_outputs`) and its child, the core (`python -m scheduler_svc.core`: scheduler, KV blocks,
+`Engine._on_result` / `_pump` / `_outputs`, the engine link), joined by a PAIR socket (core_link.py).
+`Classifier(tree, role)` takes the role ("scheduler" = the one process of an old tree, "front" or "core")
+and uses the rules of that layout.
 
 Three sources:
 - this file run as a script, `python bench/host_e2e_profile.py --sample OUT --interval-us N -m scheduler_svc
@@ -9,7 +17,11 @@ Three sources:
   OUT.json (samples, CPU time of the window, Python GC time measured by `gc.callbacks`). C code
   (grpc's Cython core, the tokenizers' Rust, syscalls) is charged to the Python frame that called it;
   a sample taken while the main thread waits in `select` is CPU of another thread (grpc's poller,
-  libzmq's I/O thread);
+  libzmq's I/O thread). The core, which the front end starts itself (`sys.executable -m
+  scheduler_svc.core`, environment inherited), gets the same sampler from `core_sitecustomize()`: a
+  sitecustomize.py put on the front end's PYTHONPATH that installs it (`install_sampler`) in a process
+  whose command line has the argument `scheduler_svc.core`, and in no other, writing where the
+  environment variable SAMPLER_ENV says;
 - py-spy raw folded stacks (`py-spy record --format raw --threads --full-filenames [--native]`) taken
   from the running scheduler for one measured round. Each sample is given to ONE area (exclusive, so
   the fractions add up to 1): walking the stack from the innermost frame outwards, the first frame of
@@ -24,7 +36,8 @@ Three sources:
 
 The area names group into what the host_e2e report needs: plan building, process_result, the
 engine's per-token loop, detokenizing, stop strings, gRPC streaming, admission, ZeroMQ link + wire
-codec, Python GC, event loop, other.
+codec (the engine link to the worker), core link (front end <-> core: the core's `Engine._outputs`,
+`OutputBatch` encode/decode, `EngineClient._recv_loop`), Python GC, event loop, other.
 """
 
 from __future__ import annotations
@@ -77,12 +90,42 @@ def py_spy_recording(py_spy: str, pid: int, out: Path, rate: int, native: bool) 
 # ----------------------------------------------------------------------------------------------- areas
 
 GROUPS = ("plan building", "process_result", "engine per-token", "detokenizing", "stop strings",
-          "gRPC streaming", "admission", "zmq link + wire", "Python GC", "event loop", "other threads", "other")
-# On the worker's critical path at pipeline depth 1: from a step's result arriving to the next plan sent.
+          "gRPC streaming", "admission", "zmq link + wire", "core link", "Python GC", "event loop",
+          "other threads", "other")
+# On the worker's critical path at pipeline depth 1: from a step's result arriving to the next plan sent
+# (in the one scheduler process of an old tree, or in the core of a split one; the front end has none).
 CRITICAL = ("plan building", "process_result", "zmq link + wire")
+ROLES = ("scheduler", "front", "core")
 EVENT_LOOP_C = "gRPC streaming: grpc aio Cython core (C code the event loop runs, no Python frame)"
 EVENT_LOOP_PY = "gRPC streaming: asyncio futures/callbacks called from grpc aio's C core"
+# The core serves no gRPC: there the same samples are the loop's own C work (asyncio's C tasks and futures)
+CORE_LOOP_C = "event loop: C code the loop runs, no Python frame (the core has no gRPC: asyncio's C tasks/futures)"
+CORE_LOOP_PY = "event loop: asyncio futures/callbacks called from C callbacks (core)"
 MAIN_IDLE = "other threads: CPU of other threads while the main thread waits in select"
+
+# Trees with scheduler_svc/core.py (front end + core): these rules go ahead of RULES (first match wins).
+# engine.py now runs in the core: `_on_result` takes a step result (meter, process_result, then `_pump`
+# sends the next plan, then `_outputs` builds the token arrays for the front end); the per-token loop is
+# the front end's `EngineClient._on_outputs`, admission `EngineClient.submit` (front) + `Engine._on_submit`.
+SPLIT_RULES: list[tuple[str, str, str]] = [
+    # wire.py's array helpers serve both links here: their caller decides (StepPlan/StepResult, OutputBatch)
+    ("proto/tandem/wire.py", r"^(pack_arrays|unpack_arrays|split)$", ""),
+    ("scheduler_svc/engine.py", r"\._on_result$", "process_result: Engine._on_result (core: meter, dispatch)"),
+    ("scheduler_svc/engine.py", r"\._outputs$", "core link: Engine._outputs (token arrays for the front end)"),
+    ("scheduler_svc/engine.py", r"\._on_submit$", "admission: Engine._on_submit (core)"),
+    ("scheduler_svc/engine.py", r"\._recv_worker$", "zmq link + wire: Engine._recv_worker"),
+    ("scheduler_svc/engine.py", r"\._recv_front$", "core link: Engine._recv_front (core)"),
+    ("scheduler_svc/engine.py", r"\.(_on_abort|_on_hello|_on_disconnect|_lose_worker)$|^BusyMeter\.",
+     "engine per-token: bookkeeping"),
+    ("scheduler_svc/engine_client.py", r"\._on_outputs$", "engine per-token: EngineClient._on_outputs loop"),
+    ("scheduler_svc/engine_client.py", r"\._record_finish$", "engine per-token: finish log + metrics"),
+    ("scheduler_svc/engine_client.py", r"\.submit$", "admission"),
+    ("scheduler_svc/engine_client.py", r"\.(_recv_loop|_dispatch)$", "core link: EngineClient._recv_loop"),
+    ("scheduler_svc/engine_client.py", r"", "engine per-token: bookkeeping"),
+    ("scheduler_svc/core_link.py", r"^OutputBatch\.encode$", "core link: OutputBatch.encode"),
+    ("scheduler_svc/core_link.py", r"^OutputBatch\.decode$", "core link: OutputBatch.decode"),
+    ("scheduler_svc/core_link.py", r"", "core link: CoreLink / pyzmq"),
+]
 
 # (path inside the tree, regex on the class-qualified function name, area). First match wins; a frame of
 # the tree's code that no rule names is transparent: its caller decides.
@@ -182,13 +225,27 @@ def qualname(path: str, line: int, func: str) -> str:
     return best[1] if best is not None else func
 
 
-class Classifier:
-    """Turns frames of one version's tree into areas."""
+def is_split(tree: Path) -> bool:
+    """Whether the tree's scheduler side is two processes (front end + core)."""
+    return (tree / "scheduler_svc" / "core.py").is_file()
 
-    def __init__(self, tree: Path) -> None:
+
+class Classifier:
+    """Turns frames of one version's tree into areas; `role`: "scheduler" (an old tree's one process),
+    "front" or "core" (a split tree's two)."""
+
+    def __init__(self, tree: Path, role: str = "scheduler") -> None:
+        assert role in ROLES, role
         self.root = str(tree.resolve()) + "/"
-        self.rules = [(path, re.compile(rx), area) for path, rx, area in RULES]
-        self.libraries = [(re.compile(rx), area) for rx, area in LIBRARIES]
+        self.role = role
+        rules = (SPLIT_RULES if is_split(tree) else []) + RULES
+        self.rules = [(path, re.compile(rx), area) for path, rx, area in rules]
+        libraries = list(LIBRARIES)
+        if role == "front":  # the front end's only ZeroMQ socket is the core link
+            libraries.insert(0, (r"/zmq/|libzmq|pyzmq", "core link: CoreLink / pyzmq"))
+        elif role == "core":  # two sockets here: the engine link and the core link
+            libraries.insert(0, (r"/zmq/|libzmq|pyzmq", "zmq link + wire: pyzmq (either link)"))
+        self.libraries = [(re.compile(rx), area) for rx, area in libraries]
 
     def relpath(self, frame: Frame) -> str | None:
         if frame.python and frame.file.startswith(self.root):
@@ -224,7 +281,7 @@ class Classifier:
             if leaf.func == "select" and leaf.file.endswith("selectors.py"):
                 return MAIN_IDLE, []
             if leaf.func == "_run" and leaf.file.endswith("asyncio/events.py"):
-                return EVENT_LOOP_C, []
+                return (CORE_LOOP_C if self.role == "core" else EVENT_LOOP_C), []
         names: list[str] = []
         area: str | None = None
         library: str | None = None
@@ -246,7 +303,7 @@ class Classifier:
             # Cython core creating and resolving its futures
             runs = [i for i, f in enumerate(frames) if f.func == "_run" and f.file.endswith("asyncio/events.py")]
             if runs and all("/asyncio/" in f.file for f in frames[runs[-1] + 1:]):
-                area = EVENT_LOOP_PY
+                area = CORE_LOOP_PY if self.role == "core" else EVENT_LOOP_PY
         if area is None:
             area = library or (f"other: {first_ours.split(':')[0]}" if first_ours else "other")
         return area, names
@@ -261,9 +318,11 @@ def group_of(area: str) -> str:
 
 
 def summarize_stacks(path: Path, tree: Path, sched_cpu_s: float, steps: int, rate: float,
-                     thread_cpu_s: dict[str, float], python_only: bool, weighting: str) -> dict[str, Any]:
-    """Exclusive areas (fractions of all samples), groups, inclusive entry points, per-thread split."""
-    c = Classifier(tree)
+                     thread_cpu_s: dict[str, float], python_only: bool, weighting: str,
+                     role: str = "scheduler") -> dict[str, Any]:
+    """Exclusive areas (fractions of all samples), groups, inclusive entry points, per-thread split, of one
+    process (`role`); `sched_cpu_s` is that process's CPU time over the profiled rounds."""
+    c = Classifier(tree, role)
     areas: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     threads: Counter[str] = Counter()
@@ -303,15 +362,17 @@ def summarize_stacks(path: Path, tree: Path, sched_cpu_s: float, steps: int, rat
 
     critical = sum(groups[g] for g in CRITICAL)
     return {
+        "role": role,
         "samples": total,
         "sampled_s": round(total / rate, 3),
         "sched_cpu_s": sched_cpu_s,
         "coverage": round(total / rate / sched_cpu_s, 3) if sched_cpu_s else None,
         "weighting": weighting,
-        "note": "exclusive: each sample in one area; ms_per_step = fraction x the profiled rounds' scheduler CPU "
-                "ms per step",
+        "note": f"exclusive: each sample in one area; ms_per_step = fraction x the profiled rounds' CPU ms per "
+                f"step of this process ({role})",
         "groups": {g: share(groups[g]) for g in GROUPS if groups[g]},
-        "critical_path_depth1": {**share(critical), "groups": list(CRITICAL)},
+        # the front end of a split tree plans nothing: no such path through it
+        **({} if role == "front" else {"critical_path_depth1": {**share(critical), "groups": list(CRITICAL)}}),
         "areas": {a: share(n) for a, n in areas.most_common()},
         "inclusive_top": {name: round(n / total, 4) for name, n in inclusive.most_common(30)},
         "threads_samples": dict(threads.most_common()),
@@ -325,11 +386,11 @@ def summarize_stacks(path: Path, tree: Path, sched_cpu_s: float, steps: int, rat
 # -------------------------------------------------------------------------------------------- cProfile
 
 
-def summarize_cprofile(path: Path, tree: Path) -> dict[str, Any]:
+def summarize_cprofile(path: Path, tree: Path, role: str = "scheduler") -> dict[str, Any]:
     """Own time per area (each function by the same rules, no call context) and entry points' cumulative."""
     import pstats
 
-    c = Classifier(tree)
+    c = Classifier(tree, role)
     stats = pstats.Stats(str(path)).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
     areas: Counter[str] = Counter()
     cumulative: dict[str, float] = {}
@@ -345,12 +406,13 @@ def summarize_cprofile(path: Path, tree: Path) -> dict[str, Any]:
         elif STARTUP.search(f"{file} {func}"):
             area = "other: start-up (imports, compiling)"
         elif file == "~" and "_contextvars.Context" in func:
-            area = EVENT_LOOP_C  # Handle._run's callback: C code run by the loop, minus the Python it calls
+            area = CORE_LOOP_C if role == "core" else EVENT_LOOP_C  # Handle._run's C callback, minus its Python
         else:
             area, name = c.project_area(frame)
             if name is not None:
                 short = name.split(":", 1)[1]
-                if re.search(r"(build_plan|process_result|_on_result|GenerateStream|_emit|_advance)$", short) or \
+                if re.search(r"(build_plan|process_result|_on_result|_on_outputs|GenerateStream|_emit|_advance)$",
+                             short) or \
                         short in ("OutputText.push", "StopStringMatcher.push", "TandemTokenizer.decode"):
                     cumulative[name] = round(cumulative.get(name, 0.0) + ct, 4)
                 area = area or f"other: {name.split(':')[0]}"
@@ -374,16 +436,17 @@ def summarize_cprofile(path: Path, tree: Path) -> dict[str, Any]:
 
 
 def summarize_py_spy(path: Path, tree: Path, sched_cpu_s: float, steps: int, rate: int,
-                     thread_cpu_s: dict[str, float], native: bool) -> dict[str, Any]:
+                     thread_cpu_s: dict[str, float], native: bool, role: str = "scheduler") -> dict[str, Any]:
     return summarize_stacks(path, tree, sched_cpu_s, steps, rate, thread_cpu_s, not native,
                             "py-spy: wall-clock samples of non-idle Python threads (its idle test is unreliable "
-                            "here: see coverage), not CPU")
+                            "here: see coverage), not CPU", role)
 
 
-def summarize_sampler(path: Path, tree: Path, steps: int, thread_cpu_s: dict[str, float]) -> dict[str, Any]:
+def summarize_sampler(path: Path, tree: Path, steps: int, thread_cpu_s: dict[str, float],
+                      role: str = "scheduler") -> dict[str, Any]:
     meta = json.loads(path.with_suffix(".json").read_text())
     out = summarize_stacks(path, tree, meta["cpu_s"], steps, 1e6 / meta["interval_us"], thread_cpu_s, True,
-                           "CPU time: SIGPROF from setitimer(ITIMER_PROF), main thread's Python stack")
+                           "CPU time: SIGPROF from setitimer(ITIMER_PROF), main thread's Python stack", role)
     # ITIMER_PROF fires on the kernel's tick (CONFIG_HZ): fewer samples than asked, still in proportion to CPU
     out["effective_rate_hz"] = round(out["samples"] / meta["cpu_s"], 1) if meta["cpu_s"] else None
     out["coverage"] = None
@@ -422,12 +485,54 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------ the CPU sampler
 
+SAMPLER_ENV = "TANDEM_BENCH_CORE_SAMPLER"  # "OUT INTERVAL_US": the core's sampler, set by core_sitecustomize
+LIVE_MODULES = ("__main__", "scheduler_svc", "scheduler_svc.engine", "scheduler_svc.engine_client",
+                "scheduler_svc.core", "scheduler_svc.scheduler", "tandem", "tandem.wire")
 
-def _sampler_main(argv: list[str]) -> None:
-    """`--sample OUT --interval-us N -m MODULE ARGS...`: MODULE as `python -m` runs it, sampled on signal."""
-    if len(argv) < 6 or argv[0] != "--sample" or argv[2] != "--interval-us" or argv[4] != "-m":
-        raise SystemExit("usage: host_e2e_profile.py --sample OUT --interval-us N -m MODULE [ARGS...]")
-    out, interval_us, module, rest = Path(argv[1]), int(argv[3]), argv[5], argv[6:]
+SITECUSTOMIZE = """\
+# Written by bench/host_e2e.py: the CPU sampler of bench/host_e2e_profile.py in the scheduler's core only.
+import os as _os
+
+
+def _tandem_bench_core_sampler():
+    spec = _os.environ.get({env!r}, "")
+    if not spec:
+        return
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            args = f.read().split(b"\\0")
+    except OSError:
+        return
+    if b"scheduler_svc.core" not in args:
+        return
+    import importlib.util
+    import sys
+    from pathlib import Path
+    m = importlib.util.spec_from_file_location("_tandem_bench_sampler", {module!r})
+    mod = importlib.util.module_from_spec(m)
+    sys.modules[m.name] = mod  # dataclasses look their module up there
+    m.loader.exec_module(mod)
+    out, interval_us = spec.rsplit(" ", 1)
+    mod.install_sampler(Path(out), int(interval_us))
+
+
+_tandem_bench_core_sampler()
+"""
+
+
+def core_sitecustomize(directory: Path, out: Path, interval_us: int, pythonpath: str) -> dict[str, str]:
+    """Writes DIRECTORY/sitecustomize.py; returns the front end's environment additions (`pythonpath` with
+    DIRECTORY at its end, still ahead of site-packages; SAMPLER_ENV), which its core inherits. Processes
+    without the argument `scheduler_svc.core` load it and do nothing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = SITECUSTOMIZE.format(env=SAMPLER_ENV, module=str(Path(__file__).resolve()))
+    (directory / "sitecustomize.py").write_text(text)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(directory)])),
+            SAMPLER_ENV: f"{out} {interval_us}"}
+
+
+def install_sampler(out: Path, interval_us: int) -> None:
+    """The CPU-time sampler in this process: SIGUSR1 starts it, SIGUSR2 writes OUT and OUT.json."""
     counts: Counter[str] = Counter()
     state: dict[str, Any] = {"on": False, "gc_t0": 0.0, "gc_s": 0.0, "gcs": Counter(), "cpu0": 0.0}
 
@@ -456,8 +561,7 @@ def _sampler_main(argv: list[str]) -> None:
         signal.setitimer(signal.ITIMER_PROF, 0, 0)
         state["on"] = False
         out.write_text("".join(f"{stack} {n}\n" for stack, n in counts.items()))
-        mods = {m: getattr(sys.modules.get(m), "__file__", None) for m in ("scheduler_svc", "scheduler_svc.engine",
-                                                                           "tandem", "tandem.wire")}
+        mods = {m: getattr(sys.modules.get(m), "__file__", None) for m in LIVE_MODULES}
         meta = {"interval_us": interval_us, "samples": sum(counts.values()), "cpu_s": time.process_time() -
                 state["cpu0"], "gc_s": state["gc_s"], "gc_collections": dict(state["gcs"]), "modules": mods}
         tmp = out.with_suffix(".json.tmp")
@@ -468,6 +572,14 @@ def _sampler_main(argv: list[str]) -> None:
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, stop)
     gc.callbacks.append(on_gc)
+
+
+def _sampler_main(argv: list[str]) -> None:
+    """`--sample OUT --interval-us N -m MODULE ARGS...`: MODULE as `python -m` runs it, sampled on signal."""
+    if len(argv) < 6 or argv[0] != "--sample" or argv[2] != "--interval-us" or argv[4] != "-m":
+        raise SystemExit("usage: host_e2e_profile.py --sample OUT --interval-us N -m MODULE [ARGS...]")
+    out, interval_us, module, rest = Path(argv[1]), int(argv[3]), argv[5], argv[6:]
+    install_sampler(out, interval_us)
     sys.argv = [module, *rest]
     sys.path[0] = os.getcwd()  # as `python -m`: the working directory (the version's tree), not bench/
     runpy.run_module(module, run_name="__main__", alter_sys=True)
