@@ -1,4 +1,5 @@
-"""`python -m bench cpu|gpu|floor|sweep|graph-memory ...`: the committed benchmarks (see docs/benchmarks.md)."""
+"""`python -m bench cpu|gpu|floor|sweep|graph-memory|plan-cost|host-e2e ...`: the committed benchmarks
+(see docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import sys
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("cpu", "gpu", "floor", "sweep", "graph-memory"):
-        print("usage: python -m bench {cpu,gpu,floor,sweep,graph-memory} [options]"
+    names = ("cpu", "gpu", "floor", "sweep", "graph-memory", "plan-cost", "host-e2e")
+    if len(sys.argv) < 2 or sys.argv[1] not in names:
+        print(f"usage: python -m bench {{{','.join(names)}}} [options]"
               "  (add --help after the name for its options)")
         return 2
     which = sys.argv[1]
@@ -19,6 +21,10 @@ def main() -> int:
         from bench.rate_sweep import main as run
     elif which == "graph-memory":
         from bench.graph_memory import main as run
+    elif which == "plan-cost":
+        from bench.plan_cost import main as run
+    elif which == "host-e2e":
+        from bench.host_e2e import main as run
     else:
         from bench.gpu_async import main as run
     return run(sys.argv[2:])
