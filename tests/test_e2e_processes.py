@@ -139,7 +139,12 @@ def test_tandem_serve_restarts_a_dead_worker_and_keeps_its_scheduler():
 
 
 def test_dead_worker_fails_inflight_then_serving_resumes():
-    with TandemServer(worker_args=["--max-num-tokens", "128"]) as server:
+    # --debug-check-state: the new worker starts with empty row slots, and every plan the scheduler's
+    # new session sends is checked against what the worker then holds.
+    with TandemServer(worker_args=["--max-num-tokens", "128"], scheduler_args=["--debug-check-state"]) as server:
+        with TandemClient(server.address) as c:
+            first = c.generate(token_ids=[1, 2, 3], max_new_tokens=5, temperature=0).token_ids
+
         async def run():
             async with AsyncTandemClient(server.address) as c:
                 stream = c.generate_stream(token_ids=[8] * 20, max_new_tokens=1500, ignore_eos=True)
@@ -167,7 +172,7 @@ def test_dead_worker_fails_inflight_then_serving_resumes():
         server.wait_serving(120)
         with TandemClient(server.address) as c:
             r = c.generate(token_ids=[1, 2, 3], max_new_tokens=5, temperature=0)
-        assert len(r.token_ids) == 5
+        assert r.token_ids == first and len(first) == 5  # the same weights (seeded), the same tokens
         st = server.wait_idle()
         assert st.kv_blocks_free == st.kv_blocks_total
 

@@ -371,3 +371,53 @@ def test_worker_state_that_disagrees_is_caught_on_the_next_result() -> None:
     worker.rows.num_blocks[slot] += 1
     with pytest.raises(StateMismatch, match="disagree"):
         s.process_result(worker.run(plan, info.requests)[0])
+
+
+def test_row_slot_reused_only_after_the_steps_that_name_it_report() -> None:
+    """One row slot: a request that finishes while a step naming its slot is in flight releases the
+    slot only when that step reports; the next request is admitted into it only then, and the plan
+    that admits it frees the slot first on the worker."""
+    lim = limits(2, max_num_rows=1, check_state=True)
+    s = Scheduler(lim)
+    a, b = make_request(0, 3, 5, ignore_eos=True), make_request(1, 3, 2, ignore_eos=True)
+    worker = FakeWorker(lim, {r.req_id: oracle(r)[0] for r in (a, b)})
+    s.add(a)
+    s.add(b)
+    p0, i0 = s.build_plan()
+    p1, i1 = s.build_plan()  # a's decode, carried over; step 0 and 1 both name slot 0
+    assert list(p0.rows) == list(p1.rows) == [0] and a.slot == 0
+    s.process_result(worker.run(p0, i0.requests)[0])
+    assert s.finish("r0", FinishReason.STOP_STRING) is a  # a stop string: a leaves, step 1 still in flight
+    assert s.rows.pool.num_free == 0 and s.rows.pool.num_pending == 1
+    assert s.build_plan() is None and b.slot < 0  # no slot for b while step 1 may still name slot 0
+    s.process_result(worker.run(p1, i1.requests)[0])  # a's overrun token: discarded
+    assert s.rows.pool.num_free == 1
+    p2, _ = s.build_plan()
+    assert list(p2.free_slots) == [0] and list(p2.new_slots) == [0] and b.slot == 0 and len(a.output_ids) == 1
+    worker.rows.prepare(p2, lim.max_num_tokens, V)  # the worker applies the free before the new request
+
+
+def test_preempted_request_is_sent_again_as_new_with_all_its_blocks() -> None:
+    """Preemption by recompute: the victim's slot is freed on the worker, and when it is admitted
+    again its plan starts it in a slot as a new request with every block of its recomputed prefix."""
+    lim = limits(1, num_blocks=6, max_num_tokens=32, check_state=True)
+    s = Scheduler(lim)
+    reqs = [make_request(0, 8, 12, ignore_eos=True), make_request(1, 8, 12, ignore_eos=True)]
+    worker = FakeWorker(lim, {r.req_id: oracle(r)[0] for r in reqs})
+    for r in reqs:
+        s.add(r)
+    victim, frees, readmitted = reqs[1], [], None
+    for _ in range(200):
+        built = s.build_plan()
+        if built is None:
+            break
+        plan, info = built
+        frees += plan.free_slots.tolist()
+        if victim.num_preemptions and victim.slot in plan.new_slots.tolist():
+            readmitted = plan
+            mine = plan.append_slots == victim.slot
+            assert plan.append_blocks[mine].tolist() == victim.block_ids
+            assert len(victim.block_ids) == -(-victim.num_computed // lim.block_size)
+        s.process_result(worker.run(plan, info.requests)[0])
+    assert victim.num_preemptions >= 1 and readmitted is not None and frees
+    assert [r.output_ids for r in reqs] == [oracle(r)[1] for r in reqs] and s.is_idle
