@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import grpc
 from tandem.envargs import EnvArgumentParser, default_engine_address, prepare_ipc_address
 
+from .connection_args import connection_args, connection_kwargs
 from .serve import ChildSpec, Supervisor
 from .sync_client import DEFAULT_ADDRESS, TandemClient
 from .types import StreamChunk, TandemError
@@ -60,17 +61,6 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
     connection_args(p)
-
-
-def connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api-key", default=None, help="bearer token (prefer the TANDEM_API_KEY environment variable)")
-    p.add_argument("--tls-ca", default=None, help="use TLS, trusting this PEM CA bundle ('' = the system's roots)")
-    p.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
-    p.add_argument("--tls-key", default=None, help="private key (PEM) of --tls-cert")
-
-
-def connection_kwargs(args: argparse.Namespace) -> dict[str, str | None]:
-    return {"api_key": args.api_key, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 
 def _prompt_args(p: argparse.ArgumentParser) -> None:

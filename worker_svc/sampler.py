@@ -29,15 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from worker_svc.noise_hash import MIX_C1 as _MIX_C1
+from worker_svc.noise_hash import MIX_C2 as _MIX_C2
+from worker_svc.noise_hash import SALT_COUNTER as _SALT_COUNTER
+from worker_svc.noise_hash import SALT_SEED as _SALT_SEED
+from worker_svc.noise_hash import SALT_VOCAB as _SALT_VOCAB
+
 _M32 = 0xFFFFFFFF
-# Multipliers of the "lowbias32" integer finaliser (from Chris Wellons' hash-prospector search), a
-# 32-bit bijection with lower avalanche bias than murmur3's fmix32.
-_MIX_C1 = 0x7FEB352D
-_MIX_C2 = 0x846CA68B
-# Distinct salts so that seed words, counter words and vocab indices enter the hash differently.
-_SALT_SEED = 0x243F6A88
-_SALT_COUNTER = 0xB7E15162
-_SALT_VOCAB = 0x9E3779B9
 
 
 @dataclass

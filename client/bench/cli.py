@@ -23,12 +23,11 @@ from client.bench import report
 from client.bench.metrics import SLO, highest_rate_within, summarize
 from client.bench.runner import LoadSpec, run_load, wait_ready
 from client.bench.workloads import BenchRequest, chat_like_requests, jsonl_requests, random_requests
+from client.connection_args import connection_args, connection_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="localhost:50051")
-    from client.cli import connection_args
-
     connection_args(p)
     p.add_argument("--num-prompts", type=int, default=100, help="requests measured (warm-ups excluded)")
     p.add_argument("--request-rate", type=float, default=math.inf,
@@ -72,8 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _conn(args: argparse.Namespace) -> dict[str, Any]:
-    from client.cli import connection_kwargs
-
     return connection_kwargs(args)
 
 
