@@ -172,34 +172,13 @@ def _before_driver() -> Any:
     return module
 
 
-_AFTER_ENGINE: dict[tuple[int, int], Any] = {}
 AFTER_TOKEN = 1000  # every prompt token and every faked sample: inside the vocabulary, not EOS
 
 
 def _after_engine(grid: Grid) -> Any:
-    """The worker Engine of the code under test, built once per process (as the before driver's)."""
-    key = (grid.max_rows, grid.num_blocks)
-    if key in _AFTER_ENGINE:
-        return _AFTER_ENGINE[key]
-    _AFTER_ENGINE.clear()
-    import torch
-
-    from worker_svc.models import load
-    from worker_svc.presets import preset_config
-    from worker_svc.runner import Engine, EngineConfig
-
-    config = {**preset_config(grid.preset), **grid.model_overrides}
-    with tempfile.TemporaryDirectory(prefix="plan_cost_model.") as tmp:
-        path = Path(tmp) / "config.json"
-        path.write_text(json.dumps(config))
-        loaded = load(f"random:{path}", device="cpu", dtype=getattr(torch, grid.dtype))
-    engine = Engine(loaded, EngineConfig(block_size=grid.block_size, num_blocks=grid.num_blocks,
-                                         max_num_tokens=grid.max_rows, max_num_rows=grid.max_rows,
-                                         cuda_graphs=False), "cpu")
-    assert engine.loaded.max_context == grid.model_max_context, engine.loaded.max_context
-    assert engine.limits.max_blocks_per_row == cdiv(grid.model_max_context, grid.block_size)
-    _AFTER_ENGINE[key] = engine
-    return engine
+    """The worker Engine of the code under test: built as the before driver builds it (Engine's
+    constructor is the same in both versions), from this tree's modules."""
+    return _before_driver().build_engine(grid)
 
 
 def _after_scheduler(engine: Any, rows: int, context: int) -> Any:
