@@ -47,6 +47,8 @@ rlog = structlog.get_logger("tandem.requests")  # one canonical line per finishe
 
 CORE_POLL_S = 0.2
 STATS_TIMEOUT_S = 5.0
+# How long one pass over a backlog from the core may hold the event loop before the RPCs get a turn.
+BACKLOG_SLICE_S = 0.05
 
 
 class Unavailable(Exception):
@@ -193,14 +195,17 @@ class EngineClient:
     async def _recv_loop(self) -> None:
         while True:
             msg = await self.front.recv()
-            # A backlog is handled all at once before any RPC wakes: each stream then sends one message
-            # with every token it got, rather than one message per step.
+            # A backlog is handled at once before any RPC wakes, so each stream then sends one message
+            # with every token it got rather than one per step; but for a slice of time at most, so
+            # that a core that outruns this process never starves the RPCs of the event loop.
+            until = time.monotonic() + BACKLOG_SLICE_S
             while msg is not None:
                 try:
                     self._dispatch(*msg)
                 except wire.WireError as exc:
                     log.warning("dropping malformed %r from the core: %s", msg[0], exc)
-                msg = self.front.recv_nowait()
+                msg = self.front.recv_nowait() if time.monotonic() < until else None
+            await asyncio.sleep(0)  # a turn for the RPCs even when the next message is already queued
 
     def _dispatch(self, kind: bytes, header: bytes, frames: list) -> None:
         if kind == cl.KIND_OUTPUTS:
