@@ -32,7 +32,8 @@ class LoopStats:
         return self.compute_ms / total if total else 0.0
 
 
-def scheduler_for(engine, depth: int, max_waiting: int = 100_000, check_state: bool = False) -> Scheduler:
+def scheduler_for(engine, depth: int, max_waiting: int = 100_000, check_state: bool = False,
+                  prefix_caching: bool = False) -> Scheduler:
     """A Scheduler sized like the scheduler process sizes one from the engine's handshake; it sends the
     placeholder sentinel when the engine runs in debug-placeholder mode. A new scheduler is a new
     session: the engine's row slots are emptied, as a worker process starts empty."""
@@ -43,7 +44,7 @@ def scheduler_for(engine, depth: int, max_waiting: int = 100_000, check_state: b
         max_blocks_per_row=engine.limits.max_blocks_per_row, max_context=engine.loaded.max_context,
         max_waiting=max_waiting, pipeline_depth=depth,
         placeholder=PLACEHOLDER_SENTINEL if engine.cfg.debug_placeholders else 0,
-        num_slots=engine.limits.max_num_rows, check_state=check_state,
+        num_slots=engine.limits.max_num_rows, check_state=check_state, prefix_caching=prefix_caching,
     ))
 
 

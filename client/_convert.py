@@ -87,6 +87,7 @@ class GenerateParams(TypedDict, total=False):
     ignore_eos: bool
     logprobs: int | None
     request_id: str | None
+    cache_salt: str | None
 
 
 def build_generate_request(
@@ -105,6 +106,7 @@ def build_generate_request(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     request_id: str | None = None,
+    cache_salt: str | None = None,
 ) -> api_pb2.GenerateRequest:
     form = _one_prompt(prompt=prompt, token_ids=token_ids, messages=messages)
     req = api_pb2.GenerateRequest()
@@ -140,6 +142,8 @@ def build_generate_request(
     req.ignore_eos = bool(ignore_eos)
     if request_id:
         req.request_id = request_id
+    if cache_salt:
+        req.cache_salt = cache_salt
     return req
 
 
@@ -167,7 +171,7 @@ def completion_from_proto(c: api_pb2.Completion) -> Completion:
     return Completion(
         finish_reason=finish_reason_name(c.finish_reason),
         matched_stop=getattr(c, which) if which else None,
-        usage=Usage(c.usage.prompt_tokens, c.usage.completion_tokens),
+        usage=Usage(c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.cached_tokens),
         timings=Timings(c.timings.queue_s, c.timings.ttft_s, c.timings.total_s),
     )
 

@@ -52,7 +52,9 @@ def _print_error(err: TandemError) -> None:
 def _summary(finish_reason: str, matched: str | int | None, usage: Any, timings: Any) -> str:
     finish = finish_reason if matched is None else f"{finish_reason} ({matched!r})"
     return (
-        f"[finish: {finish} | tokens: {usage.prompt_tokens} prompt, {usage.completion_tokens} completion"
+        f"[finish: {finish} | tokens: {usage.prompt_tokens} prompt"
+        + (f" ({usage.cached_tokens} cached)" if getattr(usage, "cached_tokens", 0) else "")
+        + f", {usage.completion_tokens} completion"
         f" | queue {timings.queue_s:.3f} s, ttft {timings.ttft_s:.3f} s, total {timings.total_s:.3f} s]"
     )
 
@@ -101,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", type=int, default=None, help="return logprobs with this many alternatives")
     g.add_argument("--request-id", default=None)
+    g.add_argument("--cache-salt", default=None,
+                   help="requests with different salts never share the server's prefix-cache blocks")
     g.add_argument("--json", action="store_true", help="print JSON (one object per chunk with --stream)")
     _client_args(g)
     g.set_defaults(func=cmd_generate, subparser=g)
@@ -144,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--default-max-new-tokens", type=int, default=None)
     sg.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
     sg.add_argument("--metrics-host", default=None, help="interface of the metrics endpoint (default localhost)")
+    sg.add_argument("--no-prefix-caching", action="store_const", const=True, default=None,
+                    help="compute every prompt in full (default: shared prefixes are computed once)")
     both = s.add_argument_group("scheduler and worker")
     both.add_argument(
         "--engine-address", default=None, help=f"scheduler<->worker link (default {default_engine_address()})"
@@ -221,6 +227,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         ignore_eos=args.ignore_eos,
         logprobs=args.logprobs,
         request_id=args.request_id,
+        cache_salt=args.cache_salt,
     )
     with TandemClient(args.address, timeout=args.timeout, **connection_kwargs(args)) as client:
         try:
@@ -327,6 +334,7 @@ SCHEDULER_FLAGS = [
     ("drain_timeout", "--drain-timeout"),
     ("metrics_port", "--metrics-port"),
     ("metrics_host", "--metrics-host"),
+    ("no_prefix_caching", "--no-prefix-caching"),
     ("log_level", "--log-level"),
 ]
 WORKER_FLAGS = [
@@ -351,7 +359,9 @@ def _forward(args: argparse.Namespace, flags: list[tuple[str, str]]) -> list[str
         value = getattr(args, dest)
         if dest == "pipeline_depth" and args.sync:
             value = 1  # forwarded as the depth, which the scheduler reads whatever its --sync spelling
-        if value is not None:
+        if value is True:  # a switch
+            out.append(flag)
+        elif value is not None:
             out += [flag, str(value)]
     return out
 

@@ -19,6 +19,7 @@ FINISH_REASONS = ("unspecified", "eos", "stop_string", "stop_token", "length", "
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server's prefix cache served
 
 
 @dataclass

@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--debug-check-state", action="store_true",
                    help="After every step, check that the worker's row slots (context lengths, block tables) agree "
                         "with the scheduler's: the worker returns a digest, a mismatch ends the session INTERNAL.")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="Compute every prompt in full (default: full KV blocks of a prefix already computed are "
+                        "shared by the requests that start with it).")
     p.add_argument("--step-timeout", type=float, default=60.0,
                    help="Watchdog: a worker returning no step result for this long while steps are in flight is "
                         "treated as dead (0 = off).")
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             max_num_tokens=args.max_num_tokens,
             debug_placeholders=args.debug_placeholders,
             debug_check_state=args.debug_check_state,
+            prefix_caching=not args.no_prefix_caching,
         ),
         log_level=args.log_level,
         limits=RequestLimits(

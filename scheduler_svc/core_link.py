@@ -43,6 +43,7 @@ class OutputBatch:
     finish: np.ndarray
     error: np.ndarray
     scheduled_at: np.ndarray
+    cached_tokens: np.ndarray
     logprob: np.ndarray
     top_ids: np.ndarray | None
     top_logprobs: np.ndarray | None
@@ -52,7 +53,7 @@ class OutputBatch:
 
     def encode(self) -> list:
         arrays = {"uid": self.uid, "token": self.token, "finish": self.finish, "error": self.error,
-                  "scheduled_at": self.scheduled_at, "logprob": self.logprob}
+                  "scheduled_at": self.scheduled_at, "cached_tokens": self.cached_tokens, "logprob": self.logprob}
         if self.top_ids is not None and self.top_logprobs is not None:
             arrays["top_ids"], arrays["top_logprobs"] = self.top_ids, self.top_logprobs
         specs, frames = wire.pack_arrays(arrays)
@@ -65,10 +66,11 @@ class OutputBatch:
         msg = cpb.Outputs.FromString(header)
         a = wire.unpack_arrays(msg.arrays, frames)
         n = a["uid"].shape[0]
-        for name in ("token", "finish", "error", "scheduled_at", "logprob"):
+        for name in ("token", "finish", "error", "scheduled_at", "cached_tokens", "logprob"):
             if a[name].shape != (n,):
                 raise wire.WireError(f"outputs: {name} has shape {a[name].shape}, expected ({n},)")
-        return cls(msg.step_id, a["uid"], a["token"], a["finish"], a["error"], a["scheduled_at"], a["logprob"],
+        return cls(msg.step_id, a["uid"], a["token"], a["finish"], a["error"], a["scheduled_at"], a["cached_tokens"],
+                   a["logprob"],
                    a.get("top_ids"), a.get("top_logprobs"), msg.load, msg.decode, msg.compute_s)
 
 

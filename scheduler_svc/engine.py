@@ -50,6 +50,7 @@ class EngineConfig:
     max_num_tokens: int = 0  # 0 = the worker's limit
     debug_placeholders: bool = False  # carry-over placeholders are wire.PLACEHOLDER_SENTINEL, not 0
     debug_check_state: bool = False  # every step, the worker's row slots are checked against ours (digest)
+    prefix_caching: bool = True  # full KV blocks are kept and shared by requests with the same prefix
 
 
 @dataclass
@@ -155,6 +156,7 @@ class Engine:
                                         min_p=msg.min_p, seed=msg.seed, num_logprobs=msg.num_logprobs),
                 stop_token_ids=frozenset(msg.stop_token_ids), eos_token_ids=frozenset(msg.eos_token_ids),
                 ignore_eos=msg.ignore_eos, arrival_time=msg.arrival_time, client_id=msg.client_id, uid=msg.uid,
+                cache_salt=msg.cache_salt,
             )
             try:
                 s.scheduler.add(req)
@@ -191,7 +193,9 @@ class Engine:
             nonce=nonce, connected=True, running=sch.num_running, waiting=sch.num_waiting, kv_usage=sch.kv_usage,
             preemptions=sch.num_preemptions, kv_blocks_total=s.hello.num_blocks, kv_blocks_free=sch.blocks.num_free,
             steps=s.meter.steps, busy_ratio=s.meter.busy_ratio, compute_ms=s.meter.compute_ms,
-            idle_gap_ms=s.meter.idle_gap_ms,
+            idle_gap_ms=s.meter.idle_gap_ms, prefix_cache_queries=sch.blocks.queries,
+            prefix_cache_hits=sch.blocks.hits, prefix_cached_blocks=sch.blocks.num_cached,
+            prefix_evictable_blocks=sch.blocks.num_evictable,
         )
 
     # ----- the worker --------------------------------------------------------------------------------
@@ -214,6 +218,7 @@ class Engine:
             placeholder=wire.PLACEHOLDER_SENTINEL if self.config.debug_placeholders else 0,
             num_slots=hello.max_num_rows,
             check_state=self.config.debug_check_state,
+            prefix_caching=self.config.prefix_caching,
         )
         self.session = WorkerSession(peer, hello, Scheduler(limits))
         log.info(
@@ -256,7 +261,10 @@ class Engine:
         load = cpb.Load()
         if sch is not None:
             load = cpb.Load(running=sch.num_running, waiting=sch.num_waiting, kv_usage=sch.kv_usage,
-                            busy_ratio=self.session.meter.busy_ratio, preemptions=sch.num_preemptions)
+                            busy_ratio=self.session.meter.busy_ratio, preemptions=sch.num_preemptions,
+                            prefix_cache_queries=sch.blocks.queries, prefix_cache_hits=sch.blocks.hits,
+                            prefix_cached_blocks=sch.blocks.num_cached,
+                            prefix_evictable_blocks=sch.blocks.num_evictable)
         return OutputBatch(
             step_id=result.step_id,
             uid=np.fromiter((r.uid for r in reqs), np.uint64, n),
@@ -264,6 +272,7 @@ class Engine:
             finish=np.fromiter((0 if ev.finish is None else int(ev.finish) for ev in events), np.int32, n),
             error=np.fromiter((ev.error is not None for ev in events), np.int8, n),
             scheduled_at=np.fromiter((r.first_scheduled_time or 0.0 for r in reqs), np.float64, n),
+            cached_tokens=np.fromiter((r.num_cached_tokens for r in reqs), np.int32, n),
             logprob=np.fromiter((np.nan if ev.logprob is None else ev.logprob for ev in events), np.float32, n),
             top_ids=top_ids, top_logprobs=top_lp, load=load, decode_only=decode, compute_s=result.compute_ms / 1000,
         )

@@ -130,6 +130,7 @@ class EngineClient:
             max_new_tokens=req.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
             min_p=sp.min_p, seed=sp.seed, num_logprobs=sp.num_logprobs, stop_token_ids=sorted(req.stop_token_ids),
             eos_token_ids=sorted(req.eos_token_ids), ignore_eos=req.ignore_eos, arrival_time=req.arrival_time,
+            cache_salt=req.cache_salt,
         )
         answer = asyncio.get_running_loop().create_future()
         self._admits[req.uid] = answer
@@ -251,6 +252,7 @@ class EngineClient:
         load = out.load
         metrics.set_load(load.running, load.waiting, load.kv_usage, load.busy_ratio, load.preemptions)
         metrics.step_done(out.decode_only, out.compute_s)
+        metrics.set_prefix_cache(load.prefix_cached_blocks, load.prefix_evictable_blocks)
         now = time.monotonic()
         stops: list[int] = []
         top_k = out.top_ids.shape[1] if out.top_ids is not None else 0
@@ -268,6 +270,8 @@ class EngineClient:
             req = handle.request
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = float(out.scheduled_at[i]) or None
+                req.num_cached_tokens = int(out.cached_tokens[i])
+                metrics.prefix_lookup(len(req.prompt_ids), req.num_cached_tokens)
             req.output_ids.append(token)
             if handle.first_token_at is None:
                 metrics.first_token(now - handle.accepted_at)

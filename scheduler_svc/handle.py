@@ -25,6 +25,7 @@ class Completion:
     stop_token_id: int | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
     queue_s: float
     ttft_s: float
     total_s: float
@@ -103,6 +104,7 @@ class RequestHandle:
             stop_token_id=last_token if reason == FinishReason.STOP_TOKEN else None,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
+            cached_tokens=req.num_cached_tokens,
             queue_s=max(0.0, started - self.accepted_at),
             ttft_s=(self.first_token_at - self.accepted_at) if self.first_token_at else 0.0,
             total_s=now - self.accepted_at,

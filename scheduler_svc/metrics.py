@@ -3,8 +3,11 @@
 Owns the figures operators scrape (names follow vLLM's with the `tandem_` prefix, and vLLM's
 histogram buckets where it has the metric):
   gauges      tandem_num_requests_running, tandem_num_requests_waiting, tandem_kv_cache_usage_ratio,
-              tandem_gpu_busy_ratio (the worker's compute share, from its CUDA events)
+              tandem_gpu_busy_ratio (the worker's compute share, from its CUDA events),
+              tandem_prefix_cache_blocks, tandem_prefix_cache_evictable_blocks
   counters    tandem_prompt_tokens_total, tandem_generation_tokens_total, tandem_num_preemptions_total,
+              tandem_prefix_cache_queries_total, tandem_prefix_cache_hits_total (prompt tokens looked up
+              in the prefix cache, and found there),
               tandem_request_success_total{finished_reason}, tandem_request_failure_total{code}
   histograms  tandem_time_to_first_token_seconds, tandem_inter_token_latency_seconds,
               tandem_e2e_request_latency_seconds, tandem_request_queue_time_seconds,
@@ -63,6 +66,8 @@ class Metrics:
         self._preemptions_before = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.prefix_queries = self.prefix_hits = 0
+        self.prefix_blocks = self.prefix_evictable = 0
         self.success: Counter[str] = Counter()
         self.failure: Counter[str] = Counter()
         self.ttft = Histogram(TTFT_BUCKETS)
@@ -82,6 +87,14 @@ class Metrics:
         self.preemptions = self._preemptions_before
         self.running = self.waiting = 0
         self.kv_usage = self.busy_ratio = 0.0
+
+    def set_prefix_cache(self, blocks: int, evictable: int) -> None:
+        self.prefix_blocks, self.prefix_evictable = blocks, evictable
+
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A request's first admission looked its prompt up in the prefix cache."""
+        self.prefix_queries += prompt_tokens
+        self.prefix_hits += cached_tokens
 
     def admitted(self, prompt_tokens: int) -> None:
         self.prompt_tokens += prompt_tokens
@@ -115,6 +128,8 @@ class Metrics:
             ("tandem_kv_cache_usage_ratio", "Share of KV cache blocks in use (0-1).", self.kv_usage),
             ("tandem_gpu_busy_ratio", "Worker compute time / (compute + idle gaps) over its session.",
              self.busy_ratio),
+            ("tandem_prefix_cache_blocks", "KV blocks the prefix cache names (held or not).", self.prefix_blocks),
+            ("tandem_prefix_cache_evictable_blocks", "Cached KV blocks no request holds.", self.prefix_evictable),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (
@@ -122,6 +137,8 @@ class Metrics:
             ("tandem_generation_tokens", "Tokens generated.", self.generation_tokens),
             ("tandem_num_preemptions", "Requests preempted (KV blocks reclaimed, recomputed later).",
              self.preemptions),
+            ("tandem_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", self.prefix_queries),
+            ("tandem_prefix_cache_hits", "Prompt tokens found in the prefix cache.", self.prefix_hits),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         ok = CounterMetricFamily("tandem_request_success", "Requests finished, by finish reason.",

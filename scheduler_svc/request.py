@@ -65,6 +65,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     client_id: str = ""  # the client-facing request id (x-request-id or generated): for logs
     uid: int = 0  # the front end's number for it (core.proto): how the two processes name it
+    cache_salt: str = ""  # requests with different salts never share a cached block
 
     # Scheduling state, owned by the Scheduler.
     status: RequestStatus = RequestStatus.WAITING
@@ -77,6 +78,8 @@ class Request:
     _inflight: int = 0
     _last_sample: tuple[int, int] | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache
+    prefix_keys: list = field(default_factory=list, repr=False)  # block_manager.PrefixKey per full block, lazily
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None

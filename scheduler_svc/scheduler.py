@@ -22,13 +22,13 @@ Running ahead (depth 2) is made safe here, not in the worker:
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
 from tandem.wire import StepPlan, StepResult
 
-from scheduler_svc.block_manager import BlockManager, cdiv
+from scheduler_svc.block_manager import BlockManager, cdiv, prefix_keys
 from scheduler_svc.request import FinishReason, Request, RequestStatus
 from scheduler_svc.row_table import RowTable
 
@@ -54,6 +54,7 @@ class SchedulerLimits:
     placeholder: int = 0  # input id of a carry-over row; wire.PLACEHOLDER_SENTINEL in debug mode
     num_slots: int = 0  # the worker's row slots (Hello.max_num_rows); 0 = max_num_rows
     check_state: bool = False  # debug: every plan asks the worker for its row-slot digest
+    prefix_caching: bool = False  # full blocks are kept and shared by requests with the same prefix
 
     def __post_init__(self) -> None:
         assert self.pipeline_depth in (1, 2), "pipeline depth is 1 (sync) or 2 (async)"
@@ -112,7 +113,7 @@ class Scheduler:
         self._reset()
 
     def _reset(self) -> None:
-        self.blocks = BlockManager(self.limits.num_blocks, self.limits.block_size)
+        self.blocks = BlockManager(self.limits.num_blocks, self.limits.block_size, self.limits.prefix_caching)
         self.rows = RowTable(self.limits.slots, self.limits.max_context)
         self._requests: dict[str, Request] = {}  # every unfinished request
         self._waiting: deque[Request] = deque()
@@ -157,10 +158,12 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         """Block and slot accounting invariants; when idle, every block and slot is back in its pool."""
-        self.blocks.check_integrity()
+        owned = Counter(b for req in self._running.values() for b in req.block_ids)
+        self.blocks.check_integrity(owned)  # a block's references are the requests holding it
         self.rows.check_integrity(self.limits.block_size)
-        owned = [b for req in self._running.values() for b in req.block_ids]
-        assert len(owned) == len(set(owned)) == self.blocks.num_used, "block owned twice or leaked"
+        assert len(owned) == self.blocks.num_used, "block leaked"
+        for req in self._running.values():
+            assert len(set(req.block_ids)) == len(req.block_ids), "a block twice in one table"
         for req in self._running.values():
             assert len(req.block_ids) == self.blocks.blocks_for(req.num_computed)
             assert req.status is RequestStatus.RUNNING and req.slot >= 0
@@ -227,9 +230,36 @@ class Scheduler:
         req.status, req.finish_reason, req.finish_time = RequestStatus.FINISHED, reason, time.monotonic()
 
     def _free_blocks(self, req: Request) -> None:
+        # Its full blocks written by steps already sent stay findable (a next turn, a recompute).
+        self._register(req, 0, min(req.num_computed, req.num_known_tokens), self._next_step - 1)
         # Every step sent so far may write or read these blocks: return them after the last one reports.
         self.blocks.free_after(self._next_step - 1, req.block_ids)
         req.block_ids = []
+
+    def _register(self, req: Request, start: int, end: int, written_in: int) -> None:
+        """Names, in the prefix cache, the full blocks of `req` among tokens [start, end), which must be
+        known and written by step `written_in` at the latest (sent, or the plan being built)."""
+        if not self.blocks.caching:
+            return
+        bs = self.limits.block_size
+        first, last = start // bs, end // bs
+        if last <= first:
+            return
+        prefix_keys(req.token_ids, bs, req.cache_salt, req.prefix_keys, last)
+        for i in range(first, last):
+            self.blocks.register(req.block_ids[i], req.prefix_keys[i], written_in)
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached blocks of the longest prefix of `req`'s known tokens, short of its last token
+        (which is always computed, for its logits); not taken yet."""
+        if not self.blocks.caching:
+            return []
+        bs = self.limits.block_size
+        upto = (req.num_known_tokens - 1) // bs
+        if upto <= 0:
+            return []
+        prefix_keys(req.token_ids, bs, req.cache_salt, req.prefix_keys, upto)
+        return self.blocks.lookup(req.prefix_keys[:upto])
 
     def _preempt(self, req: Request) -> None:
         """Recompute-preemption: drop its KV; it rejoins the queue's front with prompt + outputs to redo."""
@@ -288,20 +318,28 @@ class Scheduler:
                 req = self._waiting[0]
                 if req.num_inflight > 0:
                     break  # preempted with a sample in flight: recompute once it has arrived
-                n = min(req.num_to_compute, budget, self.blocks.num_free * L.block_size)
-                if n == 0 or rt.pool.num_free == 0:
+                cached = self._cached_prefix(req)
+                start = len(cached) * L.block_size
+                free = self.blocks.free_if_taken(cached)
+                n = min(req.num_known_tokens - start, budget, free * L.block_size)
+                if n <= 0 or rt.pool.num_free == 0:
                     break
                 self._waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self._running[req.req_id] = req
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = time.monotonic()
+                    req.num_cached_tokens = min(start, req.num_prompt_tokens)
+                    self.blocks.queries += req.num_prompt_tokens
+                    self.blocks.hits += req.num_cached_tokens
+                self.blocks.take(cached, self._next_step)
+                req.block_ids = list(cached)
                 s = rt.admit(req)
-                new = self.blocks.grow(req.block_ids, n)
+                new = self.blocks.grow(req.block_ids, start + n)
                 assert new is not None
                 rt.num_blocks[s] = len(req.block_ids)
-                rt.computed[s] = n
-                chunks.append(_Chunk(req, 0, n, new))
+                rt.computed[s] = start + n
+                chunks.append(_Chunk(req, start, n, cached + new))
                 in_step[s] = True
                 budget -= n
                 admitted += 1
@@ -410,6 +448,9 @@ class Scheduler:
             assert c.req.num_computed == c.start + c.n <= c.req.num_tokens
             if c.start + c.n == c.req.num_tokens:  # its last scheduled token is the last it has: sample
                 c_sample[i] = True
+            # Blocks this chunk fills with known tokens are written by this plan, sent before any plan
+            # that could read them on the one compute stream: matchable from now on.
+            self._register(c.req, c.start, min(c.start + c.n, c.req.num_known_tokens), step)
         sampling = c_slots[c_sample]
         rt.inflight[sampling] += 1
         rt.last_step[sampling] = step
@@ -429,6 +470,7 @@ class Scheduler:
         a_blocks += [np.asarray(c.new_blocks, np.int64) for c in chunks]
         new = chunks[nc - admitted:] if admitted else []
         new_slots = np.fromiter((c.req.slot for c in new), np.int32, len(new))
+        new_context = np.fromiter((c.start for c in new), np.int32, len(new))  # cached tokens it starts with
         params = [c.req.sampling for c in new]
         sample = np.concatenate([np.ones(nd, np.int32), c_sample.astype(np.int32)])
         carry_index = np.concatenate([d_carry, np.full(nc, -1, np.int64)]).astype(np.int32)
@@ -438,7 +480,7 @@ class Scheduler:
             rows=slots.astype(np.int32), query_start=qs,
             input_ids=np.concatenate([d_ids, *c_ids]).astype(np.int32),
             carry_index=carry_index, sample=sample,
-            free_slots=rt.take_frees(), new_slots=new_slots,
+            free_slots=rt.take_frees(), new_slots=new_slots, new_context=new_context,
             new_temperature=np.asarray([p.temperature for p in params], np.float32),
             new_top_p=np.asarray([p.top_p for p in params], np.float32),
             new_top_k=np.asarray([p.top_k for p in params], np.int32),

@@ -58,7 +58,8 @@ def resource_exhausted(message: str, retry_after_s: float = 1.0) -> grpc.Status:
 def _completion_pb(c: Completion) -> api_pb2.Completion:
     out = api_pb2.Completion(
         finish_reason=int(c.finish_reason),
-        usage=api_pb2.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+        usage=api_pb2.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                            cached_tokens=c.cached_tokens),
         timings=api_pb2.Timings(queue_s=c.queue_s, ttft_s=c.ttft_s, total_s=c.total_s),
     )
     if c.stop_string is not None:
@@ -205,5 +206,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                 num_running=st.running, num_waiting=st.waiting, kv_blocks_total=st.kv_blocks_total,
                 kv_blocks_free=st.kv_blocks_free, num_preemptions=st.preemptions, steps=st.steps,
                 worker_busy_ratio=st.busy_ratio, worker_connected=self.engine.serving,
-                requests_finished=self.engine.requests_finished,
+                requests_finished=self.engine.requests_finished, prefix_cache_queries=st.prefix_cache_queries,
+                prefix_cache_hits=st.prefix_cache_hits, prefix_cached_blocks=st.prefix_cached_blocks,
+                prefix_evictable_blocks=st.prefix_evictable_blocks,
             )

@@ -36,6 +36,7 @@ class RequestLimits:
     max_logprobs: int = 20
     max_prompt_chars: int = 1 << 20
     max_chat_messages: int = 1024
+    max_cache_salt_length: int = 256
 
 
 def _check(cond: bool, field: str, description: str) -> None:
@@ -130,5 +131,8 @@ def build_request(
         stop_token_ids=frozenset(stop_ids),
         eos_token_ids=frozenset(hello.eos_token_ids),
         ignore_eos=msg.ignore_eos,
+        cache_salt=msg.cache_salt,
     )
+    _check(len(msg.cache_salt) <= limits.max_cache_salt_length, "cache_salt",
+           f"at most {limits.max_cache_salt_length} characters")
     return request, stops

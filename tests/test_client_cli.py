@@ -593,7 +593,7 @@ def test_cli_generate_stream_and_json(server: _ServerThread, capsys: pytest.Capt
     assert cli.main(["generate", "hi", "--json", "--seed", "7", "--address", server.address]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["text"] == "Paris." and result["finish_reason"] == "stop_string"
-    assert result["usage"] == {"prompt_tokens": 4, "completion_tokens": 3}
+    assert result["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "cached_tokens": 0}
     assert server.servicer.requests[-1].seed == 7
 
 

@@ -140,11 +140,15 @@ def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: in
                 n = int(plan.query_start[r + 1] - plan.query_start[r])
                 stats["chunked"] += n > 1 and batch.kv_lens[r] < req.num_prompt_tokens
                 owner = (req.req_id, req.num_preemptions)
+                # A block this row writes must not be one another request's in-flight step may still
+                # read or write (blocks only read, a shared cached prefix, may be held by many).
+                lo, hi = int(batch.query_start[r]), int(batch.query_start[r + 1])
+                written = {int(x) // lim.block_size for x in batch.slot_mapping[lo:hi]}
                 for b in worker.blocks_of(int(batch.rows[r])):
                     prev = last_ref.get(int(b))
-                    if prev is not None and prev[0] != owner:
+                    if int(b) in written and prev is not None and prev[0] != owner:
                         assert prev[1] <= reported, f"block {b} reused while step {prev[1]} is in flight"
-                    assert prev is None or prev[1] < plan.step_id or prev[0] == owner, "block in two rows"
+                        assert prev[1] < plan.step_id, "block written in one row, used in another"
                     last_ref[int(b)] = (owner, plan.step_id)
                 if plan.sample[r]:
                     samples[req.req_id] += 1
@@ -421,3 +425,83 @@ def test_preempted_request_is_sent_again_as_new_with_all_its_blocks() -> None:
         s.process_result(worker.run(plan, info.requests)[0])
     assert victim.num_preemptions >= 1 and readmitted is not None and frees
     assert [r.output_ids for r in reqs] == [oracle(r)[1] for r in reqs] and s.is_idle
+
+
+def shared_prefix_requests(salted: bool = False) -> list[Request]:
+    """Requests over three shared prefixes (2 to 5 blocks of 4), distinct tails, one an exact
+    multiple of the block size, one sharing only part of a block; some repeat a whole prompt."""
+    rng = random.Random(3)
+    prefixes = [[rng.randrange(V) for _ in range(n)] for n in (8, 13, 20)]
+    reqs = []
+    for i in range(30):
+        base = prefixes[i % 3]
+        tail = [] if i % 7 == 0 else [rng.randrange(V) for _ in range(rng.randint(1, 9))]
+        req = make_request(i, 1, rng.randint(1, 12), ignore_eos=i % 4 == 0)
+        req.prompt_ids = list(base) + tail
+        if salted:
+            req.cache_salt = f"tenant-{i % 2}"
+        reqs.append(req)
+    return reqs
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_prefix_cache_shares_blocks_and_tokens_match_the_oracle(depth: int) -> None:
+    """The fake worker checks every row's context against the truth, so a wrongly shared or evicted
+    block fails here; the pool is small enough to evict and preempt."""
+    reqs = shared_prefix_requests()
+    sched = Scheduler(limits(depth, num_blocks=20, check_state=True, prefix_caching=True))
+    out = run_to_completion(sched, reqs, arrive_per_step=2)
+    for req in reqs:
+        assert req.output_ids == oracle(req)[1], req.req_id
+    assert sched.blocks.hits > 0 and sum(r.num_cached_tokens for r in reqs) == sched.blocks.hits
+    assert all(r.num_cached_tokens % 4 == 0 and r.num_cached_tokens < r.num_prompt_tokens for r in reqs)
+    assert out["stats"]["preemptions"] > 0 and sched.blocks.num_cached > 0
+    assert sched.blocks.num_free == sched.limits.num_blocks  # evictable blocks count as free
+
+
+def test_prefix_cache_never_crosses_cache_salts() -> None:
+    reqs = shared_prefix_requests(salted=True)
+    sched = Scheduler(limits(1, num_blocks=64, prefix_caching=True, check_state=True))
+    run_to_completion(sched, reqs, arrive_per_step=1)
+    by_block: dict[int, set[str]] = {}
+    for b, key in sched.blocks._key_of.items():
+        by_block.setdefault(b, set()).add(key.extra)
+    assert all(len(salts) == 1 for salts in by_block.values())
+    hits = {r.req_id: r.num_cached_tokens for r in reqs}
+    assert any(hits.values())
+    # The first request of each (prefix, salt) pair ran cold: nothing of another tenant's was found.
+    seen = set()
+    for i, r in enumerate(reqs):
+        key = (i % 3, r.cache_salt)
+        if key not in seen:
+            assert hits[r.req_id] == 0, r.req_id
+            seen.add(key)
+
+
+def test_cached_blocks_without_users_are_evicted_least_recently_freed_first() -> None:
+    lim = limits(1, num_blocks=8, max_num_tokens=32, prefix_caching=True)
+    s = Scheduler(lim)
+    worker = FakeWorker(lim, {})
+    a = make_request(0, 9, 1, ignore_eos=True)  # 2 full blocks cached after it finishes
+    b = make_request(1, 9, 1, ignore_eos=True)
+    for r in (a, b):
+        worker.truth[r.req_id] = oracle(r)[0]
+        s.add(r)
+        while not s.is_idle:
+            plan, info = s.build_plan()
+            s.process_result(worker.run(plan, info.requests)[0])
+    assert s.blocks.num_evictable == 4 and s.blocks.num_free == 8
+    a_blocks = [blk for blk, key in s.blocks._key_of.items() if key.tokens[0] == a.prompt_ids[0]]
+    big = make_request(2, 21, 1, ignore_eos=True)  # 6 blocks: 4 free ones, then a's two (freed first)
+    worker.truth[big.req_id] = oracle(big)[0]
+    s.add(big)
+    plan, info = s.build_plan()
+    assert set(a_blocks) <= set(plan.append_blocks.tolist()) and s.blocks.num_evictable == 2
+    s.process_result(worker.run(plan, info.requests)[0])
+    again = make_request(3, 1, 1, ignore_eos=True)
+    again.prompt_ids = list(b.prompt_ids)
+    worker.truth[again.req_id] = oracle(again)[0]
+    s.add(again)
+    s.build_plan()
+    assert again.num_cached_tokens == 8  # b's blocks survived: the least recently freed went first
+    s.check_integrity()

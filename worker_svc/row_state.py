@@ -124,7 +124,10 @@ class RowState:
         num_blocks = self.num_blocks.copy()
         context = self.context.copy()
         num_blocks[free] = context[free] = 0
-        num_blocks[new] = context[new] = 0
+        num_blocks[new] = 0
+        context[new] = plan.new_context
+        if np.any(plan.new_context < 0):
+            raise WireError("new_context: negative")
         num_blocks += np.bincount(a_slots, minlength=self.num_slots)
         if np.any(num_blocks > self.max_blocks_per_row):
             raise WireError(f"a block table longer than {self.max_blocks_per_row} blocks")
@@ -144,7 +147,8 @@ class RowState:
         self.active[free] = False
         self.num_blocks[free] = self.context[free] = 0
         self.active[new] = True
-        self.num_blocks[new] = self.context[new] = 0
+        self.num_blocks[new] = 0
+        self.context[new] = plan.new_context
         self.temperature[new], self.top_p[new], self.top_k[new] = plan.new_temperature, plan.new_top_p, plan.new_top_k
         self.min_p[new], self.seed[new], self.num_logprobs[new] = plan.new_min_p, plan.new_seed, plan.new_num_logprobs
         for s, rid in zip(new.tolist(), plan.new_request_ids(), strict=True):

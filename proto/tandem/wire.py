@@ -117,6 +117,7 @@ class Hello:
 PLAN_ARRAYS: dict[str, str] = {
     "free_slots": "int32",
     "new_slots": "int32",
+    "new_context": "int32",
     "new_temperature": "float32",
     "new_top_p": "float32",
     "new_top_k": "int32",
@@ -156,6 +157,7 @@ class StepPlan:
     sample: np.ndarray
     free_slots: np.ndarray = field(default_factory=lambda: _none("int32"))
     new_slots: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_context: np.ndarray = field(default_factory=lambda: _none("int32"))
     new_temperature: np.ndarray = field(default_factory=lambda: _none("float32"))
     new_top_p: np.ndarray = field(default_factory=lambda: _none("float32"))
     new_top_k: np.ndarray = field(default_factory=lambda: _none("int32"))

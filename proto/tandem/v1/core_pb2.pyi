@@ -20,7 +20,7 @@ NEVER_FITS: Refusal
 NO_WORKER: Refusal
 
 class Submit(_message.Message):
-    __slots__ = ("uid", "req_id", "client_id", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "num_logprobs", "stop_token_ids", "eos_token_ids", "ignore_eos", "arrival_time")
+    __slots__ = ("uid", "req_id", "client_id", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "num_logprobs", "stop_token_ids", "eos_token_ids", "ignore_eos", "arrival_time", "cache_salt")
     UID_FIELD_NUMBER: _ClassVar[int]
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class Submit(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     uid: int
     req_id: str
     client_id: str
@@ -51,7 +52,8 @@ class Submit(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     ignore_eos: bool
     arrival_time: float
-    def __init__(self, uid: _Optional[int] = ..., req_id: _Optional[str] = ..., client_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_logprobs: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., arrival_time: _Optional[float] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, uid: _Optional[int] = ..., req_id: _Optional[str] = ..., client_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_logprobs: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., arrival_time: _Optional[float] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Admitted(_message.Message):
     __slots__ = ("uid", "refusal", "message")
@@ -72,18 +74,26 @@ class Abort(_message.Message):
     def __init__(self, uids: _Optional[_Iterable[int]] = ..., reason: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("running", "waiting", "kv_usage", "busy_ratio", "preemptions")
+    __slots__ = ("running", "waiting", "kv_usage", "busy_ratio", "preemptions", "prefix_cache_queries", "prefix_cache_hits", "prefix_cached_blocks", "prefix_evictable_blocks")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_USAGE_FIELD_NUMBER: _ClassVar[int]
     BUSY_RATIO_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_usage: float
     busy_ratio: float
     preemptions: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cached_blocks: int
+    prefix_evictable_blocks: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., busy_ratio: _Optional[float] = ..., preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cached_blocks: _Optional[int] = ..., prefix_evictable_blocks: _Optional[int] = ...) -> None: ...
 
 class Outputs(_message.Message):
     __slots__ = ("step_id", "arrays", "load", "decode", "compute_s")
@@ -120,7 +130,7 @@ class Lost(_message.Message):
     def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., preemptions: _Optional[int] = ..., last: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("nonce", "connected", "running", "waiting", "kv_usage", "preemptions", "kv_blocks_total", "kv_blocks_free", "steps", "busy_ratio", "compute_ms", "idle_gap_ms")
+    __slots__ = ("nonce", "connected", "running", "waiting", "kv_usage", "preemptions", "kv_blocks_total", "kv_blocks_free", "steps", "busy_ratio", "compute_ms", "idle_gap_ms", "prefix_cache_queries", "prefix_cache_hits", "prefix_cached_blocks", "prefix_evictable_blocks")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +143,10 @@ class Stats(_message.Message):
     BUSY_RATIO_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     IDLE_GAP_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     connected: bool
     running: int
@@ -145,4 +159,8 @@ class Stats(_message.Message):
     busy_ratio: float
     compute_ms: float
     idle_gap_ms: float
-    def __init__(self, nonce: _Optional[int] = ..., connected: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., steps: _Optional[int] = ..., busy_ratio: _Optional[float] = ..., compute_ms: _Optional[float] = ..., idle_gap_ms: _Optional[float] = ...) -> None: ...
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cached_blocks: int
+    prefix_evictable_blocks: int
+    def __init__(self, nonce: _Optional[int] = ..., connected: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., steps: _Optional[int] = ..., busy_ratio: _Optional[float] = ..., compute_ms: _Optional[float] = ..., idle_gap_ms: _Optional[float] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., prefix_cached_blocks: _Optional[int] = ..., prefix_evictable_blocks: _Optional[int] = ...) -> None: ...
