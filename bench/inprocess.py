@@ -24,6 +24,7 @@ class LoopStats:
     compute_ms: float = 0.0
     idle_gap_ms: float = 0.0
     outputs: dict[str, list[int]] = field(default_factory=dict)
+    prefix_hits: int = 0  # prompt tokens the prefix cache served (with prefix_caching)
 
     @property
     def busy_ratio(self) -> float:
@@ -48,9 +49,9 @@ def scheduler_for(engine, depth: int, max_waiting: int = 100_000, check_state: b
     ))
 
 
-def run_requests(engine, requests: list[Request], depth: int) -> LoopStats:
+def run_requests(engine, requests: list[Request], depth: int, prefix_caching: bool = False) -> LoopStats:
     """Runs `requests` to completion at pipeline depth 1 or 2; returns outputs and timings."""
-    sched = scheduler_for(engine, depth)
+    sched = scheduler_for(engine, depth, prefix_caching=prefix_caching)
     for r in requests:
         sched.add(r)
     stats = LoopStats()
@@ -66,4 +67,5 @@ def run_requests(engine, requests: list[Request], depth: int) -> LoopStats:
         sched.process_result(result)
     stats.wall_s = time.perf_counter() - t0
     stats.outputs = {r.req_id: list(r.output_ids) for r in requests}
+    stats.prefix_hits = sched.blocks.hits
     return stats

@@ -10,6 +10,10 @@ steady-state decode rows are selected, given their blocks and committed with num
 table; only prefill chunks, admissions, preemptions and the token events of results are per-row
 Python, so the cost of a decode step is O(rows) with a small constant and never O(rows x context).
 
+With prefix caching (block_manager.py), admission takes the cached blocks of the longest known
+prefix of a request and schedules only the rest; full blocks are named once the step writing them
+is sent, so only later steps can read them.
+
 Running ahead (depth 2) is made safe here, not in the worker:
 - a decode whose input token is the in-flight step's sample carries it over (input 0 + carry_index);
   one whose pending sample comes from an older in-flight step waits;
@@ -271,7 +275,6 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._waiting.appendleft(req)
-
 
     # ---- building a step -----------------------------------------------------------------------
 

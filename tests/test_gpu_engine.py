@@ -151,3 +151,28 @@ def test_llama_and_qwen2_shapes_match_transformers(model):
     out = _drive(engine, requests, depth=2)
     for i, ref in enumerate(refs):
         assert_matches(out[f"r{i}"], ref, f"{model} prompt {i}")
+
+
+def test_prefix_caching_changes_no_token():
+    """On the Triton paths (a chunk that starts after a cached prefix, decode graphs), at depth 2:
+    requests over shared prefixes give the tokens they give with the cache off."""
+    from bench.inprocess import run_requests
+    from scheduler_svc.request import Request, SamplingParams
+    from worker_svc.models import load
+    from worker_svc.runner import Engine, EngineConfig
+
+    loaded = load("random:tiny-llama", device="cuda", dtype=torch.float32)
+    engine = Engine(loaded, EngineConfig(num_blocks=1024, max_num_rows=32, max_num_tokens=256), "cuda")
+    rng = random.Random(8)
+    systems = [[rng.randrange(3, 49152) for _ in range(n)] for n in (300, 170)]
+    tails = [[rng.randrange(3, 49152) for _ in range(rng.randint(1, 40))] for _ in range(24)]
+
+    def requests():
+        return [Request(req_id=f"r{i}", prompt_ids=systems[i % 2] + tail, max_new_tokens=24,
+                        sampling=SamplingParams(temperature=0.8 if i % 3 else 0.0, seed=i), ignore_eos=True,
+                        arrival_time=time.monotonic()) for i, tail in enumerate(tails)]
+
+    off = run_requests(engine, requests(), 2)
+    on = run_requests(engine, requests(), 2, prefix_caching=True)
+    assert on.prefix_hits > 0 and off.prefix_hits == 0
+    assert on.outputs == off.outputs
