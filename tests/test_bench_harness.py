@@ -1,18 +1,36 @@
 """`tandem bench`: metrics on synthetic timestamps (exact values), arrival schedules, and the
-harness against a real server (its counts must match what the server saw)."""
+harness against a real server (its counts must match what the server saw), multi-turn
+conversations included (each turn extends the last one's prompt and answer; the prefix-cache hit
+ratio reported is the server's GetStats delta)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from client.bench import report
 from client.bench.arrivals import offsets, ramp_offsets
-from client.bench.metrics import SLO, RequestRecord, highest_rate_within, peak_concurrency, percentile, summarize
+from client.bench.metrics import (
+    SLO,
+    RequestRecord,
+    highest_rate_within,
+    peak_concurrency,
+    percentile,
+    prefix_cache_delta,
+    summarize,
+)
+from client.bench.runner import LoadSpec, run_load
+from client.bench.workloads import conversation_prompt, multi_turn_requests
+
+BLOCK = 16  # the tiny server's KV block size (the worker's default)
 
 
 def _record(index: int, start: float, chunks: list[tuple[float, int]], prompt: int = 10,
@@ -119,6 +137,8 @@ def test_harness_against_a_real_server(tiny, tmp_path):
     assert s["request_goodput"] == pytest.approx(s["request_throughput"])
     assert 1 <= s["max_concurrent_requests"] <= 4
     assert s["server"]["model"] == "random:tiny-llama" and s["args"]["num_prompts"] == 12
+    # The prefix-cache window is the measured requests: the warm-ups' prompt tokens are not in it.
+    assert s["prefix_cache_queries"] == 12 * 20 and s["prefix_cache_hits"] == s["total_cached_tokens"]
     rows = [json.loads(x) for x in (tmp_path / "out" / "random.requests.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["output_tokens"] == 8 and r["error_code"] is None for r in rows)
     assert all(r["ttft_ms"] > 0 and len(r["itl_ms"]) == len(r["chunk_tokens"]) - 1 for r in rows)
@@ -182,3 +202,114 @@ def test_sweep_plot_compares_labelled_sweeps(tmp_path):
     # async: p99 TTFT 200, 400, 800 ms -> all three rates; sync: 400, 800, 1600 ms -> up to 2.
     assert "async: highest rate within the SLOs 4 req/s" in out.stdout
     assert "sync: highest rate within the SLOs 2 req/s" in out.stdout
+
+
+def test_multi_turn_workload_layout():
+    reqs = multi_turn_requests(3, 4, first_len=20, user_len=5, output_len=7, vocab_size=1000, prefix_len=8, seed=2,
+                               num_warmups=2)
+    assert [r.index for r in reqs] == list(range(2 + 3 * 4))
+    warm, conv = reqs[:2], reqs[2:]
+    assert all(r.conversation is None and r.turn is None and r.prompt_tokens == 28 for r in warm)
+    assert [(r.conversation, r.turn) for r in conv] == [(c, t) for c in range(3) for t in range(1, 5)]
+    prefix = warm[0].prompt["token_ids"][:8]
+    for r in reqs:
+        ids = r.prompt["token_ids"]
+        assert r.max_new_tokens == 7 and all(3 <= x < 1000 for x in ids)
+        if r.turn in (None, 1):  # a first turn: the shared prefix, then its own tokens
+            assert len(ids) == 28 and ids[:8] == prefix and r.prompt_tokens == 28
+        else:  # a later turn holds only its new user tokens; its length is known at run time
+            assert len(ids) == 5 and r.prompt_tokens == 0
+    assert len({tuple(r.prompt["token_ids"][8:]) for r in reqs if r.turn in (None, 1)}) == 5
+    assert multi_turn_requests(3, 4, 20, 5, 7, 1000, prefix_len=8, seed=2, num_warmups=2) == reqs
+    assert conversation_prompt([1, 2], conv[1]) == [1, 2, *conv[1].prompt["token_ids"]]
+    with pytest.raises(ValueError):
+        multi_turn_requests(1, 0, 20, 5, 7, 1000)
+
+
+def test_prefix_cache_delta_and_its_report():
+    def st(q: int, h: int) -> SimpleNamespace:
+        return SimpleNamespace(prefix_cache_queries=q, prefix_cache_hits=h)
+
+    assert prefix_cache_delta(st(100, 10), st(400, 160)) == {
+        "prefix_cache_queries": 300, "prefix_cache_hits": 150, "prefix_cache_hit_ratio": 0.5}
+    assert prefix_cache_delta(st(5, 1), st(5, 1))["prefix_cache_hit_ratio"] is None  # nothing looked up
+    empty = dict.fromkeys(("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_ratio"))
+    assert prefix_cache_delta(None, st(1, 1)) == empty  # GetStats failed
+    assert prefix_cache_delta(st(900, 50), st(10, 0)) == empty  # a new worker session reset the counters
+    a = _record(0, 0.0, [(0.1, 1), (0.2, 1)])
+    a.conversation, a.turn, a.cached_tokens = 0, 1, 0
+    b = _record(1, 0.3, [(0.35, 1), (0.4, 1)])
+    b.conversation, b.turn, b.cached_tokens = 0, 2, 16
+    s = summarize([a, b], 1.0, prefix_cache=prefix_cache_delta(st(0, 0), st(40, 16)))
+    assert s["prefix_cache_hit_ratio"] == 0.4 and s["total_cached_tokens"] == 16 and s["num_conversations"] == 1
+    assert s["mean_ttft_first_turn_ms"] == pytest.approx(100) and s["mean_ttft_later_turns_ms"] == pytest.approx(50)
+    out = io.StringIO()
+    report.print_table(s, out)
+    assert "Prefix cache hit ratio:                  0.4000" in out.getvalue()
+    assert "Prefix cache hits / queries (tokens):    16 / 40" in out.getvalue()
+    report.print_table(summarize([a], 1.0, prefix_cache=empty), out)  # no figures: printed as n/a
+    assert "Prefix cache hit ratio:                  n/a" in out.getvalue()
+
+
+def test_multi_turn_turns_extend_the_conversation_on_a_real_server(tiny):
+    """Each turn sends exactly the previous turn's prompt + the answer it got + its own tokens (the
+    server counts that many prompt tokens and finds the previous prompt and answer in its prefix
+    cache), and the hit ratio the harness reports is the server's GetStats delta."""
+    reqs = multi_turn_requests(3, 3, first_len=40, user_len=12, output_len=9, vocab_size=49152, seed=11)
+    before = tiny.wait_idle()
+    load = asyncio.run(run_load(tiny.address, reqs, LoadSpec(ignore_eos=True, temperature=0.0, seed=11)))
+    after = tiny.wait_idle()
+    recs = {(r.conversation, r.turn): r for r in load.records}
+    assert len(recs) == 9 and all(r.ok for r in load.records)
+    for (c, t), r in recs.items():
+        own = reqs[r.index].prompt["token_ids"]
+        assert len(r.output_token_ids) == r.output_tokens == 9
+        assert r.prompt_tokens == len(r.prompt_token_ids)  # the server's usage.prompt_tokens
+        if t == 1:
+            assert r.prompt_token_ids == own and r.cached_tokens == 0
+            continue
+        prev = recs[(c, t - 1)]
+        assert r.start >= prev.end  # sent only after the answer before it arrived
+        assert r.prompt_token_ids == prev.prompt_token_ids + prev.output_token_ids + own
+        # All the full blocks of the previous prompt and of its answer but the last token (never computed).
+        assert r.cached_tokens >= (len(prev.prompt_token_ids) + 9 - 1) // BLOCK * BLOCK > 0
+    queries = after.prefix_cache_queries - before.prefix_cache_queries
+    hits = after.prefix_cache_hits - before.prefix_cache_hits
+    assert load.prefix_cache == {"prefix_cache_queries": queries, "prefix_cache_hits": hits,
+                                 "prefix_cache_hit_ratio": hits / queries}
+    assert queries == sum(r.prompt_tokens for r in load.records)
+    assert hits == sum(r.cached_tokens for r in load.records)
+    assert load.prefix_cache["prefix_cache_hit_ratio"] > 0.4
+
+
+def test_multi_turn_through_the_command_line(tiny, tmp_path):
+    """`--dataset-name multi-turn` end to end: the report and the JSON carry the prefix-cache hit
+    ratio of the measured requests (warm-ups excluded), equal to the server's GetStats delta."""
+    before = tiny.wait_idle()
+    run = subprocess.run(
+        [sys.executable, "-m", "client.cli", "bench", "--address", tiny.address, "--disable-tqdm", "--no-plots",
+         "--result-dir", str(tmp_path), "--result-filename", "mt", "--dataset-name", "multi-turn",
+         "--num-prompts", "8", "--multi-turn-turns", "4", "--random-input-len", "24", "--multi-turn-user-len", "8",
+         "--random-output-len", "6", "--num-warmups", "2", "--ignore-eos", "--seed", "5"],
+        capture_output=True, text=True, timeout=300)
+    after = tiny.wait_idle()
+    assert run.returncode == 0, run.stderr
+    s = json.loads((tmp_path / "mt.json").read_text())
+    assert (s["completed"], s["failed"], s["num_conversations"]) == (8, 0, 2)
+    warm_tokens = 2 * 24  # two single first-turn requests: own random tokens, nothing cached for them
+    queries = after.prefix_cache_queries - before.prefix_cache_queries - warm_tokens
+    hits = after.prefix_cache_hits - before.prefix_cache_hits
+    assert (s["prefix_cache_queries"], s["prefix_cache_hits"]) == (queries, hits)
+    assert s["prefix_cache_hit_ratio"] == pytest.approx(hits / queries) and s["prefix_cache_hit_ratio"] > 0.3
+    assert s["total_cached_tokens"] == hits and s["total_input_tokens"] == queries
+    assert f"Prefix cache hit ratio:                  {s['prefix_cache_hit_ratio']:.4f}" in run.stdout
+    rows = [json.loads(x) for x in (tmp_path / "mt.requests.jsonl").read_text().splitlines()]
+    by = {(r["conversation"], r["turn"]): r for r in rows}
+    assert sorted(by) == [(c, t) for c in range(2) for t in range(1, 5)]
+    for (c, t), r in by.items():  # each prompt: the last one, its 6-token answer and 8 new tokens
+        assert r["prompt_tokens"] == (24 if t == 1 else by[(c, t - 1)]["prompt_tokens"] + 6 + 8)
+        assert (r["cached_tokens"] > 0) == (t > 1)
+    bad = subprocess.run([sys.executable, "-m", "client.cli", "bench", "--address", tiny.address,
+                          "--dataset-name", "multi-turn", "--num-prompts", "6", "--multi-turn-turns", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "multiple of --multi-turn-turns" in bad.stderr

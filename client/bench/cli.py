@@ -22,7 +22,13 @@ from client import AsyncTandemClient
 from client.bench import report
 from client.bench.metrics import SLO, highest_rate_within, summarize
 from client.bench.runner import LoadSpec, run_load, wait_ready
-from client.bench.workloads import BenchRequest, chat_like_requests, jsonl_requests, random_requests
+from client.bench.workloads import (
+    BenchRequest,
+    chat_like_requests,
+    jsonl_requests,
+    multi_turn_requests,
+    random_requests,
+)
 from client.connection_args import connection_args, connection_kwargs
 
 
@@ -38,12 +44,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ramp-up-strategy", choices=["linear"], default=None)
     p.add_argument("--ramp-up-start-rps", type=float, default=None)
     p.add_argument("--ramp-up-end-rps", type=float, default=None)
-    p.add_argument("--dataset-name", choices=["random", "chat", "jsonl"], default="random")
+    p.add_argument("--dataset-name", choices=["random", "chat", "jsonl", "multi-turn"], default="random",
+                   help="multi-turn: conversations whose every turn's prompt is the conversation so far")
     p.add_argument("--dataset-path", default=None, help="the JSONL file for --dataset-name jsonl")
-    p.add_argument("--random-input-len", type=int, default=1024)
-    p.add_argument("--random-output-len", type=int, default=128)
+    p.add_argument("--random-input-len", type=int, default=1024, help="multi-turn: the first turn's own tokens")
+    p.add_argument("--random-output-len", type=int, default=128, help="multi-turn: every turn's answer")
     p.add_argument("--random-range-ratio", type=float, default=0.0)
-    p.add_argument("--random-prefix-len", type=int, default=0, help="random tokens shared by every prompt")
+    p.add_argument("--random-prefix-len", type=int, default=0,
+                   help="random tokens shared by every prompt (multi-turn: by every conversation's first turn)")
+    p.add_argument("--multi-turn-turns", type=int, default=4,
+                   help="multi-turn: turns per conversation; --num-prompts counts requests, so it makes "
+                   "--num-prompts / turns conversations (--request-rate schedules their first turns; a later turn "
+                   "is sent when the answer before it has arrived); --num-warmups are single first-turn requests")
+    p.add_argument("--multi-turn-user-len", type=int, default=64,
+                   help="multi-turn: new user tokens each turn after the first appends after the previous answer")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly the asked output lengths")
     p.add_argument("--temperature", type=float, default=None, help="default: the model's")
     p.add_argument("--seed", type=int, default=0)
@@ -81,6 +95,14 @@ def build_workload(args: argparse.Namespace, vocab_size: int) -> list[BenchReque
                                args.random_range_ratio, args.random_prefix_len, args.seed)
     elif args.dataset_name == "chat":
         reqs = chat_like_requests(total, vocab_size, args.seed)
+    elif args.dataset_name == "multi-turn":
+        turns = args.multi_turn_turns
+        if turns < 1 or args.num_prompts % turns:
+            raise ValueError(f"--dataset-name multi-turn: --num-prompts ({args.num_prompts}) must be a multiple of "
+                             f"--multi-turn-turns ({turns}): it counts requests, conversations x turns")
+        reqs = multi_turn_requests(args.num_prompts // turns, turns, args.random_input_len, args.multi_turn_user_len,
+                                   args.random_output_len, vocab_size, args.random_range_ratio,
+                                   args.random_prefix_len, args.seed, num_warmups=args.num_warmups)
     else:
         if not args.dataset_path:
             raise ValueError("--dataset-name jsonl needs --dataset-path")
@@ -108,13 +130,14 @@ async def _server_info(address: str, timeout: float, conn: dict[str, Any]) -> di
 async def run_one(args: argparse.Namespace, spec: LoadSpec, workload: list[BenchRequest], server: dict[str, Any],
                   name: str) -> dict[str, Any]:
     warm, measured = workload[: args.num_warmups], workload[args.num_warmups :]
-    records, duration = await run_load(args.address, measured, spec, warmup=warm, ready_timeout=args.ready_timeout,
-                                       progress=not args.disable_tqdm, connection=_conn(args))
+    load = await run_load(args.address, measured, spec, warmup=warm, ready_timeout=args.ready_timeout,
+                          progress=not args.disable_tqdm, connection=_conn(args))
+    records, duration = load.records, load.duration
     slo = SLO.parse(args.goodput) if args.goodput else None
     run_args = {**{k: v for k, v in vars(args).items() if k not in ("func", "subparser", "api_key")},
                 "request_rate": spec.request_rate, "max_concurrency": spec.max_concurrency}
     summary = {**report.metadata(run_args, server, args.label), "run": name,
-               "max_concurrency": spec.max_concurrency, **summarize(records, duration, slo)}
+               "max_concurrency": spec.max_concurrency, **summarize(records, duration, slo, load.prefix_cache)}
     report.print_table(summary, sys.stdout, f"{args.label}: {name}")
     if args.result_dir:
         base = args.result_filename or f"tandem-bench-{args.label}-{datetime.now(UTC):%Y%m%d-%H%M%S}"

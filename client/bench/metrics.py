@@ -7,7 +7,11 @@ Owns the per-request record the harness fills while a stream runs, and their agg
   `itl_per_token`: each gap split evenly over the tokens its chunk carries;
 - throughputs over the benchmark's duration: requests, output tokens, input + output tokens;
 - goodput: completed requests meeting every given SLO (ms), per second;
-- peaks: the most output tokens finished within one wall-clock second, the most requests in flight.
+- peaks: the most output tokens finished within one wall-clock second, the most requests in flight;
+- the server's prefix cache over the measured requests: GetStats `prefix_cache_hits` and
+  `prefix_cache_queries` (prompt tokens found cached / looked up) taken before and after, the hit
+  ratio their deltas' quotient (`prefix_cache_delta`), beside the requests' own `usage.cached_tokens`;
+- multi-turn runs: the mean TTFT of first turns and of later turns apart.
 Failures are counted by gRPC status code name. Percentiles interpolate linearly between the
 closest ranks (numpy's default), so the figures match vLLM's on the same timestamps.
 
@@ -44,6 +48,11 @@ class RequestRecord:
     error: str = ""
     finish_reason: str = ""
     request_id: str = ""
+    cached_tokens: int = 0  # usage.cached_tokens: prompt tokens the server's prefix cache served
+    conversation: int | None = None  # multi-turn: which conversation, and its turn (1-based)
+    turn: int | None = None
+    output_token_ids: list[int] = field(default_factory=list, repr=False)
+    prompt_token_ids: list[int] | None = field(default=None, repr=False)  # multi-turn: what was sent
 
     @property
     def ok(self) -> bool:
@@ -177,8 +186,29 @@ def peak_concurrency(records: Iterable[RequestRecord]) -> int:
     return peak
 
 
-def summarize(records: Sequence[RequestRecord], duration: float, slo: SLO | None = None) -> dict[str, object]:
-    """The summary JSON's metrics (vLLM's keys, plus min/max, per-token ITL, failures by code)."""
+PREFIX_CACHE_KEYS = ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_ratio")
+
+
+def prefix_cache_delta(before: Any, after: Any) -> dict[str, Any]:
+    """The server's prefix-cache counters over a run from two GetStats answers (or None where one
+    failed): queries and hits deltas (prompt tokens) and hits / queries (None without queries). The
+    counters belong to the worker's session: a drop means a new session, and nothing is reported."""
+    out: dict[str, Any] = dict.fromkeys(PREFIX_CACHE_KEYS)
+    if before is None or after is None:
+        return out
+    queries = int(after.prefix_cache_queries) - int(before.prefix_cache_queries)
+    hits = int(after.prefix_cache_hits) - int(before.prefix_cache_hits)
+    if queries < 0 or hits < 0:
+        return out
+    out.update(prefix_cache_queries=queries, prefix_cache_hits=hits,
+               prefix_cache_hit_ratio=hits / queries if queries else None)
+    return out
+
+
+def summarize(records: Sequence[RequestRecord], duration: float, slo: SLO | None = None,
+              prefix_cache: Mapping[str, Any] | None = None) -> dict[str, object]:
+    """The summary JSON's metrics (vLLM's keys, plus min/max, per-token ITL, failures by code, the
+    prefix cache's figures when given, first / later turns' TTFT for multi-turn)."""
     done = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     total_in = sum(r.prompt_tokens for r in done)
@@ -193,7 +223,16 @@ def summarize(records: Sequence[RequestRecord], duration: float, slo: SLO | None
         "request_throughput": len(done) / duration if duration > 0 else 0.0,
         "output_throughput": total_out / duration if duration > 0 else 0.0,
         "total_token_throughput": (total_in + total_out) / duration if duration > 0 else 0.0,
+        "total_cached_tokens": sum(r.cached_tokens for r in done),
     }
+    if prefix_cache is not None:
+        out.update(prefix_cache)
+    if any(r.turn is not None for r in records):
+        first = [r.ttft for r in done if r.turn == 1 and r.ttft is not None]
+        later = [r.ttft for r in done if r.turn is not None and r.turn > 1 and r.ttft is not None]
+        out["num_conversations"] = len({r.conversation for r in records if r.conversation is not None})
+        out["mean_ttft_first_turn_ms"] = statistics.fmean(first) * 1000 if first else 0.0
+        out["mean_ttft_later_turns_ms"] = statistics.fmean(later) * 1000 if later else 0.0
     if slo is not None and slo.as_dict():
         good = sum(slo.met_by(r) for r in done)
         out["request_goodput"] = good / duration if duration > 0 else 0.0

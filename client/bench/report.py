@@ -63,6 +63,18 @@ def print_table(summary: Mapping[str, Any], out: TextIO, title: str = "Serving B
     line("Peak output token throughput (tok/s)", summary["max_output_tokens_per_s"], "{:<10.2f}")
     line("Peak concurrent requests", summary["max_concurrent_requests"])
     line("Total token throughput (tok/s)", summary["total_token_throughput"], "{:<10.2f}")
+    if "prefix_cache_hit_ratio" in summary:
+        ratio = summary["prefix_cache_hit_ratio"]
+        line("Prefix cache hit ratio", "n/a" if ratio is None else f"{ratio:.4f}")
+        if summary.get("prefix_cache_queries") is not None:
+            line("Prefix cache hits / queries (tokens)",
+                 f"{summary['prefix_cache_hits']} / {summary['prefix_cache_queries']}")
+    if "total_cached_tokens" in summary:
+        line("Cached prompt tokens (usage)", summary["total_cached_tokens"])
+    if "num_conversations" in summary:
+        line("Conversations", summary["num_conversations"])
+        line("Mean TTFT, first turns (ms)", summary["mean_ttft_first_turn_ms"], "{:<10.2f}")
+        line("Mean TTFT, later turns (ms)", summary["mean_ttft_later_turns_ms"], "{:<10.2f}")
     titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
               "itl": "Inter-token Latency (per chunk)", "itl_per_token": "Inter-token Latency (per token)",
               "e2el": "End-to-end Latency"}
@@ -80,7 +92,8 @@ def request_rows(records: Sequence[RequestRecord], origin: float) -> list[dict[s
         return None if x is None else x * 1000
 
     return [{
-        "index": r.index, "request_id": r.request_id, "start_s": r.start - origin, "prompt_tokens": r.prompt_tokens,
+        "index": r.index, "request_id": r.request_id, "conversation": r.conversation, "turn": r.turn,
+        "start_s": r.start - origin, "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens,
         "output_tokens": r.output_tokens, "expected_output_tokens": r.expected_output_tokens,
         "ttft_ms": ms(r.ttft), "tpot_ms": ms(r.tpot), "e2el_ms": ms(r.e2el), "itl_ms": [x * 1000 for x in r.itls],
         "chunk_tokens": r.chunk_tokens, "finish_reason": r.finish_reason, "error_code": r.error_code, "error": r.error,

@@ -7,7 +7,11 @@ Owns turning flags into a list of `BenchRequest`s:
 - `chat`: a synthetic chat-like mix: log-normal input and output lengths (median 256 and 192
   tokens, long right tails, clipped), random token ids;
 - `jsonl`: a file of one JSON object per line with `prompt` (text) or `messages` (chat), and
-  optionally `output_len` / `max_tokens`; output length otherwise `--random-output-len`.
+  optionally `output_len` / `max_tokens`; output length otherwise `--random-output-len`;
+- `multi-turn`: conversations of random token ids, each turn's prompt the conversation so far: the
+  first turn is the shared `prefix_len` tokens plus `first_len` of its own, each later turn appends
+  the previous turn's answer (the token ids the server returned, known only at run time: the runner
+  builds those prompts) and `user_len` new user tokens.
 A seed fixes every draw. Token ids are drawn from [3, vocab_size): the low ids are usually special.
 """
 
@@ -29,6 +33,11 @@ class BenchRequest:
     prompt: dict[str, Any]  # keyword arguments of AsyncTandemClient.generate_stream: token_ids | prompt | messages
     prompt_tokens: int  # known for token-id prompts; 0 until the server's usage says, otherwise
     max_new_tokens: int
+    # Multi-turn: the conversation (0-based) and turn (1-based) of this request. For a turn after the
+    # first, `prompt["token_ids"]` holds only the new user tokens: the runner sends the conversation so
+    # far (the previous turn's prompt and the answer it got) followed by them.
+    conversation: int | None = None
+    turn: int | None = None
 
 
 def _length(rng: random.Random, mean: int, range_ratio: float) -> int:
@@ -85,3 +94,39 @@ def jsonl_requests(path: str | Path, num: int, default_output_len: int, seed: in
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out
+
+
+def multi_turn_requests(num_conversations: int, turns: int, first_len: int, user_len: int, output_len: int,
+                        vocab_size: int, range_ratio: float = 0.0, prefix_len: int = 0, seed: int = 0,
+                        num_warmups: int = 0) -> list[BenchRequest]:
+    """`num_warmups` single requests shaped like a first turn (not part of any conversation), then
+    `num_conversations` x `turns` requests, conversation by conversation, turn by turn; indices run on
+    across both. Every first turn (warm-ups too) starts with the same `prefix_len` random tokens."""
+    if first_len < 1 or user_len < 1 or output_len < 1 or turns < 1:
+        raise ValueError("--random-input-len, --multi-turn-user-len, --random-output-len and --multi-turn-turns "
+                         "must be >= 1")
+    if not 0 <= range_ratio < 1:
+        raise ValueError("--random-range-ratio must be in [0, 1)")
+    rng = random.Random(seed)
+    prefix = [rng.randrange(FIRST_ID, vocab_size) for _ in range(prefix_len)]
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(FIRST_ID, vocab_size) for _ in range(n)]
+
+    out: list[BenchRequest] = []
+    for _ in range(num_warmups):
+        first = prefix + ids(_length(rng, first_len, range_ratio))
+        out.append(BenchRequest(len(out), {"token_ids": first}, len(first), _length(rng, output_len, range_ratio)))
+    for c in range(num_conversations):
+        for t in range(1, turns + 1):
+            new = prefix + ids(_length(rng, first_len, range_ratio)) if t == 1 else ids(_length(rng, user_len,
+                                                                                                  range_ratio))
+            # A later turn's length is known once the answers before it are: the runner fills it in.
+            out.append(BenchRequest(len(out), {"token_ids": new}, len(new) if t == 1 else 0,
+                                    _length(rng, output_len, range_ratio), conversation=c, turn=t))
+    return out
+
+
+def conversation_prompt(history: list[int], req: BenchRequest) -> list[int]:
+    """What a multi-turn request sends: the conversation so far, then its new tokens."""
+    return history + list(req.prompt["token_ids"])
