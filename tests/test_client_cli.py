@@ -639,6 +639,8 @@ def test_serve_forwards_only_set_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         "--num-blocks",
         "64",
     ]
+    switched = cli.serve_commands(cli.build_parser().parse_args(["serve", "--no-prefix-caching"]))[0]
+    assert switched[3:] == ["--no-prefix-caching"]  # a switch goes alone, without a value
 
 
 def test_serve_announces_once_serving(server: _ServerThread) -> None:
