@@ -1,4 +1,4 @@
-"""`python -m bench cpu|gpu|floor|sweep|graph-memory|plan-cost|host-e2e ...`: the committed benchmarks
+"""`python -m bench cpu|gpu|floor|sweep|graph-memory|plan-cost|host-e2e|prefix-cache ...`: the committed benchmarks
 (see docs/benchmarks.md)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import sys
 
 
 def main() -> int:
-    names = ("cpu", "gpu", "floor", "sweep", "graph-memory", "plan-cost", "host-e2e")
+    names = ("cpu", "gpu", "floor", "sweep", "graph-memory", "plan-cost", "host-e2e", "prefix-cache")
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(f"usage: python -m bench {{{','.join(names)}}} [options]"
               "  (add --help after the name for its options)")
@@ -25,6 +25,8 @@ def main() -> int:
         from bench.plan_cost import main as run
     elif which == "host-e2e":
         from bench.host_e2e import main as run
+    elif which == "prefix-cache":
+        from bench.prefix_cache import main as run
     else:
         from bench.gpu_async import main as run
     return run(sys.argv[2:])

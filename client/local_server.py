@@ -72,6 +72,13 @@ class TandemServer:
         return subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def start(self, timeout: float = 180.0) -> TandemServer:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # a worker left behind would wait for its scheduler forever
+            raise
+
+    def _start(self, timeout: float) -> TandemServer:
         self.scheduler = self._spawn("scheduler", [
             "scheduler_svc", "--address", self.address, "--engine-address", self.engine_address,
             *self.scheduler_args,
