@@ -144,6 +144,10 @@ class AsyncTandemClient:
         resp = await self._unary(self._stub.GetModelInfo, api_pb2.GetModelInfoRequest(), timeout)
         return _convert.model_info_from_proto(resp)
 
+    async def server_stats(self, *, timeout: float | None = None) -> api_pb2.ServerStats:
+        """The server's GetStats counters (running, KV blocks, steps, prefix-cache hits...), as the proto."""
+        return await self._unary(self._stub.GetStats, api_pb2.GetStatsRequest(), timeout)
+
     async def health(self, service: str = "", *, timeout: float | None = None) -> bool:
         """True only when the server reports SERVING; False when not serving or unreachable."""
         try:

@@ -56,9 +56,8 @@ async def wait_ready(client: AsyncTandemClient, timeout: float) -> None:
 
 async def server_stats(client: AsyncTandemClient) -> api_pb2.ServerStats | None:
     """The server's GetStats, or None where it cannot be had (an old server, no permission)."""
-    # AsyncTandemClient has no stats method: its own call path (deadline, API key metadata) is used.
     try:
-        return await client._unary(client._stub.GetStats, api_pb2.GetStatsRequest(), 10.0)
+        return await client.server_stats(timeout=10.0)
     except TandemError:
         return None
 
