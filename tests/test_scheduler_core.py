@@ -505,3 +505,28 @@ def test_cached_blocks_without_users_are_evicted_least_recently_freed_first() ->
     s.build_plan()
     assert again.num_cached_tokens == 8  # b's blocks survived: the least recently freed went first
     s.check_integrity()
+
+
+def test_a_hot_prefix_survives_pressure_from_cold_ones() -> None:
+    """Cold prompts fill the pool again and again; the prefix every other request starts with is
+    freed last each time, so eviction (least recently freed first) takes the cold blocks, and every
+    hot request after the first finds its prefix."""
+    lim = limits(1, num_blocks=12, max_num_tokens=64, prefix_caching=True, check_state=True)
+    s = Scheduler(lim)
+    rng = random.Random(9)
+    hot = [rng.randrange(V) for _ in range(12)]  # 3 full blocks
+    worker = FakeWorker(lim, {})
+    hot_hits, cold = [], []
+    for i in range(12):
+        req = make_request(100 + i, 1, 2, ignore_eos=True)
+        req.prompt_ids = (hot + [rng.randrange(V)]) if i % 2 == 0 else [rng.randrange(V) for _ in range(29)]
+        worker.truth[req.req_id] = oracle(req)[0]
+        s.add(req)
+        while not s.is_idle:
+            plan, info = s.build_plan()
+            s.process_result(worker.run(plan, info.requests)[0])
+        (hot_hits if i % 2 == 0 else cold).append(req)
+        assert req.output_ids == oracle(req)[1]
+    assert [r.num_cached_tokens for r in hot_hits] == [0] + [12] * 5
+    assert all(r.num_cached_tokens == 0 for r in cold)  # never shared, and evicted in turn
+    s.check_integrity()
