@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.prefix_cache", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="rounds; each runs every workload on, then off")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset (for smoke tests)")
+    p.add_argument("--alternate-order", action="store_true",
+                   help="even rounds run off before on, so that a position effect (first or second server of a "
+                        "round) cancels over an even number of rounds")
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens per request (every workload)")
     p.add_argument("--system-len", type=int, default=1024, help="shared: the system prompt's tokens")
     p.add_argument("--suffix-len", type=int, default=32, help="shared: distinct tokens after it, per request")
@@ -464,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} rounds", flush=True)
 
     runs: list[Run] = []
+    def order(rnd: int) -> tuple[str, ...]:
+        return MODES[::-1] if args.alternate_order and rnd % 2 == 0 else MODES
+
     for rnd in range(1, args.repeats + 1):
-        for mode in MODES:  # one server at a time, never two: the machine has few cores
+        for mode in order(rnd):  # one server at a time, never two: the machine has few cores
             runs += run_server(mode, rnd, wl, args, worker_args, scheduler_args)
     compare(runs)
     checked = targets(runs, args.repeats)
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "model": MODEL, "greedy": True, "ignore_eos": True, "new_tokens": args.new_tokens, "seed": args.seed,
             "repeats": args.repeats, "order": [f"round {r} caching {m}" for r in range(1, args.repeats + 1)
-                                               for m in MODES],
+                                               for m in order(r)],
             "worker_args": worker_args, "scheduler_args_on": scheduler_args,
             "scheduler_args_off": [*scheduler_args, "--no-prefix-caching"],
             "pipeline_depth": "scheduler default (0 = auto: 1 for a CPU worker)", "block_size": "worker default (16)",
