@@ -3,10 +3,11 @@
 Owns ids only (the worker owns the memory). An id leaves `used` in two stages: `free_after` tags it
 with the last step sent that may still read or write it, and `release_through` returns it to the
 free pool once that step's result has arrived. So a KV block, or a row slot, is never handed to
-another request while an in-flight step still touches it. `DeferredPool` is that rule for row
-slots; `BlockManager` applies it to KV blocks with reference counts and the prefix cache (full
-blocks named by a chained key, kept after their last user and reused by a request with the same
-prefix), so that an eviction too waits for the steps that may read the block.
+another request while an in-flight step still touches it. `DeferredPool` is that rule, with
+reference counts; row slots use it as it is. `BlockManager` extends it for KV blocks with the block
+geometry and the prefix cache (full blocks named by a chained key, kept after their last user and
+reused by a request with the same prefix), so that an eviction too waits for the steps that may
+read the block.
 """
 
 from __future__ import annotations
@@ -21,114 +22,26 @@ def cdiv(a: int, b: int) -> int:
 
 
 class DeferredPool:
-    """Ids 0..n-1: free, used, or pending (freed, waiting for a step's result)."""
+    """Ids 0..n-1 with reference counts: free, used (ref > 0) or pending (ref 0, waiting for the last
+    step that may touch the id to report). Row slots use it as it is; `BlockManager` adds the block
+    geometry and the prefix cache."""
 
     def __init__(self, n: int, what: str = "id") -> None:
         assert n > 0
         self.size = n
         self.what = what
+        self._ref = [0] * n
         # FIFO reuse: a freed id goes to the back, which keeps reuse of hot ids as late as possible.
         self._free: deque[int] = deque(range(n))
-        self._used: set[int] = set()
         self._pending: deque[tuple[int, list[int]]] = deque()  # (step_id, ids), step ids ascending
-        self._num_pending = 0
-        self._released_through = -1  # every step <= this has reported back
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return len(self._used)
-
-    @property
-    def num_pending(self) -> int:
-        return self._num_pending
-
-    def allocate(self, n: int) -> list[int]:
-        assert 0 <= n <= len(self._free), f"allocate {n} {self.what}s with {len(self._free)} free"
-        out = [self._free.popleft() for _ in range(n)]
-        self._used.update(out)
-        return out
-
-    def free_after(self, step_id: int, ids: list[int]) -> None:
-        """Gives `ids` back once step `step_id` has reported (at once if it already has)."""
-        for b in ids:
-            assert b in self._used, f"{self.what} {b} freed but not in use (double free?)"
-            self._used.remove(b)
-        if not ids:
-            return
-        if step_id <= self._released_through:
-            self._free.extend(ids)
-            return
-        if self._pending and self._pending[-1][0] == step_id:
-            self._pending[-1][1].extend(ids)
-        else:
-            assert not self._pending or self._pending[-1][0] < step_id, "frees must be tagged in step order"
-            self._pending.append((step_id, list(ids)))
-        self._num_pending += len(ids)
-
-    def release_through(self, step_id: int) -> int:
-        """Step `step_id` (and every earlier one) has reported: its deferred frees become free."""
-        assert step_id >= self._released_through, "results must arrive in step order"
-        self._released_through = step_id
-        released = 0
-        while self._pending and self._pending[0][0] <= step_id:
-            _, ids = self._pending.popleft()
-            self._free.extend(ids)
-            released += len(ids)
-        self._num_pending -= released
-        return released
-
-    def check_integrity(self) -> None:
-        pending = [b for _, ids in self._pending for b in ids]
-        free = set(self._free)
-        assert len(free) == len(self._free), f"duplicate {self.what} in the free pool"
-        assert len(pending) == len(set(pending)) == self._num_pending, f"duplicate pending {self.what}"
-        assert not (free & self._used) and not (free & set(pending)) and not (self._used & set(pending))
-        assert len(free) + len(self._used) + len(pending) == self.size, (
-            f"{len(free)} free + {len(self._used)} used + {len(pending)} pending {self.what}s != {self.size}"
-        )
-        assert all(0 <= b < self.size for b in free | self._used)
-
-
-class BlockManager:
-    """The worker's paged KV cache as block ids, with reference counts and a prefix cache.
-
-    A block is in exactly one state: free (holds nothing worth keeping), used (`ref` > 0: requests
-    hold it; a full block of a prompt may be held by several), pending (ref 0, waiting for the last
-    step that may touch it to report) or evictable (ref 0, released, its content named by a prefix
-    key: matchable until the pool needs the block, least recently freed first). With caching, a
-    full block whose tokens are written by a step already sent is registered under its key (`register`);
-    a later request with the same prefix takes it (`match`) instead of recomputing it. A block found
-    while pending is safe to share: its content is final, and it is handed to a different use only
-    after release. Without caching (`caching=False`) nothing is registered and this is a plain pool.
-    """
-
-    def __init__(self, num_blocks: int, block_size: int, caching: bool = False) -> None:
-        assert num_blocks > 0 and block_size > 0
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.caching = caching
-        self._ref = [0] * num_blocks
-        # FIFO reuse: a freed block goes to the back, which keeps reuse of hot blocks as late as possible.
-        self._free: deque[int] = deque(range(num_blocks))
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
-        self._pending: deque[tuple[int, list[int]]] = deque()  # (step_id, blocks), step ids ascending
-        self._pending_until: dict[int, int] = {}  # block -> the step its release waits for
+        self._pending_until: dict[int, int] = {}  # id -> the step its release waits for
         self._released_through = -1  # every step <= this has reported back
         self._num_used = 0
-        self._key_of: dict[int, PrefixKey] = {}  # registered blocks
-        self._block_of: dict[int, int] = {}  # key hash -> block
-        self._written_in: dict[int, int] = {}  # registered block -> the step that wrote its last token
-        self.queries = 0  # prefix-cache lookups and hits, in tokens (vLLM's prefix_cache_queries / hits)
-        self.hits = 0
 
     @property
     def num_free(self) -> int:
-        """Blocks an allocation can take now: free ones, then evictable ones."""
-        return len(self._free) + len(self._evictable)
+        """Ids an allocation can take now."""
+        return len(self._free)
 
     @property
     def num_used(self) -> int:
@@ -138,53 +51,23 @@ class BlockManager:
     def num_pending(self) -> int:
         return len(self._pending_until)
 
-    @property
-    def num_cached(self) -> int:
-        """Blocks registered in the prefix cache (in use, pending or evictable)."""
-        return len(self._key_of)
-
-    @property
-    def num_evictable(self) -> int:
-        return len(self._evictable)
-
-    @property
-    def usage(self) -> float:
-        """Share of blocks not available to allocate (used or awaiting release)."""
-        return 1.0 - self.num_free / self.num_blocks
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.block_size)
-
     def allocate(self, n: int) -> list[int]:
-        assert 0 <= n <= self.num_free, f"allocate {n} with {self.num_free} free"
-        out = []
-        for _ in range(n):
-            if self._free:
-                b = self._free.popleft()
-            else:  # evict the least recently freed cached block: its key goes with it
-                b, _ = self._evictable.popitem(last=False)
-                self._unregister(b)
+        assert 0 <= n <= self.num_free, f"allocate {n} {self.what}s with {self.num_free} free"
+        out = [self._take_idle() for _ in range(n)]
+        for b in out:
             self._ref[b] = 1
-            out.append(b)
         self._num_used += n
         return out
 
-    def grow(self, block_ids: list[int], num_tokens: int) -> list[int] | None:
-        """Appends blocks to `block_ids` until they hold `num_tokens`; returns the new ones, or None
-        (nothing taken) if the pool is short."""
-        need = self.blocks_for(num_tokens) - len(block_ids)
-        if need > self.num_free:
-            return None
-        new = self.allocate(need) if need > 0 else []
-        block_ids.extend(new)
-        return new
+    def _take_idle(self) -> int:
+        return self._free.popleft()
 
-    def free_after(self, step_id: int, blocks: list[int]) -> None:
-        """Drops one reference to each of `blocks`; one that nobody holds any more becomes free (or
-        evictable, when cached) once step `step_id` has reported (at once if it already has)."""
+    def free_after(self, step_id: int, ids: list[int]) -> None:
+        """Drops one reference to each of `ids`; one that nobody holds any more becomes free once
+        step `step_id` has reported (at once if it already has)."""
         idle = []
-        for b in blocks:
-            assert self._ref[b] > 0, f"block {b} freed but not in use (double free?)"
+        for b in ids:
+            assert self._ref[b] > 0, f"{self.what} {b} freed but not in use (double free?)"
             self._ref[b] -= 1
             if self._ref[b] == 0:
                 self._num_used -= 1
@@ -209,19 +92,108 @@ class BlockManager:
         self._released_through = step_id
         released = 0
         while self._pending and self._pending[0][0] <= step_id:
-            step, blocks = self._pending.popleft()
-            for b in blocks:
-                if self._pending_until.get(b) == step:  # not taken again meanwhile (match), nor re-freed later
+            step, ids = self._pending.popleft()
+            for b in ids:
+                if self._pending_until.get(b) == step:  # not taken again meanwhile, nor re-freed later
                     del self._pending_until[b]
                     self._to_idle(b)
                     released += 1
         return released
 
     def _to_idle(self, b: int) -> None:
+        self._free.append(b)
+
+    def _idle_sets(self) -> list[set[int]]:
+        return [set(self._free), set(self._pending_until)]
+
+    def check_integrity(self, owners: Counter[int] | None = None) -> None:
+        """Every id in one state; reference counts equal to the holders in `owners` when given."""
+        idle = self._idle_sets()
+        used = {b for b in range(self.size) if self._ref[b] > 0}
+        assert len(idle[0]) == len(self._free), f"duplicate {self.what} in the free pool"
+        every = [used, *idle]
+        assert sum(map(len, every)) == len(set().union(*every)) == self.size, (
+            f"{self.what}s: {' + '.join(str(len(x)) for x in every)} (used, free, pending...) != {self.size}")
+        assert len(used) == self._num_used
+        assert set(self._pending_until) <= {b for _, ids in self._pending for b in ids}
+        if owners is not None:
+            assert all(self._ref[b] == n for b, n in owners.items()) and sum(owners.values()) == sum(self._ref), (
+                f"reference counts differ from the holders of the {self.what}s")
+
+
+class BlockManager(DeferredPool):
+    """The worker's paged KV cache as block ids, with reference counts and a prefix cache.
+
+    A block is in exactly one state: free (holds nothing worth keeping), used (`ref` > 0: requests
+    hold it; a full block of a prompt may be held by several), pending (ref 0, waiting for the last
+    step that may touch it to report) or evictable (ref 0, released, its content named by a prefix
+    key: matchable until the pool needs the block, least recently freed first). With caching, a
+    full block whose tokens are written by a step already sent is registered under its key (`register`);
+    a later request with the same prefix takes it (`match`) instead of recomputing it. A block found
+    while pending is safe to share: its content is final, and it is handed to a different use only
+    after release. Without caching (`caching=False`) nothing is registered and this is a plain pool.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, caching: bool = False) -> None:
+        assert block_size > 0
+        super().__init__(num_blocks, "block")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.caching = caching
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
+        self._key_of: dict[int, PrefixKey] = {}  # registered blocks
+        self._block_of: dict[int, int] = {}  # key hash -> block
+        self._written_in: dict[int, int] = {}  # registered block -> the step that wrote its last token
+        self.queries = 0  # prefix-cache lookups and hits, in tokens (vLLM's prefix_cache_queries / hits)
+        self.hits = 0
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can take now: free ones, then evictable ones."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks registered in the prefix cache (in use, pending or evictable)."""
+        return len(self._key_of)
+
+    @property
+    def num_evictable(self) -> int:
+        return len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        """Share of blocks not available to allocate (used or awaiting release)."""
+        return 1.0 - self.num_free / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def _take_idle(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        b, _ = self._evictable.popitem(last=False)  # the least recently freed cached block, key and all
+        self._unregister(b)
+        return b
+
+    def grow(self, block_ids: list[int], num_tokens: int) -> list[int] | None:
+        """Appends blocks to `block_ids` until they hold `num_tokens`; returns the new ones, or None
+        (nothing taken) if the pool is short."""
+        need = self.blocks_for(num_tokens) - len(block_ids)
+        if need > self.num_free:
+            return None
+        new = self.allocate(need) if need > 0 else []
+        block_ids.extend(new)
+        return new
+
+    def _to_idle(self, b: int) -> None:
         if b in self._key_of:
             self._evictable[b] = None
         else:
             self._free.append(b)
+
+    def _idle_sets(self) -> list[set[int]]:
+        return [*super()._idle_sets(), set(self._evictable)]
 
     # ---- the prefix cache ----------------------------------------------------------------------
 
@@ -271,24 +243,11 @@ class BlockManager:
             del self._written_in[b]
 
     def check_integrity(self, owners: Counter[int] | None = None) -> None:
-        """Every block in one state; reference counts equal to the holders in `owners` when given."""
-        free, evict, pending = set(self._free), set(self._evictable), set(self._pending_until)
-        used = {b for b in range(self.num_blocks) if self._ref[b] > 0}
-        assert len(free) == len(self._free), "duplicate block in the free pool"
-        assert not (free & evict) and not (free & pending) and not (evict & pending), "block in two pools"
-        assert not (used & (free | evict | pending)), "a block in use is also in a pool"
-        assert len(free) + len(evict) + len(pending) + len(used) == self.num_blocks, (
-            f"{len(free)} free + {len(evict)} evictable + {len(pending)} pending + {len(used)} used "
-            f"!= {self.num_blocks}")
-        assert len(used) == self._num_used
+        super().check_integrity(owners)
+        free, evict = set(self._free), set(self._evictable)
         assert all(b in self._key_of for b in evict) and not (free & set(self._key_of)), "cache state"
         assert {k.hash: b for b, k in self._key_of.items()} == self._block_of, "prefix map out of sync"
         assert self._written_in.keys() == self._key_of.keys()
-        queued = {b for _, blocks in self._pending for b in blocks}
-        assert pending <= queued
-        if owners is not None:
-            assert all(self._ref[b] == n for b, n in owners.items()) and sum(owners.values()) == sum(self._ref), (
-                "reference counts differ from the requests holding the blocks")
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def _capture_piecewise(engine: Engine) -> None:
     cut at every attention call (see piecewise.py). Captured on an empty plan padded to the bucket."""
     assert engine.graphs is not None
     engine.token_buckets = token_buckets(engine.limits.max_num_tokens)
-    empty = _empty_plan()
+    empty = _batch(0, 0)  # no rows, no tokens: padded to each bucket when loaded
     layout = row_layout(empty.query_start, empty.kv_lens, engine.cache.cfg.block_size)
     stream = engine.sync.compute_stream
     kv = engine.cache.cfg
@@ -90,7 +90,7 @@ def _capture_piecewise(engine: Engine) -> None:
 def _capture_decode(engine: Engine, width: int) -> None:
     assert engine.graphs is not None
     for rows in reversed(engine.graphs.buckets):
-        idle = _idle_decode_plan(rows)
+        idle = _batch(rows, rows)  # every row padding
         for sort_filters in (False, True):
             for slot in engine.slots:
                 other = engine.slots[1 - slot.index]
@@ -127,13 +127,3 @@ def _batch(rows: int, tokens: int) -> StepBatch:
         top_k=zeros, min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint64),
         num_logprobs=np.full(rows, -1, np.int32), append_slots=none, append_cols=none, append_blocks=none,
     )
-
-
-def _empty_plan() -> StepBatch:
-    """No rows and no tokens: what piecewise graphs are captured on, padded to their bucket."""
-    return _batch(0, 0)
-
-
-def _idle_decode_plan(rows: int) -> StepBatch:
-    """A decode batch whose rows are all padding: what decode graphs are captured on."""
-    return _batch(rows, rows)

@@ -67,6 +67,16 @@ def _run_ranks(keys: np.ndarray) -> tuple[np.ndarray, int]:
     return np.arange(keys.size) - starts[run_of], int(starts.size)
 
 
+@dataclass
+class _Checked:
+    """The slot columns as they stand once a checked plan is applied."""
+
+    active: np.ndarray
+    append_cols: np.ndarray  # the block-table column of each appended block
+    num_blocks: np.ndarray
+    context: np.ndarray  # after the step's rows
+
+
 class RowState:
     def __init__(self, num_slots: int, max_blocks_per_row: int, block_size: int, num_blocks: int,
                  max_context: int) -> None:
@@ -96,10 +106,11 @@ class RowState:
     def prepare(self, plan: StepPlan, max_tokens: int, vocab_size: int) -> StepBatch:
         """Checks `plan` against the slots (WireError, nothing changed), applies it, returns the batch."""
         plan.validate(max_tokens, self.num_slots, vocab_size)
-        ranks = self._check(plan)
-        return self._apply(plan, ranks)
+        return self._apply(plan, self._check(plan))
 
-    def _check(self, plan: StepPlan) -> np.ndarray:
+    def _check(self, plan: StepPlan) -> _Checked:
+        """Every check on copies of the slot columns; the copies are the state after the plan, which
+        `_apply` then takes as it is."""
         free, new, rows = plan.free_slots, plan.new_slots, plan.rows
         if not np.all(self.active[free]):
             raise WireError("free_slots: a slot that holds no request")
@@ -121,14 +132,14 @@ class RowState:
             raise WireError("append_slots: one slot's appends are not contiguous")
         if a_blocks.size and (a_blocks.min() < 0 or a_blocks.max() >= self.num_kv_blocks):
             raise WireError(f"append_blocks: block id outside [0, {self.num_kv_blocks})")
-        num_blocks = self.num_blocks.copy()
+        base_blocks = self.num_blocks.copy()
         context = self.context.copy()
-        num_blocks[free] = context[free] = 0
-        num_blocks[new] = 0
+        base_blocks[free] = context[free] = 0
+        base_blocks[new] = 0
         context[new] = plan.new_context
         if np.any(plan.new_context < 0):
             raise WireError("new_context: negative")
-        num_blocks += np.bincount(a_slots, minlength=self.num_slots)
+        num_blocks = base_blocks + np.bincount(a_slots, minlength=self.num_slots)
         if np.any(num_blocks > self.max_blocks_per_row):
             raise WireError(f"a block table longer than {self.max_blocks_per_row} blocks")
         if not np.all(active[rows]):
@@ -138,29 +149,24 @@ class RowState:
             raise WireError(f"a row's context past max_context {self.max_context}")
         if np.any(kv > num_blocks[rows] * self.block_size):
             raise WireError("a row's context is longer than its block table")
-        return ranks
+        context[rows] = kv
+        return _Checked(active, base_blocks[a_slots] + ranks, num_blocks, context)
 
-    def _apply(self, plan: StepPlan, ranks: np.ndarray) -> StepBatch:
+    def _apply(self, plan: StepPlan, checked: _Checked) -> StepBatch:
         free, new, rows, qs = plan.free_slots, plan.new_slots, plan.rows, plan.query_start
         for s in free:
             self.request_ids[s] = ""
-        self.active[free] = False
-        self.num_blocks[free] = self.context[free] = 0
-        self.active[new] = True
-        self.num_blocks[new] = 0
-        self.context[new] = plan.new_context
+        self.active, self.num_blocks, self.context = checked.active, checked.num_blocks, checked.context
         self.temperature[new], self.top_p[new], self.top_k[new] = plan.new_temperature, plan.new_top_p, plan.new_top_k
         self.min_p[new], self.seed[new], self.num_logprobs[new] = plan.new_min_p, plan.new_seed, plan.new_num_logprobs
         for s, rid in zip(new.tolist(), plan.new_request_ids(), strict=True):
             self.request_ids[s] = rid
         a_slots = plan.append_slots
-        a_cols = (self.num_blocks[a_slots] + ranks).astype(np.int32)
+        a_cols = checked.append_cols.astype(np.int32)
         self.table[a_slots, a_cols] = plan.append_blocks
-        self.num_blocks += np.bincount(a_slots, minlength=self.num_slots)
 
         n = np.diff(qs)
-        kv = self.context[rows] + n
-        self.context[rows] = kv
+        kv = self.context[rows]
         if plan.num_tokens == plan.num_rows:  # decode-only: one token per row, at the row's last position
             positions = kv - 1
             table_rows = rows
