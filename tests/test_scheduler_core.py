@@ -530,3 +530,29 @@ def test_a_hot_prefix_survives_pressure_from_cold_ones() -> None:
     assert [r.num_cached_tokens for r in hot_hits] == [0] + [12] * 5
     assert all(r.num_cached_tokens == 0 for r in cold)  # never shared, and evicted in turn
     s.check_integrity()
+
+
+def test_request_matches_blocks_whose_writing_step_is_still_in_flight() -> None:
+    """Depth 2: B shares A's prompt and is admitted while the step writing A's first chunk has not
+    reported. It takes those blocks (the writer was sent first and steps run in order), and the fake
+    worker, which checks every row's context, reads the right tokens for it."""
+    lim = limits(2, max_num_tokens=8, prefix_caching=True, check_state=True)
+    s = Scheduler(lim)
+    a = make_request(0, 12, 3, ignore_eos=True)
+    b = make_request(1, 12, 3, ignore_eos=True)
+    b.prompt_ids = list(a.prompt_ids)
+    worker = FakeWorker(lim, {r.req_id: oracle(r)[0] for r in (a, b)})
+    s.add(a)
+    p0, i0 = s.build_plan()  # A's first 8 tokens: two full blocks, named as this plan is built
+    s.add(b)
+    p1, i1 = s.build_plan()  # step 0 still in flight
+    assert s.in_flight == 2 and b.num_cached_tokens == 8 and b.block_ids[:2] == a.block_ids[:2]
+    assert list(p1.new_context[p1.new_slots == b.slot]) == [8]
+    inflight = deque([(p0, i0), (p1, i1)])
+    while inflight:
+        plan, info = inflight.popleft()
+        s.process_result(worker.run(plan, info.requests)[0])
+        built = s.build_plan()
+        if built is not None:
+            inflight.append(built)
+    assert a.output_ids == oracle(a)[1] and b.output_ids == oracle(b)[1] and s.is_idle
