@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="Compute every prompt in full (default: full KV blocks of a prefix already computed are "
                         "shared by the requests that start with it).")
+    p.add_argument("--step-trace", default="",
+                   help="Append one JSON line per request submitted, step planned and result received to this "
+                        "file (the core's view of the schedule, for diagnosis; off by default).")
     p.add_argument("--step-timeout", type=float, default=60.0,
                    help="Watchdog: a worker returning no step result for this long while steps are in flight is "
                         "treated as dead (0 = off).")
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             debug_placeholders=args.debug_placeholders,
             debug_check_state=args.debug_check_state,
             prefix_caching=not args.no_prefix_caching,
+            step_trace=args.step_trace,
         ),
         log_level=args.log_level,
         limits=RequestLimits(

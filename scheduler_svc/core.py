@@ -71,6 +71,7 @@ async def _serve(args: argparse.Namespace) -> int:
         code = 1
     elif tasks[2] in done:
         code = 1
+    engine.close()
     link.close()
     front.close()
     return code

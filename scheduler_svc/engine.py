@@ -14,6 +14,7 @@ steps, the requests it held) with it, and the front end is told (LOST).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class EngineConfig:
     debug_placeholders: bool = False  # carry-over placeholders are wire.PLACEHOLDER_SENTINEL, not 0
     debug_check_state: bool = False  # every step, the worker's row slots are checked against ours (digest)
     prefix_caching: bool = True  # full KV blocks are kept and shared by requests with the same prefix
+    step_trace: str = ""  # a file: one JSON line per submit, plan and result (for diagnosing schedules)
 
 
 @dataclass
@@ -96,6 +98,17 @@ class Engine:
         self._by_uid: dict[int, Request] = {}  # every request the scheduler holds, by the front end's uid
         self._last_progress = time.monotonic()  # last step result, or the first send after an idle spell
         self.last_session_stats = cpb.Stats()
+        self._trace = open(config.step_trace, "a", buffering=1 << 20) if config.step_trace else None  # noqa: SIM115
+
+    def trace(self, event: str, **fields: object) -> None:
+        """--step-trace: what the core saw when (monotonic clock, shared by the processes of one host)."""
+        if self._trace is not None:
+            self._trace.write(json.dumps({"ev": event, "t": time.monotonic(), **fields}) + "\n")
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
     # ----- the loops ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -161,6 +174,7 @@ class Engine:
             try:
                 s.scheduler.add(req)
                 self._by_uid[msg.uid] = req
+                self.trace("submit", uid=msg.uid, arrival=msg.arrival_time, prompt=len(req.prompt_ids))
             except QueueFull as exc:
                 refusal, why = cpb.QUEUE_FULL, str(exc)
             except NeverFits as exc:
@@ -235,6 +249,7 @@ class Engine:
             return  # a late result from a worker we already gave up on
         self._last_progress = time.monotonic()
         s.meter.add(result)
+        self.trace("result", step=result.step_id, compute_ms=result.compute_ms, idle_gap_ms=result.idle_gap_ms)
         info = s.scheduler.oldest_in_flight
         decode = info is not None and info.step_id == result.step_id and info.num_tokens == len(info.requests)
         events = s.scheduler.process_result(result)
@@ -288,7 +303,11 @@ class Engine:
                 built = s.scheduler.build_plan()
                 if built is None:
                     break
-                plan, _info = built
+                plan, info = built
+                if self._trace is not None:
+                    self.trace("plan", step=plan.step_id, rows=len(info.requests), tokens=info.num_tokens,
+                               new=len(plan.new_slots), running=s.scheduler.num_running,
+                               waiting=s.scheduler.num_waiting, free_blocks=s.scheduler.blocks.num_free)
                 if s.scheduler.in_flight == 1:  # the pipeline was empty: the clock starts now
                     self._last_progress = time.monotonic()
                 self.link.send(s.peer, plan.encode())
