@@ -183,6 +183,8 @@ class EngineClient:
     async def run(self) -> None:
         """Reads the core's messages until the core exits (then raises CoreExited)."""
         recv = asyncio.ensure_future(self._recv_loop())
+        probe = (asyncio.ensure_future(self._lag_probe(self.config.engine.step_trace + ".front"))
+                 if self.config.engine.step_trace else None)
         try:
             while self.core.poll() is None:
                 await asyncio.sleep(CORE_POLL_S)
@@ -190,6 +192,8 @@ class EngineClient:
                     recv.result()
         finally:
             recv.cancel()
+            if probe is not None:
+                probe.cancel()
         self._core_gone()
         raise CoreExited(f"the scheduler core exited with status {self.core.returncode}")
 
@@ -207,6 +211,19 @@ class EngineClient:
                     log.warning("dropping malformed %r from the core: %s", msg[0], exc)
                 msg = self.front.recv_nowait() if time.monotonic() < until else None
             await asyncio.sleep(0)  # a turn for the RPCs even when the next message is already queued
+
+    async def _lag_probe(self, path: str) -> None:
+        """--step-trace: how late a 1 ms sleep of this event loop wakes (worst of ten) and the requests
+        in flight, every 10 ms, as JSON lines: how busy the front end is, over time."""
+        with open(path, "a", buffering=1) as f:
+            while True:
+                worst = 0.0
+                for _ in range(10):
+                    t = time.monotonic()
+                    await asyncio.sleep(0.001)
+                    worst = max(worst, time.monotonic() - t - 0.001)
+                f.write(json.dumps({"t": time.monotonic(), "lag_ms": 1000 * worst, "handles": len(self.handles)})
+                        + "\n")
 
     def _dispatch(self, kind: bytes, header: bytes, frames: list) -> None:
         if kind == cl.KIND_OUTPUTS:
