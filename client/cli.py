@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--metrics-host", default=None, help="interface of the metrics endpoint (default localhost)")
     sg.add_argument("--no-prefix-caching", action="store_const", const=True, default=None,
                     help="compute every prompt in full (default: shared prefixes are computed once)")
+    sg.add_argument("--worker-reconnect-timeout", type=float, default=None,
+                    help="seconds the requests of a lost worker wait for its replacement (default 60; 0 = fail them)")
     both = s.add_argument_group("scheduler and worker")
     both.add_argument(
         "--engine-address", default=None, help=f"scheduler<->worker link (default {default_engine_address()})"
@@ -335,6 +338,7 @@ SCHEDULER_FLAGS = [
     ("metrics_port", "--metrics-port"),
     ("metrics_host", "--metrics-host"),
     ("no_prefix_caching", "--no-prefix-caching"),
+    ("worker_reconnect_timeout", "--worker-reconnect-timeout"),
     ("log_level", "--log-level"),
 ]
 WORKER_FLAGS = [
@@ -403,8 +407,16 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.sync and args.pipeline_depth == 2:
         parser.error("--sync contradicts --pipeline-depth 2")
     address = args.address or DEFAULT_ADDRESS
+    private = None
+    if args.engine_address is None:
+        # Each instance its own link: two `tandem serve` on one host (two models, two GPUs) can never
+        # hand one's restarting worker to the other's scheduler.
+        base = os.path.dirname(default_engine_address()[len("ipc://"):])
+        prepare_ipc_address(f"ipc://{base}/x")
+        private = tempfile.mkdtemp(prefix="serve-", dir=base)
+        args.engine_address = f"ipc://{private}/engine.sock"
     # The scheduler creates it too; doing it first means the worker never waits on a missing directory.
-    prepare_ipc_address(args.engine_address or default_engine_address())
+    prepare_ipc_address(args.engine_address)
     scheduler, worker = serve_commands(args)
     sup = Supervisor(
         # A dead worker is restarted and the scheduler takes it back; a dead scheduler ends `serve`.
@@ -416,7 +428,11 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     def on_started(s: Supervisor) -> None:
         threading.Thread(target=_announce_when_serving, args=(s, address, sys.stdout), daemon=True).start()
 
-    return sup.run(on_started)
+    try:
+        return sup.run(on_started)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from tandem.logs import configure as configure_logging
 
 from scheduler_svc.auth import check_bind, load_keys
 from scheduler_svc.engine import EngineConfig
+from scheduler_svc.link import refuse_live_ipc
 from scheduler_svc.server import SchedulerServer, ServerConfig
 from scheduler_svc.validation import RequestLimits
 
@@ -43,6 +44,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--step-trace", default="",
                    help="Append one JSON line per request submitted, step planned and result received to this "
                         "file (the core's view of the schedule, for diagnosis; off by default).")
+    p.add_argument("--worker-reconnect-timeout", type=float, default=60.0,
+                   help="When the worker is lost, the requests it held (and new ones, up to --max-waiting) wait this "
+                        "long for a worker to connect, then resume where they were (recomputed; greedy and seeded "
+                        "ones give the same tokens); past it they end UNAVAILABLE. 0 = fail them at once.")
     p.add_argument("--step-timeout", type=float, default=60.0,
                    help="Watchdog: a worker returning no step result for this long while steps are in flight is "
                         "treated as dead (0 = off).")
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--link-curve-secret needs --link-curve-clients (the workers' public keys)")
         if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
             raise ValueError("--tls-cert and --tls-key go together; --tls-client-ca needs them")
+        refuse_live_ipc(args.engine_address)  # never take over another live scheduler's link
     except (ValueError, OSError) as exc:
         print(f"scheduler: {exc}", file=sys.stderr)
         return 2
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             debug_check_state=args.debug_check_state,
             prefix_caching=not args.no_prefix_caching,
             step_trace=args.step_trace,
+            worker_reconnect_timeout_s=args.worker_reconnect_timeout,
         ),
         log_level=args.log_level,
         limits=RequestLimits(

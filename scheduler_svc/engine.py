@@ -8,7 +8,11 @@ worker computes the current one, its decode rows carrying the pending tokens ove
 Everything runs on the asyncio loop: results are processed, then the pipeline is topped up, then the
 step's tokens go to the front end, in the same callback, so a plan is never built from stale state.
 One `WorkerSession` per connected worker: a worker that dies takes its session (allocator, in-flight
-steps, the requests it held) with it, and the front end is told (LOST).
+steps) with it, and the front end is told (LOST). The requests it held are not lost with it: they
+are held, with the tokens they have, for `worker_reconnect_timeout_s`, and new ones queue beside
+them; when a worker connects they are scheduled again and recompute what they had. The worker's
+sampler draws from a counter-based RNG keyed by (seed, position), so a greedy or seeded request
+produces the very tokens it would have without the loss. Only past the timeout do they end.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from scheduler_svc.core_link import (
 )
 from scheduler_svc.link import EngineLink
 from scheduler_svc.request import FinishReason, Request, SamplingParams
-from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, TokenEvent
+from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, TokenEvent, check_fits
 
 log = logging.getLogger("tandem.engine")
 
@@ -53,6 +57,7 @@ class EngineConfig:
     debug_check_state: bool = False  # every step, the worker's row slots are checked against ours (digest)
     prefix_caching: bool = True  # full KV blocks are kept and shared by requests with the same prefix
     step_trace: str = ""  # a file: one JSON line per submit, plan and result (for diagnosing schedules)
+    worker_reconnect_timeout_s: float = 60.0  # requests of a lost worker wait this long for the next (0 = fail)
 
 
 @dataclass
@@ -98,6 +103,12 @@ class Engine:
         self._by_uid: dict[int, Request] = {}  # every request the scheduler holds, by the front end's uid
         self._last_progress = time.monotonic()  # last step result, or the first send after an idle spell
         self.last_session_stats = cpb.Stats()
+        # Requests held through a worker loss, in arrival order, and since when; the lost session's limits
+        # (to refuse what can never fit) while no worker is connected.
+        self._held: list[Request] = []
+        self._held_since: float | None = None
+        self._held_limits: SchedulerLimits | None = None
+        self.resumed_total = 0
         self._trace = open(config.step_trace, "a", buffering=1 << 20) if config.step_trace else None  # noqa: SIM115
 
     def trace(self, event: str, **fields: object) -> None:
@@ -113,7 +124,8 @@ class Engine:
     # ----- the loops ---------------------------------------------------------------------------------
     async def run(self) -> None:
         await asyncio.gather(self._recv_worker(), self._recv_front(),
-                             self.link.watch_disconnects(self._on_disconnect), self._watchdog())
+                             self.link.watch_disconnects(self._on_disconnect), self._watchdog(),
+                             self._reconnect_watchdog())
 
     async def _watchdog(self) -> None:
         """A worker that is connected but returns no step result for `step_timeout_s` while steps are
@@ -126,6 +138,23 @@ class Engine:
                 log.error("no step result for %.1f s with %d steps in flight: treating the worker as dead",
                           time.monotonic() - self._last_progress, s.scheduler.in_flight)
                 self._lose_worker(f"worker unresponsive (no step result in {timeout:g} s)")
+
+    async def _reconnect_watchdog(self) -> None:
+        """Requests held through a worker loss end UNAVAILABLE once no worker has connected for
+        `worker_reconnect_timeout_s`."""
+        timeout = self.config.worker_reconnect_timeout_s
+        while timeout > 0:
+            await asyncio.sleep(min(0.25, timeout / 4))
+            if self._held_since is not None and time.monotonic() - self._held_since > timeout:
+                self._fail_held(f"worker lost, and none connected within {timeout:g} s")
+
+    def _fail_held(self, reason: str) -> None:
+        n = len(self._held)
+        self._held, self._held_since, self._held_limits = [], None, None
+        self._by_uid.clear()
+        self.front.send(KIND_LOST, cpb.Lost(code=grpc.StatusCode.UNAVAILABLE.value[0], reason=reason,
+                                            last=self.last_session_stats).SerializeToString())
+        log.warning("%s: %d requests held through the loss end UNAVAILABLE", reason, n)
 
     async def _recv_worker(self) -> None:
         while True:
@@ -160,7 +189,7 @@ class Engine:
     def _on_submit(self, msg: cpb.Submit) -> None:
         refusal, why = cpb.ACCEPTED, ""
         s = self.session
-        if s is None:
+        if s is None and self._held_since is None:
             refusal, why = cpb.NO_WORKER, "no worker connected"
         else:
             req = Request(
@@ -172,7 +201,10 @@ class Engine:
                 cache_salt=msg.cache_salt,
             )
             try:
-                s.scheduler.add(req)
+                if s is not None:
+                    s.scheduler.add(req)
+                else:  # a worker was lost a moment ago: wait with the requests it held
+                    self._hold(req)
                 self._by_uid[msg.uid] = req
                 self.trace("submit", uid=msg.uid, arrival=msg.arrival_time, prompt=len(req.prompt_ids))
             except QueueFull as exc:
@@ -183,6 +215,15 @@ class Engine:
         if refusal == cpb.ACCEPTED:
             self._pump()
 
+    def _hold(self, req: Request) -> None:
+        """Queues a request that arrives while no worker is connected, within the reconnect window."""
+        assert self._held_limits is not None
+        check_fits(self._held_limits, req)
+        waiting = sum(1 for r in self._held if r.first_scheduled_time is None)
+        if waiting >= self.config.max_waiting:
+            raise QueueFull(f"{waiting} requests waiting for a worker (limit {self.config.max_waiting})")
+        self._held.append(req)
+
     def _on_abort(self, uids: list[int], reason: FinishReason) -> None:
         """Client cancels, deadlines and stop strings: idempotent; KV blocks come back once in-flight
         steps report."""
@@ -191,6 +232,8 @@ class Engine:
             req = self._by_uid.pop(uid, None)
             if req is not None and s is not None:
                 s.scheduler.abort(req.req_id, reason)
+            elif req is not None and req in self._held:
+                self._held.remove(req)
         if s is not None:
             self._pump()
             self._check_idle()
@@ -240,8 +283,33 @@ class Engine:
             hello.worker_id, hello.model_name, hello.device, hello.dtype, hello.num_blocks,
             hello.block_size, hello.max_context, self.depth,
         )
-        self.front.send(KIND_SERVING, cpb.Serving(hello=hello.encode()[1], pipeline_depth=self.depth)
-                        .SerializeToString())
+        resumed, misfits = self._resume_held()
+        self.front.send(KIND_SERVING, cpb.Serving(hello=hello.encode()[1], pipeline_depth=self.depth,
+                                                  resumed=resumed).SerializeToString())
+        if misfits:
+            self.front.send(KIND_LOST, cpb.Lost(code=grpc.StatusCode.UNAVAILABLE.value[0], uids=misfits,
+                                                reason="held through a worker loss, it does not fit the new "
+                                                       "worker's limits").SerializeToString())
+        self._pump()
+
+    def _resume_held(self) -> tuple[int, list[int]]:
+        """Hands the requests held through a loss to the new session's scheduler: (resumed, the uids of
+        those that do not fit the new worker)."""
+        held, self._held, self._held_since, self._held_limits = self._held, [], None, None
+        sch = self.session.scheduler
+        misfits = []
+        for req in held:
+            try:
+                sch.resume(req)
+            except NeverFits as exc:
+                log.warning("request %s cannot resume: %s", req.client_id, exc)
+                self._by_uid.pop(req.uid, None)
+                misfits.append(req.uid)
+        resumed = len(held) - len(misfits)
+        self.resumed_total += resumed
+        if held:
+            log.info("%d requests held through the worker loss resume (%d do not fit)", resumed, len(misfits))
+        return resumed, misfits
 
     def _on_result(self, peer: bytes, result: wire.StepResult) -> None:
         s = self.session
@@ -346,10 +414,20 @@ class Engine:
         self.last_session_stats = self.stats()
         self.session = None
         lost = s.scheduler.drain()
-        self._by_uid.clear()
+        # A worker that went away (not a fault of ours: INTERNAL) leaves its requests to the next one.
+        hold = code == grpc.StatusCode.UNAVAILABLE and self.config.worker_reconnect_timeout_s > 0
+        if hold:
+            self._held, self._held_limits = lost, s.scheduler.limits
+            self._held_since = time.monotonic()
+        else:
+            self._by_uid.clear()
         self.front.send(KIND_LOST, cpb.Lost(code=code.value[0], reason=reason, preemptions=s.scheduler.num_preemptions,
-                                            last=self.last_session_stats).SerializeToString())
-        log.warning("%s: %d requests lost, not serving until a worker connects", reason, len(lost))
+                                            last=self.last_session_stats, resumable=hold).SerializeToString())
+        if hold:
+            log.warning("%s: holding %d requests for up to %g s until a worker connects", reason, len(lost),
+                        self.config.worker_reconnect_timeout_s)
+        else:
+            log.warning("%s: %d requests lost, not serving until a worker connects", reason, len(lost))
 
 
 def auto_depth(device: str) -> int:

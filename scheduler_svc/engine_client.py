@@ -78,8 +78,11 @@ class EngineClient:
         self.depth = config.engine.pipeline_depth
         self.last_session_stats = cpb.Stats()
         self._on_serving_change = on_serving_change or (lambda serving: None)
+        # The last worker's Hello and tokenizer: kept through a resumable loss, so that requests arriving
+        # meanwhile are validated and wait (in the core) for the next worker.
         self._hello: wire.Hello | None = None
         self._tokenizer: TandemTokenizer | None = None
+        self._connected = False
         self._serving_event = asyncio.Event()
         self._uids = itertools.count(1)
         self._admits: dict[int, asyncio.Future] = {}
@@ -97,7 +100,7 @@ class EngineClient:
     # ----- what the servicer and the server use ------------------------------------------------------
     @property
     def serving(self) -> bool:
-        return self._hello is not None
+        return self._connected
 
     async def wait_serving(self, timeout: float | None = None) -> bool:
         try:
@@ -249,17 +252,30 @@ class EngineClient:
         hello = wire.Hello.from_header(msg.hello)
         self._tokenizer = TandemTokenizer.from_hello(hello)
         self._hello, self.depth = hello, msg.pipeline_depth
+        self._connected = True
+        self.metrics.resumed(msg.resumed)
         self._serving_event.set()
         self._on_serving_change(True)
 
     def _on_lost(self, msg: cpb.Lost) -> None:
-        self.last_session_stats = msg.last
-        self.metrics.end_session(msg.preemptions)
-        self._hello = self._tokenizer = None
-        self._serving_event.clear()
-        self._on_serving_change(False)
-        handles, self.handles = self.handles, {}
         code = next((c for c in grpc.StatusCode if c.value[0] == msg.code), grpc.StatusCode.UNAVAILABLE)
+        if msg.uids:  # only these requests are gone
+            for uid in msg.uids:
+                handle = self.handles.pop(uid, None)
+                if handle is not None:
+                    handle.fail(code, msg.reason)
+            return
+        if self._connected:  # the session ended (not the end of a reconnect window)
+            self.last_session_stats = msg.last
+            self.metrics.end_session(msg.preemptions)
+            self._connected = False
+            self._serving_event.clear()
+            self._on_serving_change(False)
+        if msg.resumable:
+            log.warning("%s: %d requests paused until a worker connects", msg.reason, len(self.handles))
+            return
+        self._hello = self._tokenizer = None
+        handles, self.handles = self.handles, {}
         for handle in handles.values():
             handle.fail(code, msg.reason)
         log.warning("%s: failed %d requests, not serving until a worker connects", msg.reason, len(handles))
@@ -333,6 +349,7 @@ class EngineClient:
     def _core_gone(self) -> None:
         log.error("the scheduler core exited (status %s)", self.core.returncode)
         self._hello = self._tokenizer = None
+        self._connected = False
         self._serving_event.clear()
         self._on_serving_change(False)
         for answer in self._admits.values():

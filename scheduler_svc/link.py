@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -30,6 +32,31 @@ MAX_MESSAGE_BYTES = 256 << 20
 def _log_send_failure(fut: asyncio.Future) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("engine link: send failed: %s", fut.exception())
+
+
+class AddressInUse(OSError):
+    """The link address is held by another live process (another scheduler)."""
+
+
+def refuse_live_ipc(address: str) -> None:
+    """Binding an ipc:// path takes it over from whoever holds it: a second scheduler on the same path
+    would steal the first one's restarting workers. So a path that accepts a connection is in use and
+    refused; one that does not is a stale file (a scheduler that died) and is removed."""
+    if not address.startswith("ipc://"):
+        return  # tcp:// bind fails by itself on a port in use
+    path = address[len("ipc://"):]
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: left behind by a process that died
+        return
+    finally:
+        probe.close()
+    raise AddressInUse(f"engine link address {address} is in use by another live scheduler; give this one "
+                       f"its own --engine-address (tandem serve picks a private one unless told)")
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,7 @@ class EngineLink:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         prepare_ipc_address(address)
+        refuse_live_ipc(address)
         sock.bind(address)
         self._sock = sock
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)

@@ -7,7 +7,8 @@ histogram buckets where it has the metric):
               tandem_prefix_cache_blocks, tandem_prefix_cache_evictable_blocks
   counters    tandem_prompt_tokens_total, tandem_generation_tokens_total, tandem_num_preemptions_total,
               tandem_prefix_cache_queries_total, tandem_prefix_cache_hits_total (prompt tokens looked up
-              in the prefix cache, and found there),
+              in the prefix cache, and found there), tandem_requests_resumed_total (held through a
+              worker loss, then resumed),
               tandem_request_success_total{finished_reason}, tandem_request_failure_total{code}
   histograms  tandem_time_to_first_token_seconds, tandem_inter_token_latency_seconds,
               tandem_e2e_request_latency_seconds, tandem_request_queue_time_seconds,
@@ -63,6 +64,7 @@ class Metrics:
         self.running = self.waiting = 0
         self.kv_usage = self.busy_ratio = 0.0
         self.preemptions = 0  # of the current worker session, plus those of sessions before it
+        self.requests_resumed = 0  # held through a worker loss, then scheduled on the next worker
         self._preemptions_before = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -80,6 +82,9 @@ class Metrics:
     def set_load(self, running: int, waiting: int, kv_usage: float, busy_ratio: float, preemptions: int) -> None:
         self.running, self.waiting, self.kv_usage, self.busy_ratio = running, waiting, kv_usage, busy_ratio
         self.preemptions = self._preemptions_before + preemptions
+
+    def resumed(self, n: int) -> None:
+        self.requests_resumed += n
 
     def end_session(self, preemptions: int) -> None:
         """A worker session ended: its scheduler (and preemption count) goes away, the total stays."""
@@ -139,6 +144,8 @@ class Metrics:
              self.preemptions),
             ("tandem_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", self.prefix_queries),
             ("tandem_prefix_cache_hits", "Prompt tokens found in the prefix cache.", self.prefix_hits),
+            ("tandem_requests_resumed", "Requests held through a worker loss and resumed on the next worker "
+             "(recomputed, same tokens).", self.requests_resumed),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         ok = CounterMetricFamily("tandem_request_success", "Requests finished, by finish reason.",

@@ -110,6 +110,20 @@ class _Chunk:
     new_blocks: list[int]
 
 
+def check_fits(L: SchedulerLimits, req: Request) -> None:
+    """Raises NeverFits if `req` can never run on a worker with limits `L`."""
+    total = req.num_prompt_tokens + req.max_new_tokens
+    if total > L.max_context:
+        raise NeverFits(f"{req.num_prompt_tokens} prompt + {req.max_new_tokens} new tokens exceed the "
+                        f"{L.max_context}-token context")
+    # The last sampled token is never written to the KV cache.
+    blocks = cdiv(total - 1, L.block_size)
+    if blocks > min(L.max_blocks_per_row, L.num_blocks):
+        raise NeverFits(f"{req.num_prompt_tokens} prompt + {req.max_new_tokens} new tokens need {blocks} "
+                        f"KV blocks of {L.block_size}; the worker allows {L.max_blocks_per_row} per "
+                        f"request and has {L.num_blocks}")
+
+
 class Scheduler:
     def __init__(self, limits: SchedulerLimits) -> None:
         self.limits = limits
@@ -182,21 +196,22 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
 
     def add(self, req: Request) -> None:
-        L = self.limits
-        assert req.req_id not in self._requests, f"duplicate request id {req.req_id}"
         assert req.status is RequestStatus.WAITING and not req.output_ids and req.num_computed == 0
-        total = req.num_prompt_tokens + req.max_new_tokens
-        if total > L.max_context:
-            raise NeverFits(f"{req.num_prompt_tokens} prompt + {req.max_new_tokens} new tokens exceed the "
-                            f"{L.max_context}-token context")
-        # The last sampled token is never written to the KV cache.
-        blocks = cdiv(total - 1, L.block_size)
-        if blocks > min(L.max_blocks_per_row, L.num_blocks):
-            raise NeverFits(f"{req.num_prompt_tokens} prompt + {req.max_new_tokens} new tokens need {blocks} "
-                            f"KV blocks of {L.block_size}; the worker allows {L.max_blocks_per_row} per "
-                            f"request and has {L.num_blocks}")
-        if len(self._waiting) >= L.max_waiting:
-            raise QueueFull(f"{len(self._waiting)} requests waiting (limit {L.max_waiting})")
+        assert req.req_id not in self._requests, f"duplicate request id {req.req_id}"
+        check_fits(self.limits, req)
+        if len(self._waiting) >= self.limits.max_waiting:
+            raise QueueFull(f"{len(self._waiting)} requests waiting (limit {self.limits.max_waiting})")
+        self._requests[req.req_id] = req
+        self._waiting.append(req)
+
+    def resume(self, req: Request) -> None:
+        """Queues a request held through a worker loss (`drain` gave it back): it recomputes its prompt
+        and the outputs it already has, then goes on. Raises NeverFits if this worker's limits are
+        smaller than the last one's; past the queue bound, since it was admitted long ago."""
+        assert not req.block_ids and req.slot < 0 and req.num_computed == 0 and req.num_inflight == 0
+        assert req.req_id not in self._requests, f"duplicate request id {req.req_id}"
+        check_fits(self.limits, req)
+        req.status, req.finish_reason, req.finish_time = RequestStatus.WAITING, None, None
         self._requests[req.req_id] = req
         self._waiting.append(req)
 

@@ -20,6 +20,17 @@ from client.local_server import TandemServer  # noqa: E402
 TINY_WORKER_ARGS = ["--device", "cpu", "--max-num-tokens", "128", "--max-num-rows", "32", "--num-blocks", "512"]
 
 
+def metric_value(port: int, name: str) -> float:
+    """One unlabelled sample of a server's Prometheus endpoint (`--metrics-port`)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=5).read().decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
 class ServerPool:
     """Servers keyed by configuration, so tests that need the same one share it."""
 

@@ -1,5 +1,6 @@
-"""Acceptance: the process model. `tandem serve` supervises both processes; a dead worker fails what it
-held with UNAVAILABLE, and serving resumes when a worker connects again, without restarting the scheduler.
+"""Acceptance: the process model. `tandem serve` supervises both processes; with --worker-reconnect-timeout 0
+a dead worker fails what it held with UNAVAILABLE (by default it is held: tests/test_recovery.py), and
+serving resumes when a worker connects again, without restarting the scheduler.
 The scheduler starts its core process (scheduler, engine link) and lives and dies with it."""
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ def _child(kids: list[int], module: str) -> int:
     return next(k for k in kids if module in _cmdline(k))
 
 
-def _start_serve() -> tuple[subprocess.Popen, str]:
-    directory = tempfile.mkdtemp(prefix="tandem-serve-")
+def _start_serve(own_link: bool = True) -> tuple[subprocess.Popen, str]:
+    """`own_link`: a link address of the test's; else the one `tandem serve` picks itself."""
     address = f"127.0.0.1:{free_port()}"
+    link = ["--engine-address", f"ipc://{tempfile.mkdtemp(prefix='tandem-serve-')}/engine.sock"] if own_link else []
     proc = subprocess.Popen(
-        [TANDEM, "serve", "--model", "random:tiny-llama", "--address", address,
-         "--engine-address", f"ipc://{directory}/engine.sock"],
+        [TANDEM, "serve", "--model", "random:tiny-llama", "--address", address, *link],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     deadline = time.monotonic() + 120
@@ -138,10 +139,57 @@ def test_tandem_serve_restarts_a_dead_worker_and_keeps_its_scheduler():
         assert proc.wait(60) == 0
 
 
+def _wait_health(address: str, serving: bool, within: float) -> None:
+    deadline = time.monotonic() + within
+    while (health_status(address) == SERVING) != serving:
+        assert time.monotonic() < deadline, f"{address}: health never became {'SERVING' if serving else 'NOT_SERVING'}"
+        time.sleep(0.05)
+
+
+def test_two_tandem_serve_on_one_host_never_cross_wire():
+    """Each `tandem serve` links its processes over a private address of its own: when either one's
+    worker is killed and restarted, it reconnects to its own scheduler, and both serve again."""
+    a, b = _start_serve(own_link=False), _start_serve(own_link=False)
+    try:
+        links = {_cmdline(_child(_children(p.pid), "worker_svc")).split("--engine-address ")[1].split()[0]
+                 for p, _ in (a, b)}
+        assert len(links) == 2, f"both instances on one link address: {links}"
+        for proc, address in (a, b):
+            os.kill(_child(_children(proc.pid), "worker_svc"), signal.SIGKILL)
+            _wait_health(address, False, within=5)
+            for _, addr in (a, b):  # the restarted worker serves its own scheduler; the other is untouched
+                _wait_health(addr, True, within=120)
+                with TandemClient(addr) as c:
+                    assert len(c.generate(token_ids=[5, 6, 7], max_new_tokens=3, temperature=0).token_ids) == 3
+        for proc, _ in (a, b):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        assert not any(os.path.exists(link[len("ipc://"):]) for link in links), "a private link left behind"
+    finally:
+        for proc, _ in (a, b):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_second_scheduler_on_a_live_link_address_is_refused():
+    with TandemServer(worker_args=["--max-num-tokens", "128"]) as server:
+        second = subprocess.run(
+            [sys.executable, "-m", "scheduler_svc", "--address", f"127.0.0.1:{free_port()}",
+             "--engine-address", server.engine_address],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+        assert second.returncode == 2 and "in use by another live scheduler" in second.stderr, second.stderr
+        assert health_status(server.address) == SERVING
+        with TandemClient(server.address) as c:
+            assert len(c.generate(token_ids=[5, 6, 7], max_new_tokens=3, temperature=0).token_ids) == 3
+
+
 def test_dead_worker_fails_inflight_then_serving_resumes():
+    # --worker-reconnect-timeout 0: requests fail with their worker (tests/test_recovery.py: they wait).
     # --debug-check-state: the new worker starts with empty row slots, and every plan the scheduler's
     # new session sends is checked against what the worker then holds.
-    with TandemServer(worker_args=["--max-num-tokens", "128"], scheduler_args=["--debug-check-state"]) as server:
+    with TandemServer(worker_args=["--max-num-tokens", "128"],
+                      scheduler_args=["--debug-check-state", "--worker-reconnect-timeout", "0"]) as server:
         with TandemClient(server.address) as c:
             first = c.generate(token_ids=[1, 2, 3], max_new_tokens=5, temperature=0).token_ids
 

@@ -27,7 +27,8 @@ def failed_generate(address: str) -> tuple[TandemError, float]:
 
 
 def test_hung_worker_is_treated_as_dead():
-    with TandemServer(worker_args=TINY_WORKER_ARGS, scheduler_args=["--step-timeout", "1.5"],
+    with TandemServer(worker_args=TINY_WORKER_ARGS,
+                      scheduler_args=["--step-timeout", "1.5", "--worker-reconnect-timeout", "0"],
                       env={"TANDEM_FAULTS": "hang_at_step=3"}) as server:
         err, elapsed = failed_generate(server.address)
         assert err.code == grpc.StatusCode.UNAVAILABLE and "unresponsive" in err.message
@@ -41,7 +42,8 @@ def test_hung_worker_exits_so_a_supervisor_can_restart_it():
     with status 3 (it would otherwise hold the device forever); the scheduler, whose own watchdog is
     far slower here, sees the worker go and fails the request UNAVAILABLE at once."""
     with TandemServer(worker_args=[*TINY_WORKER_ARGS, "--hang-timeout", "1"],
-                      scheduler_args=["--step-timeout", "60"], env={"TANDEM_FAULTS": "hang_at_step=3"}) as server:
+                      scheduler_args=["--step-timeout", "60", "--worker-reconnect-timeout", "0"],
+                      env={"TANDEM_FAULTS": "hang_at_step=3"}) as server:
         err, elapsed = failed_generate(server.address)
         assert err.code == grpc.StatusCode.UNAVAILABLE, err
         assert elapsed < 1 + 5.0, "the scheduler's 60-s watchdog must not be what ended it"

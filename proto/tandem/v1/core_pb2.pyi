@@ -110,24 +110,30 @@ class Outputs(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., arrays: _Optional[_Iterable[_Union[_engine_pb2.ArraySpec, _Mapping]]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., decode: _Optional[bool] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class Serving(_message.Message):
-    __slots__ = ("hello", "pipeline_depth")
+    __slots__ = ("hello", "pipeline_depth", "resumed")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     hello: bytes
     pipeline_depth: int
-    def __init__(self, hello: _Optional[bytes] = ..., pipeline_depth: _Optional[int] = ...) -> None: ...
+    resumed: int
+    def __init__(self, hello: _Optional[bytes] = ..., pipeline_depth: _Optional[int] = ..., resumed: _Optional[int] = ...) -> None: ...
 
 class Lost(_message.Message):
-    __slots__ = ("code", "reason", "preemptions", "last")
+    __slots__ = ("code", "reason", "preemptions", "last", "resumable", "uids")
     CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    RESUMABLE_FIELD_NUMBER: _ClassVar[int]
+    UIDS_FIELD_NUMBER: _ClassVar[int]
     code: int
     reason: str
     preemptions: int
     last: Stats
-    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., preemptions: _Optional[int] = ..., last: _Optional[_Union[Stats, _Mapping]] = ...) -> None: ...
+    resumable: bool
+    uids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., preemptions: _Optional[int] = ..., last: _Optional[_Union[Stats, _Mapping]] = ..., resumable: _Optional[bool] = ..., uids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("nonce", "connected", "running", "waiting", "kv_usage", "preemptions", "kv_blocks_total", "kv_blocks_free", "steps", "busy_ratio", "compute_ms", "idle_gap_ms", "prefix_cache_queries", "prefix_cache_hits", "prefix_cached_blocks", "prefix_evictable_blocks")
