@@ -45,6 +45,9 @@ from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLi
 
 log = logging.getLogger("tandem.engine")
 
+MAX_REFUSALS = 3  # refused plans within REFUSALS_WINDOW_S after which the requests fail, not resume
+REFUSALS_WINDOW_S = 60.0
+
 
 @dataclass
 class EngineConfig:
@@ -109,6 +112,7 @@ class Engine:
         self._held_since: float | None = None
         self._held_limits: SchedulerLimits | None = None
         self.resumed_total = 0
+        self._refusals: list[float] = []  # when the worker refused a plan (REFUSED), recent ones
         self._trace = open(config.step_trace, "a", buffering=1 << 20) if config.step_trace else None  # noqa: SIM115
 
     def trace(self, event: str, **fields: object) -> None:
@@ -164,6 +168,8 @@ class Engine:
                     self._on_hello(msg.peer, wire.Hello.from_header(msg.header))
                 elif msg.kind == wire.KIND_RESULT:
                     self._on_result(msg.peer, wire.StepResult.decode(msg.header, msg.frames))
+                elif msg.kind == wire.KIND_REFUSED:
+                    self._on_refused(msg.peer, *wire.decode_refused(msg.header))
                 else:
                     log.warning("unexpected %r from worker", msg.kind)
             except wire.WireError as exc:
@@ -171,6 +177,7 @@ class Engine:
             except Exception:
                 log.exception("engine failure handling %r; dropping the worker session", msg.kind)
                 self._lose_worker("internal error in the scheduler engine", grpc.StatusCode.INTERNAL)
+                self._reset_worker(msg.peer)
 
     async def _recv_front(self) -> None:
         while True:
@@ -310,6 +317,33 @@ class Engine:
         if held:
             log.info("%d requests held through the worker loss resume (%d do not fit)", resumed, len(misfits))
         return resumed, misfits
+
+    def _on_refused(self, peer: bytes, step_id: int, why: str) -> None:
+        """The worker did not run a plan: our view of its row slots has parted from its own. The session
+        is reset on the same connection (the model stays loaded) and the requests resume by recompute;
+        the third refusal within REFUSALS_WINDOW_S fails them instead (INTERNAL), lest one bad request
+        loop forever."""
+        s = self.session
+        if s is None or peer != s.peer:
+            return  # the steps sent after the refused one are refused too: one reset answers them all
+        now = time.monotonic()
+        self._refusals = [t for t in self._refusals if now - t < REFUSALS_WINDOW_S] + [now]
+        reason = f"worker refused step {step_id}: {why}"
+        if len(self._refusals) >= MAX_REFUSALS:
+            log.error("%s (%d times in %g s): failing the requests it held", reason, len(self._refusals),
+                      REFUSALS_WINDOW_S)
+            self._lose_worker(reason, grpc.StatusCode.INTERNAL)
+        else:
+            log.error("%s: resetting the session, its requests resume by recompute", reason)
+            self._lose_worker(reason)
+        self._reset_worker(peer)
+
+    def _reset_worker(self, peer: bytes) -> None:
+        """Asks a worker whose session we dropped (still connected) for a fresh one: it says HELLO again."""
+        try:
+            self.link.send(peer, wire.reset_message())
+        except zmq.ZMQError:
+            pass  # gone meanwhile: its replacement will say HELLO
 
     def _on_result(self, peer: bytes, result: wire.StepResult) -> None:
         s = self.session

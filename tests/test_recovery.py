@@ -133,3 +133,33 @@ def test_held_requests_end_unavailable_after_the_reconnect_timeout():
         server.wait_serving(120)
         st = server.wait_idle(10)
         assert st.kv_blocks_free == st.kv_blocks_total
+
+
+def test_a_refused_plan_is_answered_and_the_session_reset_without_losing_a_request():
+    """The worker refuses step 5 (fault injection, once): it says so at once (REFUSED), the scheduler
+    resets the session on the same connection, and the requests resume by recompute: every one
+    completes with the tokens it gives without the fault, in seconds, not after a step timeout."""
+    prompts = [[5 + i, 6, 7, 8] * 4 for i in range(4)]
+    metrics_port = free_port()
+
+    async def run(address: str) -> list[list[int]]:
+        async with AsyncTandemClient(address) as c:
+            rs = await asyncio.gather(*(c.generate(token_ids=p, max_new_tokens=24, ignore_eos=True, temperature=0)
+                                        for p in prompts))
+            return [r.token_ids for r in rs]
+
+    with TandemServer(worker_args=TINY_WORKER_ARGS, env={"TANDEM_FAULTS": "refuse_step=5"},
+                      scheduler_args=["--debug-check-state", "--step-timeout", "60", "--metrics-port",
+                                      str(metrics_port)]) as server:
+        t0 = time.monotonic()
+        faulty = asyncio.run(run(server.address))
+        elapsed = time.monotonic() - t0
+        assert "refusing step 5: fault injection" in server.log_text("worker")
+        assert "worker refused step 5" in server.log_text("scheduler")
+        clean = asyncio.run(run(server.address))  # the fault fires once per worker process
+        assert faulty == clean
+        assert elapsed < 20, f"{elapsed:.1f} s: the refusal was not answered at once"
+        assert metric_value(metrics_port, "tandem_requests_resumed_total") == len(prompts)
+        assert server.worker.poll() is None, "the worker was reset, not restarted"
+        st = server.wait_idle(10)
+        assert st.kv_blocks_free == st.kv_blocks_total

@@ -100,13 +100,19 @@ def test_hello_plans_flush_garbage_and_scheduler_loss(link) -> None:
     for r, t in zip(reqs, first.sampled, strict=True):
         r.out.append(int(t))
 
-    # Garbage of every kind in between: the worker logs it and keeps serving.
+    # Garbage of every kind in between: the worker logs it and keeps serving. A plan it cannot run is
+    # answered REFUSED (so the scheduler resets the session at once); what is not even a message is not.
     sched.send([b"NOPE", b""])
     sched.send([b"PLAN"])
     sched.send([wire.KIND_PLAN, b"\xff\xfe not a protobuf"])
     bad = planner.plan([(Req([1, 2, 3]), 3, True)])
     planner.step_id -= 1
     sched.send([wire.KIND_PLAN, *bad.encode()[1:-1]])  # one array frame short
+    for _ in range(2):
+        kind, header, _ = sched.recv(10)
+        assert kind == wire.KIND_REFUSED
+        step_id, why = wire.decode_refused(header)
+        assert step_id == -1 and why.startswith("undecodable plan"), why
 
     sched.send(wire.flush_message())
     second = sched.recv_result()

@@ -120,6 +120,7 @@ class WorkerLoop:
         self.stop_requested = False
         self.steps = 0
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
+        self._refused_by_fault = False
         if self.faults:
             log.warning("fault injection on (%s=%s): for tests only", FAULTS_ENV, os.environ[FAULTS_ENV])
 
@@ -156,21 +157,35 @@ class WorkerLoop:
         if kind == wire.KIND_FLUSH:
             self.send_pending(keep=0)
             return
+        if kind == wire.KIND_RESET:
+            log.warning("scheduler asked for a reset after %d steps: in-flight steps dropped, row slots "
+                        "emptied; a new session starts", self.steps)
+            self.engine.reset_session()
+            self.link.send(make_hello(self.engine).encode())
+            return
         if kind != wire.KIND_PLAN:
             log.warning("dropping unexpected %r message", kind)
             return
         try:
             plan = wire.StepPlan.decode(header, arrays)
         except Exception as exc:  # protobuf DecodeError as well as WireError
-            log.error("dropping undecodable plan: %s", exc)
+            self.refuse(-1, f"undecodable plan: {exc}")
             return
         if plan.step_id <= self.engine.last_step_id:
-            log.error("refusing step %d: already at step %d", plan.step_id, self.engine.last_step_id)
+            self.refuse(plan.step_id, f"already at step {self.engine.last_step_id}")
             return
         try:
+            if self.faults.get("refuse_step") == plan.step_id and not self._refused_by_fault:
+                self._refused_by_fault = True  # once per process, so that the retry goes through
+                raise wire.WireError("fault injection: refuse_step")
             self.on_plan(plan)
         except wire.WireError as exc:  # Engine.launch checks before touching any buffer
-            log.error("refusing step %d: %s", plan.step_id, exc)
+            self.refuse(plan.step_id, str(exc))
+
+    def refuse(self, step_id: int, reason: str) -> None:
+        """A plan not run: say so (the scheduler resets the session) instead of leaving it to time out."""
+        log.error("refusing step %d: %s", step_id, reason)
+        self.link.send(wire.refused_message(step_id, reason))
 
     def on_plan(self, plan: wire.StepPlan) -> None:
         if self.faults.get("hang_at_step") == plan.step_id:

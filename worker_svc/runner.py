@@ -149,6 +149,14 @@ class Engine:
         assert not self._in_flight, "reset_rows with steps in flight"
         self.rows.reset()
 
+    def reset_session(self) -> None:
+        """A new scheduler session on this connection (RESET): the steps in flight are computed and
+        dropped, every row slot emptied, and step ids count from 0 again."""
+        while self._in_flight:
+            self.collect()
+        self.reset_rows()
+        self._last = None
+
     # ----- host-side checks ------------------------------------------------------------------------
     def check_plan(self, plan: StepPlan) -> StepBatch:
         """Checks `plan` and applies it to the row slots; WireError (state untouched) if this worker

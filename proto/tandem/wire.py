@@ -22,7 +22,9 @@ KIND_HELLO = b"HELLO"
 KIND_PLAN = b"PLAN"
 KIND_FLUSH = b"FLUSH"
 KIND_RESULT = b"RESULT"
-KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT)
+KIND_REFUSED = b"REFUSED"
+KIND_RESET = b"RESET"
+KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT, KIND_REFUSED, KIND_RESET)
 
 # Debug mode (`--debug-placeholders`): a carry-over placeholder is this sentinel instead of 0, so a
 # placeholder that reaches the embedding unresolved cannot pass for a real token.
@@ -301,6 +303,22 @@ class StepResult:
 
 def flush_message() -> list[bytes]:
     return [KIND_FLUSH, pb.Flush().SerializeToString()]
+
+
+def refused_message(step_id: int, reason: str) -> list[bytes]:
+    return [KIND_REFUSED, pb.Refused(step_id=step_id, reason=reason[:1000]).SerializeToString()]
+
+
+def reset_message() -> list[bytes]:
+    return [KIND_RESET, pb.Reset().SerializeToString()]
+
+
+def decode_refused(header: bytes) -> tuple[int, str]:
+    try:
+        msg = pb.Refused.FromString(header)
+    except Exception as exc:  # protobuf DecodeError
+        raise WireError(f"undecodable REFUSED: {exc}") from exc
+    return msg.step_id, msg.reason
 
 
 def split(frames: list) -> tuple[bytes, bytes, list]:

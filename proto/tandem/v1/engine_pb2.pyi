@@ -86,6 +86,18 @@ class Flush(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Refused(_message.Message):
+    __slots__ = ("step_id", "reason")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    reason: str
+    def __init__(self, step_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Reset(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StepResultHeader(_message.Message):
     __slots__ = ("step_id", "compute_ms", "idle_gap_ms", "arrays", "state_digest")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
