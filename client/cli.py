@@ -420,7 +420,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     scheduler, worker = serve_commands(args)
     sup = Supervisor(
         # A dead worker is restarted and the scheduler takes it back; a dead scheduler ends `serve`.
-        [ChildSpec("scheduler", scheduler), ChildSpec("worker", worker, restart=True)],
+        [ChildSpec("scheduler", scheduler), ChildSpec("worker", worker, restart=True, fatal_codes=(2,))],
         grace_s=args.grace if args.grace is not None else (args.drain_timeout or 30.0) + 10.0,
         name="tandem serve",
     )

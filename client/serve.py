@@ -33,6 +33,9 @@ class ChildSpec:
     # Restarted when it exits on its own (the worker: the scheduler takes a new one back), unless it
     # keeps dying young (CRASH_LOOP_STARTS in a row within CRASH_LOOP_S of starting): then all stop.
     restart: bool = False
+    # Exit codes that mean "starting again cannot help" (the worker's 2: a model that cannot load, a
+    # bad flag): the supervisor stops everything at once with that code instead of restarting.
+    fatal_codes: tuple[int, ...] = ()
 
 
 CRASH_LOOP_S = 30.0
@@ -184,6 +187,11 @@ class Supervisor:
                     if rc is None:
                         continue
                     how = f"with code {rc}" if rc >= 0 else f"by signal {signal.Signals(-rc).name}"
+                    if rc in r.spec.fatal_codes:
+                        self.log(f"{r.spec.name} exited {how}, which restarting cannot mend (its message is "
+                                 f"above); stopping")
+                        self.stop()
+                        return rc
                     if r.spec.restart and not self._signals:
                         self.log(f"{r.spec.name} exited {how}; restarting it")
                         if self._restart(r):

@@ -313,3 +313,19 @@ def test_multi_turn_through_the_command_line(tiny, tmp_path):
                           "--dataset-name", "multi-turn", "--num-prompts", "6", "--multi-turn-turns", "4"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "multiple of --multi-turn-turns" in bad.stderr
+
+
+def test_results_without_matplotlib_are_written_and_say_why_there_are_no_plots(tiny, tmp_path):
+    """`make run` installs no `bench` extra: `tandem bench --result-dir` still writes its JSON and CSV,
+    and says that plots need matplotlib, instead of failing on the import."""
+    code = ("import sys; sys.modules['matplotlib'] = None; from client.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    run = subprocess.run(
+        [sys.executable, "-c", code, "bench", "--address", tiny.address, "--disable-tqdm", "--result-dir",
+         str(tmp_path), "--result-filename", "np", "--num-prompts", "3", "--random-input-len", "8",
+         "--random-output-len", "4", "--ignore-eos", "--seed", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "plots: they need matplotlib" in run.stderr
+    assert json.loads((tmp_path / "np.json").read_text())["completed"] == 3
+    assert (tmp_path / "results.csv").exists() and not list(tmp_path.glob("*.png"))

@@ -43,7 +43,8 @@ SUPERVISOR = """
 import json, sys
 from client.serve import ChildSpec, Supervisor
 children = json.loads(sys.argv[1])
-sys.exit(Supervisor([ChildSpec(n, a) for n, a in children], grace_s=float(sys.argv[2]), poll_s=0.02).run())
+specs = [ChildSpec(c[0], c[1], **(c[2] if len(c) > 2 else {})) for c in children]
+sys.exit(Supervisor(specs, grace_s=float(sys.argv[2]), poll_s=0.02).run())
 """
 
 # argv: name, directory, exit_after_s (<0: never), exit_code, on_sigterm ("exit" | "ignore")
@@ -130,6 +131,22 @@ def test_supervisor_child_exit_stops_the_other(tmp_path: Path, code: int, expect
     assert not _alive(pids["steady"]) and not _alive(pids["quitter"])
     assert (tmp_path / "steady.term").exists(), "the surviving child should get SIGTERM first"
     assert "quitter exited" in sup.stderr.read()
+
+
+def test_supervisor_does_not_restart_a_child_that_cannot_start(tmp_path: Path) -> None:
+    """The worker exits 2 when its model cannot load: restarting cannot help, so `tandem serve` stops
+    with that code at once (its message is the worker's own) instead of three crash-loop restarts."""
+    worker = [*_child("worker", tmp_path, 0.3, 2), {"restart": True, "fatal_codes": [2]}]
+    sup = _start_supervisor([_child("steady", tmp_path), worker])
+    try:
+        pids = _wait_pids(tmp_path, ["steady", "worker"])
+        assert sup.wait(timeout=20) == 2
+    finally:
+        sup.kill()
+        sup.wait()
+    err = sup.stderr.read()
+    assert "restarting cannot mend" in err and "restarting it" not in err, err
+    assert not _alive(pids["steady"]) and (tmp_path / "steady.term").exists()
 
 
 def test_supervisor_sigterm_stops_children_and_exits_0(tmp_path: Path) -> None:

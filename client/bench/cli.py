@@ -144,9 +144,12 @@ async def run_one(args: argparse.Namespace, spec: LoadSpec, workload: list[Bench
         base = f"{base}-{name}" if args.sweep else base
         result_dir = Path(args.result_dir)
         paths = report.write_outputs(result_dir, base, summary, records, result_dir / "results.csv")
-        if not args.no_plots:
-            from client.bench import plots
+        from client.bench import plots
 
+        if not args.no_plots and not plots.available():
+            print("no plots: they need matplotlib (pip install 'tandem[bench]'); the JSON and CSV are written",
+                  file=sys.stderr)
+        elif not args.no_plots:
             title = f"{args.label} {name}: {summary['server'].get('model', '')}"
             paths["latency_plot"] = plots.latency_cdfs(records, result_dir / f"{base}.latency.png", title)
             paths["timeline_plot"] = plots.timeline(records, result_dir / f"{base}.timeline.png", title)

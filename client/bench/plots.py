@@ -16,6 +16,15 @@ from typing import Any
 from client.bench.metrics import RequestRecord
 
 
+def available() -> bool:
+    """Whether matplotlib is installed (the `bench` extra); without it `tandem bench` writes no plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _pyplot():
     import matplotlib
 
