@@ -71,8 +71,8 @@ async def _serve(args: argparse.Namespace) -> int:
         code = 1
     elif tasks[2] in done:
         code = 1
-    engine.close()
-    link.close()
+    bye = engine.close(bye=tasks[1] in done)  # SIGTERM/SIGINT: an orderly stop
+    link.close(linger_ms=500 if bye else 0)
     front.close()
     return code
 

@@ -120,10 +120,20 @@ class Engine:
         if self._trace is not None:
             self._trace.write(json.dumps({"ev": event, "t": time.monotonic(), **fields}) + "\n")
 
-    def close(self) -> None:
+    def close(self, bye: bool = False) -> bool:
+        """With `bye` (an orderly shutdown) the worker is told, so it exits 0 and logs no error; returns
+        whether a BYE was queued (the link must then linger a moment to send it)."""
+        sent = False
+        if bye and self.session is not None:
+            try:
+                self.link.send(self.session.peer, wire.bye_message())
+                sent = True
+            except zmq.ZMQError:
+                pass
         if self._trace is not None:
             self._trace.close()
             self._trace = None
+        return sent
 
     # ----- the loops ---------------------------------------------------------------------------------
     async def run(self) -> None:

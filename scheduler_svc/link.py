@@ -130,10 +130,11 @@ class EngineLink:
                 if asyncio.iscoroutine(result):
                     await result
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """`linger_ms`: how long queued messages (a BYE) may still take to leave."""
         if self._auth is not None:
             self._auth.stop()
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
-        self._sock.close(linger=0)
+        self._sock.close(linger=linger_ms)
         self._ctx.term()

@@ -108,6 +108,9 @@ def test_tandem_serve_runs_and_stops_cleanly():
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert all(_gone(k) for k in [*kids, core])
+        # The scheduler stops first and tells its worker (BYE): an orderly exit, not an error.
+        assert output.wait_for("the scheduler is shutting down", 5), "".join(output.lines)
+        assert not [line for line in output.lines if "scheduler lost" in line]
 
 
 def test_tandem_serve_exits_nonzero_when_the_scheduler_dies():

@@ -157,6 +157,10 @@ class WorkerLoop:
         if kind == wire.KIND_FLUSH:
             self.send_pending(keep=0)
             return
+        if kind == wire.KIND_BYE:
+            log.info("the scheduler is shutting down; exiting after %d steps", self.steps)
+            self.stop_requested = True
+            return
         if kind == wire.KIND_RESET:
             log.warning("scheduler asked for a reset after %d steps: in-flight steps dropped, row slots "
                         "emptied; a new session starts", self.steps)

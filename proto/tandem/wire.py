@@ -24,7 +24,8 @@ KIND_FLUSH = b"FLUSH"
 KIND_RESULT = b"RESULT"
 KIND_REFUSED = b"REFUSED"
 KIND_RESET = b"RESET"
-KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT, KIND_REFUSED, KIND_RESET)
+KIND_BYE = b"BYE"
+KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT, KIND_REFUSED, KIND_RESET, KIND_BYE)
 
 # Debug mode (`--debug-placeholders`): a carry-over placeholder is this sentinel instead of 0, so a
 # placeholder that reaches the embedding unresolved cannot pass for a real token.
@@ -311,6 +312,10 @@ def refused_message(step_id: int, reason: str) -> list[bytes]:
 
 def reset_message() -> list[bytes]:
     return [KIND_RESET, pb.Reset().SerializeToString()]
+
+
+def bye_message() -> list[bytes]:
+    return [KIND_BYE, pb.Bye().SerializeToString()]
 
 
 def decode_refused(header: bytes) -> tuple[int, str]:

@@ -98,6 +98,10 @@ class Reset(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Bye(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StepResultHeader(_message.Message):
     __slots__ = ("step_id", "compute_ms", "idle_gap_ms", "arrays", "state_digest")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
