@@ -127,3 +127,20 @@ def test_tls_and_mutual_tls(certs: Path):
             with TandemClient(address, timeout=5, **kwargs) as bad, pytest.raises(TandemError) as err:
                 bad.generate(token_ids=[5, 6], max_new_tokens=2)
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_server_only_tls(certs: Path):
+    """TLS without client certificates (no --tls-client-ca): a client that trusts the CA is served; a
+    plaintext client, or one that does not trust the server's certificate, is not."""
+    c = {n: str(certs / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem")}
+    creds = grpc.ssl_channel_credentials(Path(c["ca.pem"]).read_bytes())
+    tls_args = ["--tls-cert", c["server.pem"], "--tls-key", c["server.key"]]
+    with TandemServer(worker_args=TINY_WORKER_ARGS, scheduler_args=tls_args, credentials=creds) as server:
+        address = f"localhost:{server.port}"
+        with TandemClient(address, tls_ca=c["ca.pem"]) as ok:
+            assert len(ok.generate(token_ids=[5, 6], max_new_tokens=2).token_ids) == 2
+        # Plaintext; TLS trusting another root (the client certificate stands in for a wrong CA).
+        for kwargs in ({}, {"tls_ca": c["client.pem"]}):
+            with TandemClient(address, timeout=5, **kwargs) as bad, pytest.raises(TandemError) as err:
+                bad.generate(token_ids=[5, 6], max_new_tokens=2)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE
