@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import grpc
 import pytest
@@ -23,22 +24,37 @@ async def _expect(coro, code: grpc.StatusCode, field: str | None = None) -> Tand
 
 
 def test_client_cancel_and_deadline_free_kv(tiny):
+    """A cancelled stream and a deadline each end a request that is still running (1500 tokens to go,
+    seconds of work here), and its KV blocks are back within a second."""
+    tiny.wait_idle()
+
+    def back_within(seconds: float) -> float:
+        t0 = time.monotonic()
+        st = tiny.wait_idle(timeout=seconds)
+        assert (st.num_running, st.num_waiting) == (0, 0) and st.kv_blocks_free == st.kv_blocks_total, st
+        return time.monotonic() - t0
+
     async def run():
         async with AsyncTandemClient(tiny.address) as c:
-            stream = c.generate_stream(token_ids=[7] * 50, max_new_tokens=400, ignore_eos=True)
-            chunks = 0
-            async for _ in stream:
-                chunks += 1
-                if chunks == 3:
-                    break  # leaving the iterator cancels the RPC
-            await stream.aclose()
-            await _expect(c.generate(token_ids=[9] * 30, max_new_tokens=400, ignore_eos=True, timeout=0.5),
-                          grpc.StatusCode.DEADLINE_EXCEEDED)
+            stream = c.generate_stream(token_ids=[7] * 50, max_new_tokens=1500, ignore_eos=True)
+            got = 0
+            async for chunk in stream:
+                got += len(chunk.token_ids)
+                if got >= 3:
+                    break
+            running = tiny.stats()
+            assert running.num_running == 1 and running.kv_blocks_free < running.kv_blocks_total
+            await stream.aclose()  # leaving the iterator cancels the RPC
+            back_within(1.0)
+
+            deadline = asyncio.ensure_future(
+                c.generate(token_ids=[9] * 30, max_new_tokens=1500, ignore_eos=True, timeout=0.5))
+            await asyncio.sleep(0.3)
+            assert tiny.stats().num_running == 1  # admitted and running when its deadline comes
+            await _expect(deadline, grpc.StatusCode.DEADLINE_EXCEEDED)
+            back_within(1.0)
 
     asyncio.run(run())
-    st = tiny.wait_idle()
-    assert (st.num_running, st.num_waiting) == (0, 0)
-    assert st.kv_blocks_free == st.kv_blocks_total
 
 
 BAD = [
