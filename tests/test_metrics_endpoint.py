@@ -33,18 +33,24 @@ def test_histogram_buckets_are_cumulative_with_le_semantics():
 
 
 def test_metrics_match_the_requests_sent():
+    NEW = 48  # noqa: N806 (tokens per request: long enough that the scrape lands mid-load)
     port = free_port()
     with TandemServer(worker_args=TINY_WORKER_ARGS, scheduler_args=["--metrics-port", str(port)]) as server:
         prompts = [[5 + i] * (10 + i) for i in range(8)]
 
         async def run():
             async with AsyncTandemClient(server.address) as c:
-                during = asyncio.create_task(asyncio.to_thread(_scrape, port))
-                results = await asyncio.gather(*(c.generate(token_ids=p, max_new_tokens=12, ignore_eos=True,
-                                                            temperature=0) for p in prompts))
+                load = asyncio.gather(*(c.generate(token_ids=p, max_new_tokens=NEW, ignore_eos=True,
+                                                   temperature=0) for p in prompts))
+                # Scrape while the requests run, once a step's outputs (which carry the load gauges) have
+                # reached the front end: the core sends them before it answers GetStats.
+                while (st := await c.server_stats()).num_running == 0 or st.steps == 0:
+                    await asyncio.sleep(0.005)
+                during = await asyncio.to_thread(_scrape, port)
+                results = await load
                 with pytest.raises(TandemError):
                     await c.generate(token_ids=[5], max_new_tokens=0)  # INVALID_ARGUMENT
-                return results, await during
+                return results, during
 
         results, during = asyncio.run(run())
         server.wait_idle()
@@ -54,17 +60,18 @@ def test_metrics_match_the_requests_sent():
     for key in (("tandem_prompt_tokens_total", ()), ("tandem_generation_tokens_total", ()),
                 ("tandem_time_to_first_token_seconds_count", ())):
         assert 0 <= during[key] <= m[key]
-    assert during[("tandem_num_requests_running", ())] + during[("tandem_num_requests_waiting", ())] <= n
+    assert 1 <= during[("tandem_num_requests_running", ())] + during[("tandem_num_requests_waiting", ())] <= n
+    assert during[("tandem_generation_tokens_total", ())] < n * NEW, "the scrape came after the load"
     assert m[("tandem_request_success_total", (("finished_reason", "length"),))] == n
     assert m[("tandem_request_failure_total", (("code", "INVALID_ARGUMENT"),))] == 1
     assert m[("tandem_prompt_tokens_total", ())] == sum(len(p) for p in prompts)
-    assert m[("tandem_generation_tokens_total", ())] == sum(len(r.token_ids) for r in results) == n * 12
+    assert m[("tandem_generation_tokens_total", ())] == sum(len(r.token_ids) for r in results) == n * NEW
     assert m[("tandem_time_to_first_token_seconds_count", ())] == n
-    assert m[("tandem_inter_token_latency_seconds_count", ())] == n * 11
+    assert m[("tandem_inter_token_latency_seconds_count", ())] == n * (NEW - 1)
     assert m[("tandem_e2e_request_latency_seconds_count", ())] == n
     assert m[("tandem_request_queue_time_seconds_count", ())] == n
     steps = sum(v for (name, _), v in m.items() if name == "tandem_step_seconds_count")
-    assert steps >= 12 and m[("tandem_step_seconds_count", (("kind", "decode"),))] >= 1
+    assert steps >= NEW and m[("tandem_step_seconds_count", (("kind", "decode"),))] >= 1
     assert m[("tandem_num_requests_running", ())] == 0 and m[("tandem_num_requests_waiting", ())] == 0
     assert m[("tandem_kv_cache_usage_ratio", ())] == 0.0
     assert 0 < m[("tandem_gpu_busy_ratio", ())] <= 1
