@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,3 +148,18 @@ def test_sigterm_exits_cleanly(link) -> None:
     assert kind == wire.KIND_HELLO
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
+
+
+def test_pickle_weights_are_refused_unless_allowed(tmp_path: Path) -> None:
+    """A model directory with only .bin (pickle) weights: refused with what it holds and what to do;
+    loaded with allow_pickle_weights (`--allow-pickle-weights`), with the same weights."""
+    src = models.load("random:tiny-llama", "cpu", torch.float32, seed=0).model
+    src.config.save_pretrained(tmp_path)
+    torch.save(src.state_dict(), tmp_path / "pytorch_model.bin")  # the old format: a pickle
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models.embedded_model_dir() / name, tmp_path / name)
+    with pytest.raises(ValueError, match=r"pickle weights \(pytorch_model\.bin\).*--allow-pickle-weights"):
+        models.load(str(tmp_path), "cpu", torch.float32)
+    loaded = models.load(str(tmp_path), "cpu", torch.float32, allow_pickle_weights=True).model
+    for (name, a), (_, b) in zip(src.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -21,6 +21,9 @@ def build_parser() -> EnvArgumentParser:
     p = EnvArgumentParser(prog="tandem-worker", description="Tandem GPU worker: runs the scheduler's steps.")
     p.add_argument("--model", default="smollm2-135m-instruct",
                    help="smollm2-135m-instruct, a model directory, a .gguf file, or random:<preset|config.json>")
+    p.add_argument("--allow-pickle-weights", action="store_true",
+                   help="Load a model directory's .bin (pickle) weights when it has no safetensors; loading a "
+                        "pickle runs the code it carries, so only for weights you trust.")
     p.add_argument("--engine-address", default=default_engine_address(),
                    help="ZeroMQ address the scheduler's ROUTER is bound at")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("loading %s on %s (%s)", args.model, device, dtype)
     try:
-        loaded = models.load(args.model, device, dtype, seed=args.seed, max_context=args.max_context)
+        loaded = models.load(args.model, device, dtype, seed=args.seed, max_context=args.max_context,
+                             allow_pickle_weights=args.allow_pickle_weights)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         log.error("cannot load --model %s: %s", args.model, exc)
         return 2

@@ -151,8 +151,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load(spec: str, device: str = "cpu", dtype: Any = None, seed: int = 0, max_context: int = 0) -> LoadedModel:
-    """Builds the model `spec` names on `device` in `dtype` (default float32)."""
+def load(spec: str, device: str = "cpu", dtype: Any = None, seed: int = 0, max_context: int = 0,
+         allow_pickle_weights: bool = False) -> LoadedModel:
+    """Builds the model `spec` names on `device` in `dtype` (default float32). A model directory's
+    weights load from safetensors only, unless `allow_pickle_weights` (`.bin` files are pickles: loading
+    one runs whatever code it carries)."""
     import torch
 
     dtype = dtype or torch.float32
@@ -161,7 +164,7 @@ def load(spec: str, device: str = "cpu", dtype: Any = None, seed: int = 0, max_c
             embedded_model_dir(), spec
     else:
         model_dir, name = _model_dir(spec)
-        model, tok_dir = _load_pretrained(model_dir, device, dtype), model_dir
+        model, tok_dir = _load_pretrained(model_dir, device, dtype, allow_pickle_weights), model_dir
     model.eval().requires_grad_(False)
     return _describe(name, model, tok_dir, max_context)
 
@@ -181,12 +184,21 @@ def _model_dir(spec: str) -> tuple[Path, str]:
     )
 
 
-def _load_pretrained(model_dir: Path, device: str, dtype: Any) -> Any:
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _load_pretrained(model_dir: Path, device: str, dtype: Any, allow_pickle: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
 
+    if not allow_pickle and not any(model_dir.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in model_dir.glob(pattern))
+        what = f"PyTorch pickle weights ({', '.join(pickles)})" if pickles else "no safetensors weights"
+        raise ValueError(f"{model_dir} holds {what}: Tandem loads safetensors only, since loading a pickle runs "
+                         f"the code it carries. Convert them (save_pretrained(..., safe_serialization=True)), "
+                         f"or pass --allow-pickle-weights if you trust where they come from")
     # device_map places weights straight on the GPU instead of staging a full copy in host memory.
     kw = {"device_map": device} if device != "cpu" else {}
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kw)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=None if allow_pickle else True, **kw)
 
 
 def _build_random(what: str, device: str, dtype: Any, seed: int) -> Any:
