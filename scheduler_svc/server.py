@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from tandem.v1 import api_pb2, api_pb2_grpc
 
 from scheduler_svc.auth import BearerAuth
+from scheduler_svc.decode_guard import DecodeGuard
 from scheduler_svc.engine import EngineConfig
 from scheduler_svc.engine_client import CoreConfig, EngineClient
 from scheduler_svc.metrics import serve as serve_metrics
@@ -71,7 +72,9 @@ class SchedulerServer:
             CoreConfig(config.engine_address, config.engine, config.link_curve_secret, config.link_curve_clients,
                        config.log_level),
             on_serving_change=self._serving_changed)
-        interceptors = [BearerAuth(config.api_keys, config.health_without_auth)] if config.api_keys else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
+        if config.api_keys:  # authentication first: an unauthenticated caller learns nothing of its body
+            interceptors.insert(0, BearerAuth(config.api_keys, config.health_without_auth))
         self.grpc = grpc.aio.server(
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES), ("grpc.so_reuseport", 0)],
             interceptors=interceptors, maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,

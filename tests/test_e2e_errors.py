@@ -121,3 +121,25 @@ def test_no_worker_is_unavailable():
                 assert not await c.health()
 
         asyncio.run(run())
+
+
+def test_a_body_that_is_not_protobuf_is_invalid_argument(tiny):
+    """Bytes that do not decode as the method's message: INVALID_ARGUMENT naming the method (grpc's own
+    answer would be UNKNOWN), for unary and streaming methods; the server serves on."""
+    garbage = b"\xff\xff\xff\xff\x0f not a protobuf"
+    with grpc.insecure_channel(tiny.address) as ch:
+        for method, call in (("Generate", ch.unary_unary), ("GenerateStream", ch.unary_stream),
+                             ("Tokenize", ch.unary_unary)):
+            rpc = call(f"/tandem.v1.Tandem/{method}", request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as err:
+                out = rpc(garbage, timeout=10)
+                if method == "GenerateStream":
+                    list(out)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value)
+            assert f"/tandem.v1.Tandem/{method} is not a valid protobuf message" in err.value.details()
+
+    async def ok():
+        async with AsyncTandemClient(tiny.address) as c:
+            return await c.generate(token_ids=[5, 6, 7], max_new_tokens=3, temperature=0)
+
+    assert len(asyncio.run(ok()).token_ids) == 3
