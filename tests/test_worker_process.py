@@ -163,3 +163,10 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path: Path) -> None:
     loaded = models.load(str(tmp_path), "cpu", torch.float32, allow_pickle_weights=True).model
     for (name, a), (_, b) in zip(src.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused_saying_so(tmp_path: Path) -> None:
+    src = models.load("random:tiny-llama", "cpu", torch.float32, seed=0).model
+    src.save_pretrained(tmp_path)  # config and safetensors weights, no tokenizer
+    with pytest.raises(ValueError, match="has no tokenizer files"):
+        models.load(str(tmp_path), "cpu", torch.float32)

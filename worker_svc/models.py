@@ -197,8 +197,9 @@ def _load_pretrained(model_dir: Path, device: str, dtype: Any, allow_pickle: boo
                          f"the code it carries. Convert them (save_pretrained(..., safe_serialization=True)), "
                          f"or pass --allow-pickle-weights if you trust where they come from")
     # device_map places weights straight on the GPU instead of staging a full copy in host memory.
-    kw = {"device_map": device} if device != "cpu" else {}
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=None if allow_pickle else True, **kw)
+    kw: dict[str, Any] = {"device_map": device} if device != "cpu" else {}
+    kw["use_safetensors"] = None if allow_pickle else True  # None: safetensors when there, else the .bin
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kw)
 
 
 def _build_random(what: str, device: str, dtype: Any, seed: int) -> Any:
@@ -222,9 +223,16 @@ def _build_random(what: str, device: str, dtype: Any, seed: int) -> Any:
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer.tiktoken")
+
+
 def _describe(name: str, model: Any, tok_dir: Path, max_context: int) -> LoadedModel:
     from transformers import AutoTokenizer
 
+    if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would fail further in, asking to install sentencepiece or tiktoken: misleading.
+        raise ValueError(f"{tok_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                         f"model's tokenizer into it (tokenizer.json, tokenizer_config.json)")
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok_file = tok_dir / "tokenizer.json"
     tokenizer_json = tok_file.read_bytes() if tok_file.is_file() else tok.backend_tokenizer.to_str().encode()
