@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ADDRESS ?= localhost:50051
 
-.PHONY: run install dev test lint proto bench clean compose-tools
+.PHONY: run install dev test lint proto bench clean compose-tools images compose-test
 
 run: install
 	$(VENV)/bin/tandem serve --address $(ADDRESS)
@@ -37,6 +37,20 @@ compose-tools:
 	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get install -y -q docker-compose >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 \
 		&& apt-get install -y -q docker-compose >/dev/null 2>&1)) ; } || echo "docker-compose not installed: its test is skipped"
+
+# The CPU image, built with no network inside the build (docker/images.sh; README, "Compose stack"):
+# an empty BASE_IMAGE means python:3.12-slim, else a Debian base made with debootstrap. A Docker engine
+# that is not running is started for the command and stopped after it (as root).
+BASE_IMAGE ?=
+WHEELHOUSE ?= build/wheelhouse
+IMAGES_ENV = BASE_IMAGE='$(BASE_IMAGE)' WHEELHOUSE='$(WHEELHOUSE)' TORCH_SPEC='$(TORCH_SPEC)' PYTHON='$(PYTHON)'
+
+images:
+	$(IMAGES_ENV) bash docker/with_dockerd.sh bash docker/images.sh
+
+# Builds the images, then runs the compose stack for real (docker/compose_test.py says the steps).
+compose-test: install
+	$(IMAGES_ENV) bash docker/with_dockerd.sh sh -c 'bash docker/images.sh && $(PY) docker/compose_test.py'
 
 lint: dev
 	$(VENV)/bin/ruff check .
