@@ -187,7 +187,8 @@ class Engine:
             except Exception:
                 log.exception("engine failure handling %r; dropping the worker session", msg.kind)
                 self._lose_worker("internal error in the scheduler engine", grpc.StatusCode.INTERNAL)
-                self._reset_worker(msg.peer)
+                if msg.kind == wire.KIND_RESULT:  # a fresh session for the worker (not for a HELLO that
+                    self._reset_worker(msg.peer)  # failed: resetting would only make it fail again)
 
     async def _recv_front(self) -> None:
         while True:
