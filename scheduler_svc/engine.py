@@ -278,7 +278,18 @@ class Engine:
         if hello.protocol_version != wire.PROTOCOL_VERSION:
             log.error("worker speaks protocol %d, we speak %d", hello.protocol_version, wire.PROTOCOL_VERSION)
             return
-        if self.session is not None:
+        s = self.session
+        if s is not None and peer != s.peer and self._alive(s.peer):
+            # Two workers on one link address: never drop a live worker's session for a newcomer.
+            why = (f"this scheduler already serves worker {s.hello.worker_id}, which is alive; give each "
+                   f"worker its own scheduler (--engine-address)")
+            log.error("refusing worker %s: %s", hello.worker_id, why)
+            try:
+                self.link.send(peer, wire.reject_message(why))
+            except zmq.ZMQError:
+                pass
+            return
+        if s is not None:
             self._lose_worker("worker restarted")
         self.depth = self.config.pipeline_depth or auto_depth(hello.device)
         limits = SchedulerLimits(
@@ -328,6 +339,14 @@ class Engine:
         if held:
             log.info("%d requests held through the worker loss resume (%d do not fit)", resumed, len(misfits))
         return resumed, misfits
+
+    def _alive(self, peer: bytes) -> bool:
+        """Whether `peer` is still connected (a FLUSH to it is harmless: it sends what it has)."""
+        try:
+            self.link.send(peer, wire.flush_message())
+            return True
+        except zmq.ZMQError:
+            return False
 
     def _on_refused(self, peer: bytes, step_id: int, why: str) -> None:
         """The worker did not run a plan: our view of its row slots has parted from its own. The session

@@ -187,6 +187,28 @@ def test_a_second_scheduler_on_a_live_link_address_is_refused():
             assert len(c.generate(token_ids=[5, 6, 7], max_new_tokens=3, temperature=0).token_ids) == 3
 
 
+def test_a_second_worker_on_a_live_scheduler_is_refused():
+    """Two workers pointed at one scheduler: the newcomer is told why and exits 2; the scheduler keeps
+    its live worker's session (it used to drop it for the newcomer), and serves on."""
+    with TandemServer(worker_args=["--max-num-tokens", "128"]) as server:
+        first = server.worker
+        second = subprocess.Popen(
+            [sys.executable, "-m", "worker_svc", "--model", server.model, "--engine-address", server.engine_address,
+             "--max-num-tokens", "128"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert second.wait(120) == 2
+        finally:
+            if second.poll() is None:
+                second.kill()
+        out = second.stdout.read()
+        assert "the scheduler refused this worker" in out and "already serves worker" in out, out[-2000:]
+        assert "refusing worker" in server.log_text("scheduler")
+        assert first.poll() is None and health_status(server.address) == SERVING
+        with TandemClient(server.address) as c:
+            assert len(c.generate(token_ids=[5, 6, 7], max_new_tokens=3, temperature=0).token_ids) == 3
+
+
 def test_dead_worker_fails_inflight_then_serving_resumes():
     # --worker-reconnect-timeout 0: requests fail with their worker (tests/test_recovery.py: they wait).
     # --debug-check-state: the new worker starts with empty row slots, and every plan the scheduler's

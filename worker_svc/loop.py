@@ -121,6 +121,7 @@ class WorkerLoop:
         self.steps = 0
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
         self._refused_by_fault = False
+        self.rejected = ""  # why the scheduler refused this worker (REJECT): exit 2
         if self.faults:
             log.warning("fault injection on (%s=%s): for tests only", FAULTS_ENV, os.environ[FAULTS_ENV])
 
@@ -145,6 +146,8 @@ class WorkerLoop:
                 self.handle(frames)
             finally:
                 self.watchdog.idle()
+        if self.rejected:
+            return 2
         log.info("stop requested; exiting after %d steps", self.steps)
         return 0
 
@@ -156,6 +159,11 @@ class WorkerLoop:
             return
         if kind == wire.KIND_FLUSH:
             self.send_pending(keep=0)
+            return
+        if kind == wire.KIND_REJECT:
+            self.rejected = wire.decode_reject(header)
+            log.error("the scheduler refused this worker: %s; exiting", self.rejected)
+            self.stop_requested = True
             return
         if kind == wire.KIND_BYE:
             log.info("the scheduler is shutting down; exiting after %d steps", self.steps)

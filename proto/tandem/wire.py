@@ -25,7 +25,8 @@ KIND_RESULT = b"RESULT"
 KIND_REFUSED = b"REFUSED"
 KIND_RESET = b"RESET"
 KIND_BYE = b"BYE"
-KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT, KIND_REFUSED, KIND_RESET, KIND_BYE)
+KIND_REJECT = b"REJECT"
+KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT, KIND_REFUSED, KIND_RESET, KIND_BYE, KIND_REJECT)
 
 # Debug mode (`--debug-placeholders`): a carry-over placeholder is this sentinel instead of 0, so a
 # placeholder that reaches the embedding unresolved cannot pass for a real token.
@@ -316,6 +317,17 @@ def reset_message() -> list[bytes]:
 
 def bye_message() -> list[bytes]:
     return [KIND_BYE, pb.Bye().SerializeToString()]
+
+
+def reject_message(reason: str) -> list[bytes]:
+    return [KIND_REJECT, pb.Reject(reason=reason[:1000]).SerializeToString()]
+
+
+def decode_reject(header: bytes) -> str:
+    try:
+        return pb.Reject.FromString(header).reason
+    except Exception:  # protobuf DecodeError: a reason we cannot read is still a refusal
+        return "(unreadable reason)"
 
 
 def decode_refused(header: bytes) -> tuple[int, str]:

@@ -102,6 +102,12 @@ class Bye(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Reject(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class StepResultHeader(_message.Message):
     __slots__ = ("step_id", "compute_ms", "idle_gap_ms", "arrays", "state_digest")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
