@@ -188,7 +188,7 @@ def test_a_second_scheduler_on_a_live_link_address_is_refused():
 
 
 def test_a_second_worker_on_a_live_scheduler_is_refused():
-    """Two workers pointed at one scheduler: the newcomer is told why and exits 2; the scheduler keeps
+    """Two workers pointed at one scheduler: the newcomer is told why and exits 4; the scheduler keeps
     its live worker's session (it used to drop it for the newcomer), and serves on."""
     with TandemServer(worker_args=["--max-num-tokens", "128"]) as server:
         first = server.worker
@@ -197,7 +197,7 @@ def test_a_second_worker_on_a_live_scheduler_is_refused():
              "--max-num-tokens", "128"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            assert second.wait(120) == 2
+            assert second.wait(120) == 4
         finally:
             if second.poll() is None:
                 second.kill()

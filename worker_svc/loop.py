@@ -47,6 +47,11 @@ def parse_faults(spec: str) -> dict[str, int]:
 rlog = structlog.get_logger("tandem.worker.requests")
 
 POLL_MS = 100  # how often an idle loop looks at the stop flag
+# Exit status when the scheduler refuses this worker (REJECT: it serves a live one). Not 2 (a load or
+# usage error, which `tandem serve` does not retry): a replacement that came a moment too early, before
+# the dead worker's connection timed out, is worth a restart; a supervisor's crash-loop guard stops
+# a second worker that is refused every time.
+REJECTED_EXIT = 4
 WAIT_LOG_S = 10.0
 EXIT_HUNG = 3
 
@@ -121,7 +126,7 @@ class WorkerLoop:
         self.steps = 0
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
         self._refused_by_fault = False
-        self.rejected = ""  # why the scheduler refused this worker (REJECT): exit 2
+        self.rejected = ""  # why the scheduler refused this worker (REJECT): exit REJECTED_EXIT
         if self.faults:
             log.warning("fault injection on (%s=%s): for tests only", FAULTS_ENV, os.environ[FAULTS_ENV])
 
@@ -147,7 +152,7 @@ class WorkerLoop:
             finally:
                 self.watchdog.idle()
         if self.rejected:
-            return 2
+            return REJECTED_EXIT
         log.info("stop requested; exiting after %d steps", self.steps)
         return 0
 
