@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import platform
@@ -33,9 +32,9 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from bench.records import fmt, write_record
 from client import AsyncTandemClient
 from client.local_server import TandemServer
 
@@ -299,9 +298,6 @@ def run_padded_generate(model: Any, pad_token_id: int, prompts: list[list[int]],
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
 
 def markdown_table(entries: list[Entry], num_requests: int) -> str:
     lines = [
@@ -319,9 +315,9 @@ def markdown_table(entries: list[Entry], num_requests: int) -> str:
             same = f"{lo}/{num_requests}" if lo == hi else f"{lo}..{hi}/{num_requests}"
         flag = "" if e.tokens_ok else " (token count wrong)"
         lines.append(
-            f"| {e.name}{flag} | {_fmt(e.wall_s, '.2f')} | {_fmt(e.output_tok_s, '.1f')} | "
-            f"{_fmt(e.output_tok_s_min, '.1f')}..{_fmt(e.output_tok_s_max, '.1f')} | "
-            f"{_fmt(e.mean_ttft_s, '.3f')} | {_fmt(e.busy_ratio, '.2f')} | {same} |"
+            f"| {e.name}{flag} | {fmt(e.wall_s, '.2f')} | {fmt(e.output_tok_s, '.1f')} | "
+            f"{fmt(e.output_tok_s_min, '.1f')}..{fmt(e.output_tok_s_max, '.1f')} | "
+            f"{fmt(e.mean_ttft_s, '.3f')} | {fmt(e.busy_ratio, '.2f')} | {same} |"
         )
     return "\n".join(lines)
 
@@ -420,10 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         "entries": [e.to_json() for e in entries],
         "table_markdown": table,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    write_record(args.json, record)
     return 1 if any(e.error for e in entries if e.required) else 0
 
 

@@ -125,6 +125,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.host_e2e_profile import is_split
+from bench.records import fmt, write_record
 
 REPO = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -960,9 +961,6 @@ def run_cprofile(tree: Tree, workdir: Path, model: str, prompts: list[list[int]]
 # ---------------------------------------------------------------------------------------------- report
 
 
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
 
 TABLE_NOTE = ("sched-side = the whole scheduler side: front end + core in a split tree, the one scheduler process "
               "otherwise. core = `python -m scheduler_svc.core`, whose CPU per step is what sits on the worker's "
@@ -980,13 +978,13 @@ def markdown(entries: list[Entry]) -> str:
             lines.append(f"| {e.code} | failed: {(e.error or '?').splitlines()[0][:150]} |" + " |" * 12)
             continue
         split = e.core_cpu_ms_per_step is not None
-        front = _fmt(e.front_cpu_ms_per_step, ".2f") if split else "(one process)"
+        front = fmt(e.front_cpu_ms_per_step, ".2f") if split else "(one process)"
         lines.append(
-            f"| {e.code} | {e.sched_cpu_ms_per_step:.2f} | {front} | {_fmt(e.core_cpu_ms_per_step, '.2f')} | "
-            f"{_fmt(e.sched_cpu_us_per_token, '.1f')} | {e.steps} | {_fmt(e.wall_s, '.2f')} | {e.tokens} | "
-            f"{e.messages} | {_fmt(e.tokens_per_message, '.2f')} | {_fmt(e.sched_cpu_s, '.2f')} | "
-            f"{_fmt(e.worker_cpu_ms_per_step, '.1f')} | {_fmt(e.worker_busy_ratio, '.2f')} | "
-            f"{_fmt(e.client_cpu_s, '.2f')} |")
+            f"| {e.code} | {e.sched_cpu_ms_per_step:.2f} | {front} | {fmt(e.core_cpu_ms_per_step, '.2f')} | "
+            f"{fmt(e.sched_cpu_us_per_token, '.1f')} | {e.steps} | {fmt(e.wall_s, '.2f')} | {e.tokens} | "
+            f"{e.messages} | {fmt(e.tokens_per_message, '.2f')} | {fmt(e.sched_cpu_s, '.2f')} | "
+            f"{fmt(e.worker_cpu_ms_per_step, '.1f')} | {fmt(e.worker_busy_ratio, '.2f')} | "
+            f"{fmt(e.client_cpu_s, '.2f')} |")
     return "\n".join(lines)
 
 
@@ -1140,10 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
         "entries": [asdict(e) for e in entries],
         "table_markdown": table,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    write_record(args.json, record)
     return 1 if any(e.error for e in entries) else 0
 
 

@@ -57,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.records import fmt, write_record
 from client import AsyncTandemClient
 from client.bench.metrics import percentile
 from client.local_server import TandemServer
@@ -253,7 +254,7 @@ def run_server(mode: str, rnd: int, wl: Workloads, args: argparse.Namespace, wor
                         traceback.print_exc()
                         continue
                     print(f"  wall {run.wall_s:.2f} s, {run.output_tok_s:.1f} tok/s, mean TTFT {run.mean_ttft_s:.3f} s"
-                          f", hit ratio {_fmt(run.hit_ratio, '.3f')}, {run.steps} steps, cpu {run.cpu}", flush=True)
+                          f", hit ratio {fmt(run.hit_ratio, '.3f')}, {run.steps} steps, cpu {run.cpu}", flush=True)
             finally:
                 loop.run(client.close())
     except Exception as e:
@@ -373,9 +374,6 @@ def targets(runs: list[Run], rounds: int) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ report
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
 
 def markdown_table(runs: list[Run], wl: Workloads) -> str:
     lines = [
@@ -393,22 +391,22 @@ def markdown_table(runs: list[Run], wl: Workloads) -> str:
             f"{r.mean_ttft_turn1_s:.3f} / {r.mean_ttft_turns2plus_s:.3f}"
         same = "-" if r.identical_to_off is None else f"{r.identical_to_off}/{r.num_requests}"
         lines.append(
-            f"| {r.workload} | {r.mode} | {r.round} | {_fmt(r.wall_s, '.2f')} | {_fmt(r.output_tok_s, '.1f')} | "
-            f"{_fmt(r.mean_ttft_s, '.3f')} | {_fmt(r.p99_ttft_s, '.3f')} | {turns} | "
-            f"{_fmt(r.mean_server_ttft_s, '.3f')} | {_fmt(r.hit_ratio, '.3f')} | {same} | "
-            f"{_fmt(r.cpu and r.cpu['others_cpu_s'], '.1f')} |")
+            f"| {r.workload} | {r.mode} | {r.round} | {fmt(r.wall_s, '.2f')} | {fmt(r.output_tok_s, '.1f')} | "
+            f"{fmt(r.mean_ttft_s, '.3f')} | {fmt(r.p99_ttft_s, '.3f')} | {turns} | "
+            f"{fmt(r.mean_server_ttft_s, '.3f')} | {fmt(r.hit_ratio, '.3f')} | {same} | "
+            f"{fmt(r.cpu and r.cpu['others_cpu_s'], '.1f')} |")
     return "\n".join(lines)
 
 
 def targets_table(result: list[dict[str, Any]]) -> str:
     lines = ["| workload | target | per round (ratio) | ratio of the means | met |", "| --- | --- | --- | ---: | --- |"]
     for t in result:
-        rounds = ", ".join(f"r{p['round']}: {_fmt(p['ratio'], '.2f')}" for p in t["per_round"])
+        rounds = ", ".join(f"r{p['round']}: {fmt(p['ratio'], '.2f')}" for p in t["per_round"])
         met = {True: "yes", False: "no", None: "-"}
         verdict = met[t["met_on_means"]]
         if t["met_on_means"] is not None and t["met_every_round"] != t["met_on_means"]:
             verdict += " (not in every round)"
-        lines.append(f"| {t['workload']} | {t['target']} | {rounds} | {_fmt(t['ratio_of_means'], '.2f')} | {verdict} |")
+        lines.append(f"| {t['workload']} | {t['target']} | {rounds} | {fmt(t['ratio_of_means'], '.2f')} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -518,10 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "table_markdown": table,
         "targets_markdown": ttable,
     }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    write_record(args.json, record)
     return 1 if any(r.error for r in runs) else 0
 
 
