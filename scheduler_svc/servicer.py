@@ -1,7 +1,8 @@
 """The public gRPC API (tandem.v1.Tandem) on grpc.aio.
 
-Owns the mapping between RPCs and the engine: validate, admit, stream deltas back, and turn every
-failure into an explicit status with google.rpc details (never UNKNOWN). A client cancel or an
+Owns the mapping between RPCs and the engine (validation, admission and the stream of deltas are
+shared with the HTTP API: `frontend.py`), and turns every failure into an explicit status with
+google.rpc details (never UNKNOWN). A client cancel or an
 expired deadline cancels the handler, whose `finally` aborts the request so its KV blocks return.
 """
 
@@ -9,27 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
-import uuid
-from collections.abc import AsyncIterator
 
 import grpc
-import structlog
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from tandem.v1 import api_pb2, api_pb2_grpc
 
-from scheduler_svc.detokenizer import OutputText
-from scheduler_svc.engine_client import EngineClient, Unavailable
-from scheduler_svc.handle import Completion, Delta, RequestHandle
-from scheduler_svc.scheduler import NeverFits, QueueFull
-from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request, prompt_ids
+from scheduler_svc import frontend
+from scheduler_svc.engine_client import EngineClient
+from scheduler_svc.frontend import Refusal, bind_request_id
+from scheduler_svc.handle import Completion, RequestHandle
+from scheduler_svc.validation import RequestLimits
 
 log = logging.getLogger("tandem.api")
-rlog = structlog.get_logger("tandem.requests")
 
 SERVER_VERSION = "0.1.0"
 
@@ -76,6 +71,14 @@ def _logprobs_pb(items) -> list[api_pb2.TokenLogprob]:
     ]
 
 
+def _refusal_status(refusal: Refusal) -> grpc.Status:
+    if refusal.field is not None:
+        return invalid_argument(refusal.field, refusal.description)
+    if refusal.retry_after_s is not None:
+        return resource_exhausted(refusal.message, refusal.retry_after_s)
+    return _status(refusal.code, refusal.message)
+
+
 @contextlib.asynccontextmanager
 async def internal_errors(context: grpc.aio.ServicerContext):
     """A bug surfaces as INTERNAL with a message, never as UNKNOWN."""
@@ -92,46 +95,18 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
     def __init__(self, engine: EngineClient, limits: RequestLimits) -> None:
         self.engine = engine
         self.limits = limits
-        self._ids = itertools.count()
-        self._prefix = f"{os.getpid():x}"
 
     async def _admit(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
-        client_id = request.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", "")
-        client_id = client_id or uuid.uuid4().hex
-        structlog.contextvars.bind_contextvars(request_id=client_id)  # this RPC's task only
+        client_id = bind_request_id(
+            request.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", ""))
         try:
-            tokenizer = self.engine.tokenizer()
-            hello = self.engine.hello()
-            req, stops = build_request(request, f"{self._prefix}-{next(self._ids)}", tokenizer, hello, self.limits)
-            req.client_id = client_id
-            handle = RequestHandle(req, client_id, OutputText(tokenizer, stops))
-            await self.engine.submit(handle)
-        except InvalidArgument as exc:
-            await self._refuse(context, invalid_argument(exc.field, exc.description))
-        except NeverFits as exc:
-            await self._refuse(context, invalid_argument("max_new_tokens", str(exc)))
-        except QueueFull as exc:
-            await self._refuse(context, resource_exhausted(f"queue full: {exc}"))
-        except Unavailable as exc:
-            await self._refuse(context, _status(grpc.StatusCode.UNAVAILABLE, str(exc)))
-        return handle
-
-    async def _refuse(self, context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
-        self.engine.metrics.failed(status.code.name)
-        rlog.info("request failed", code=status.code.name, message=status.details)
-        await context.abort_with_status(status)
-
-    async def _deltas(self, handle: RequestHandle) -> AsyncIterator[Delta]:
-        while True:
-            await handle.changed.wait()
-            delta = handle.take()
-            yield delta
-            if delta.completion is not None or delta.error is not None:
-                return
+            return await frontend.admit(self.engine, self.limits, request, client_id)
+        except Refusal as refusal:
+            await context.abort_with_status(_refusal_status(refusal))
+            raise  # not reached: abort raises
 
     async def _end_with_error(self, context: grpc.aio.ServicerContext, error) -> None:
-        code, message = error
-        await self._refuse(context, _status(code, message))
+        await context.abort_with_status(_refusal_status(frontend.failure(self.engine, error)))
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         async with internal_errors(context):
@@ -149,14 +124,13 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                     logprobs=_logprobs_pb(delta.logprobs), completion=_completion_pb(delta.completion),
                 )
             finally:
-                if not handle.done:
-                    self.engine.abort(handle)
+                frontend.release(self.engine, handle)
 
     async def GenerateStream(self, request, context):  # noqa: N802
         async with internal_errors(context):
             handle = await self._admit(request, context)
             try:
-                async for delta in self._deltas(handle):
+                async for delta in frontend.deltas(handle):
                     if delta.error is not None:
                         await self._end_with_error(context, delta.error)
                     msg = api_pb2.GenerateResponse(
@@ -167,20 +141,15 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                         msg.completion.CopyFrom(_completion_pb(delta.completion))
                     yield msg
             finally:
-                if not handle.done:
-                    self.engine.abort(handle)
+                frontend.release(self.engine, handle)
 
     async def Tokenize(self, request, context):  # noqa: N802
         async with internal_errors(context):
             try:
-                tokenizer = self.engine.tokenizer()
-                _, ids = prompt_ids(request.WhichOneof("prompt"), request, tokenizer,
-                                    self.engine.hello().vocab_size, self.limits)
-            except InvalidArgument as exc:
-                await context.abort_with_status(invalid_argument(exc.field, exc.description))
-            except Unavailable as exc:
-                await context.abort_with_status(_status(grpc.StatusCode.UNAVAILABLE, str(exc)))
-            return api_pb2.TokenizeResponse(token_ids=ids, tokens=tokenizer.token_strings(ids))
+                ids, tokens = frontend.tokenize(self.engine, self.limits, request)
+            except Refusal as refusal:
+                await context.abort_with_status(_refusal_status(refusal))
+            return api_pb2.TokenizeResponse(token_ids=ids, tokens=tokens)
 
     async def GetModelInfo(self, request, context):  # noqa: N802
         async with internal_errors(context):
