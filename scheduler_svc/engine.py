@@ -213,10 +213,17 @@ class Engine:
             req = Request(
                 req_id=msg.req_id, prompt_ids=list(msg.prompt_ids), max_new_tokens=msg.max_new_tokens,
                 sampling=SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
-                                        min_p=msg.min_p, seed=msg.seed, num_logprobs=msg.num_logprobs),
+                                        min_p=msg.min_p, seed=msg.seed, num_logprobs=msg.num_logprobs,
+                                        repetition_penalty=msg.repetition_penalty,
+                                        presence_penalty=msg.presence_penalty,
+                                        frequency_penalty=msg.frequency_penalty,
+                                        logit_bias=dict(sorted(msg.logit_bias.items())), min_tokens=msg.min_tokens),
                 stop_token_ids=frozenset(msg.stop_token_ids), eos_token_ids=frozenset(msg.eos_token_ids),
                 ignore_eos=msg.ignore_eos, arrival_time=msg.arrival_time, client_id=msg.client_id, uid=msg.uid,
                 cache_salt=msg.cache_salt,
+                # Sample i > 0 of n waits for the first to compute the prompt (scheduler.py); a leader
+                # already gone (finished, aborted) leaves nothing to wait for.
+                leader=self._by_uid.get(msg.leader_uid) if msg.leader_uid else None,
             )
             try:
                 if s is not None:

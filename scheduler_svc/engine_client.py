@@ -133,7 +133,10 @@ class EngineClient:
             max_new_tokens=req.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
             min_p=sp.min_p, seed=sp.seed, num_logprobs=sp.num_logprobs, stop_token_ids=sorted(req.stop_token_ids),
             eos_token_ids=sorted(req.eos_token_ids), ignore_eos=req.ignore_eos, arrival_time=req.arrival_time,
-            cache_salt=req.cache_salt,
+            cache_salt=req.cache_salt, repetition_penalty=sp.repetition_penalty,
+            presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+            logit_bias=sp.logit_bias, min_tokens=sp.min_tokens,
+            leader_uid=req.leader.uid if req.leader is not None else 0,
         )
         answer = asyncio.get_running_loop().create_future()
         self._admits[req.uid] = answer

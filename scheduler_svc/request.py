@@ -48,9 +48,20 @@ class SamplingParams:
     # The worker's counter-based RNG is keyed by (seed, position); a fresh seed when the client gave none.
     seed: int = field(default_factory=lambda: secrets.randbits(64))
     num_logprobs: int = -1  # -1 = none, 0 = the sampled token's only, n = plus the top n
+    # Applied by the worker from per-slot device state (worker_svc/penalties.py); the defaults are off.
+    repetition_penalty: float = 1.0  # transformers': over prompt + generated tokens
+    presence_penalty: float = 0.0  # OpenAI's: over generated tokens only
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0  # EOS and stop tokens masked until this many tokens are generated
 
     def __post_init__(self) -> None:
         assert 0 <= self.seed <= UINT64_MAX, f"seed {self.seed} is not a uint64"
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the worker must keep token counts for it (the rest of the state is per-row scalars)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(eq=False)
@@ -66,6 +77,12 @@ class Request:
     client_id: str = ""  # the client-facing request id (x-request-id or generated): for logs
     uid: int = 0  # the front end's number for it (core.proto): how the two processes name it
     cache_salt: str = ""  # requests with different salts never share a cached block
+    num_samples: int = 1  # n: the front end expands it into n requests (samples.py)
+    sample_index: int = 0  # which of its prompt's n samples this request is
+    # Sample i > 0 of n waits for sample 0 (`leader`) to have its prompt computed, so that its prompt's
+    # full blocks come from the prefix cache: one prefill for n samples.
+    leader: Request | None = field(default=None, repr=False)
+    prompt_sent_step: int = -1  # the step that computed its last prompt token (-1: not yet)
 
     # Scheduling state, owned by the Scheduler.
     status: RequestStatus = RequestStatus.WAITING

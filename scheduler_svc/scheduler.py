@@ -33,6 +33,7 @@ import numpy as np
 from tandem.wire import StepPlan, StepResult
 
 from scheduler_svc.block_manager import BlockManager, cdiv, prefix_keys
+from scheduler_svc.plan_params import new_slot_arrays
 from scheduler_svc.request import FinishReason, Request, RequestStatus
 from scheduler_svc.row_table import RowTable
 
@@ -235,6 +236,7 @@ class Scheduler:
             req.block_ids = []
             req.slot, req.rows = -1, None
             req._computed, req._inflight, req._last_sample = 0, 0, None
+            req.prompt_sent_step = -1  # step ids start from 0 again with the next worker
         self._reset()
         return lost
 
@@ -279,6 +281,18 @@ class Scheduler:
             return []
         prefix_keys(req.token_ids, bs, req.cache_salt, req.prefix_keys, upto)
         return self.blocks.lookup(req.prefix_keys[:upto])
+
+    def _leader_ready(self, req: Request, step: int) -> bool:
+        """Whether sample i > 0 of n may be admitted in `step`: once sample 0's last prompt token was
+        computed by an earlier step (its full prompt blocks are then named, and matchable here), or
+        once sample 0 is not running (finished, aborted, preempted: nothing to wait for)."""
+        leader = req.leader
+        if leader is None or not self.blocks.caching:
+            return True
+        if leader.status is RequestStatus.RUNNING and not 0 <= leader.prompt_sent_step < step:
+            return False
+        req.leader = None
+        return True
 
     def _preempt(self, req: Request) -> None:
         """Recompute-preemption: drop its KV; it rejoins the queue's front with prompt + outputs to redo."""
@@ -336,6 +350,8 @@ class Scheduler:
                 req = self._waiting[0]
                 if req.num_inflight > 0:
                     break  # preempted with a sample in flight: recompute once it has arrived
+                if not self._leader_ready(req, step):
+                    break  # sample i > 0 of n: its prompt's blocks come from sample 0's prefill
                 cached = self._cached_prefix(req)
                 start = len(cached) * L.block_size
                 free = self.blocks.free_if_taken(cached)
@@ -466,6 +482,8 @@ class Scheduler:
             assert c.req.num_computed == c.start + c.n <= c.req.num_tokens
             if c.start + c.n == c.req.num_tokens:  # its last scheduled token is the last it has: sample
                 c_sample[i] = True
+            if c.req.prompt_sent_step < 0 and c.start + c.n >= c.req.num_prompt_tokens:
+                c.req.prompt_sent_step = step
             # Blocks this chunk fills with known tokens are written by this plan, sent before any plan
             # that could read them on the one compute stream: matchable from now on.
             self._register(c.req, c.start, min(c.start + c.n, c.req.num_known_tokens), step)
@@ -489,7 +507,6 @@ class Scheduler:
         new = chunks[nc - admitted:] if admitted else []
         new_slots = np.fromiter((c.req.slot for c in new), np.int32, len(new))
         new_context = np.fromiter((c.start for c in new), np.int32, len(new))  # cached tokens it starts with
-        params = [c.req.sampling for c in new]
         sample = np.concatenate([np.ones(nd, np.int32), c_sample.astype(np.int32)])
         carry_index = np.concatenate([d_carry, np.full(nc, -1, np.int64)]).astype(np.int32)
         num_carried = int(np.count_nonzero(carried))
@@ -499,12 +516,7 @@ class Scheduler:
             input_ids=np.concatenate([d_ids, *c_ids]).astype(np.int32),
             carry_index=carry_index, sample=sample,
             free_slots=rt.take_frees(), new_slots=new_slots, new_context=new_context,
-            new_temperature=np.asarray([p.temperature for p in params], np.float32),
-            new_top_p=np.asarray([p.top_p for p in params], np.float32),
-            new_top_k=np.asarray([p.top_k for p in params], np.int32),
-            new_min_p=np.asarray([p.min_p for p in params], np.float32),
-            new_seed=np.asarray([p.seed for p in params], np.uint64),
-            new_num_logprobs=np.asarray([p.num_logprobs for p in params], np.int32),
+            **new_slot_arrays([c.req for c in new]),
             append_slots=np.concatenate(a_slots).astype(np.int32),
             append_blocks=np.concatenate(a_blocks).astype(np.int32),
             request_ids="\n".join(c.req.client_id for c in new),

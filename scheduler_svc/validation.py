@@ -37,6 +37,8 @@ class RequestLimits:
     max_prompt_chars: int = 1 << 20
     max_chat_messages: int = 1024
     max_cache_salt_length: int = 256
+    max_samples: int = 16  # n
+    max_logit_bias: int = 300  # logit_bias entries (OpenAI's limit)
 
 
 def _check(cond: bool, field: str, description: str) -> None:
@@ -122,17 +124,49 @@ def build_request(
         _check(0 <= t < hello.vocab_size, f"stop_token_ids[{i}]",
                f"token id {t} outside the vocabulary [0, {hello.vocab_size})")
 
+    penalties = _penalties(msg, hello.vocab_size, max_new, limits)
+    n = 1
+    if msg.HasField("n"):
+        _check(1 <= msg.n <= limits.max_samples, "n", f"must be in [1, {limits.max_samples}]")
+        n = msg.n
+
     request = Request(
         req_id=req_id,
         prompt_ids=ids,
         max_new_tokens=max_new,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                seed=seed, num_logprobs=num_logprobs),
+                                seed=seed, num_logprobs=num_logprobs, **penalties),
         stop_token_ids=frozenset(stop_ids),
         eos_token_ids=frozenset(hello.eos_token_ids),
         ignore_eos=msg.ignore_eos,
         cache_salt=msg.cache_salt,
+        num_samples=n,
     )
     _check(len(msg.cache_salt) <= limits.max_cache_salt_length, "cache_salt",
            f"at most {limits.max_cache_salt_length} characters")
     return request, stops
+
+
+def _penalties(msg: api_pb2.GenerateRequest, vocab_size: int, max_new: int, limits: RequestLimits) -> dict:
+    """The penalty, logit-bias and min_tokens fields, checked; SamplingParams keywords (unset: off)."""
+    out: dict = {}
+    if msg.HasField("repetition_penalty"):
+        p = msg.repetition_penalty
+        _check(math.isfinite(p) and p > 0, "repetition_penalty", "must be a finite number > 0 (1 = off)")
+        out["repetition_penalty"] = p
+    for name in ("presence_penalty", "frequency_penalty"):
+        if msg.HasField(name):
+            p = getattr(msg, name)
+            _check(math.isfinite(p) and -2 <= p <= 2, name, "must be in [-2, 2] (0 = off)")
+            out[name] = p
+    if msg.logit_bias:
+        _check(len(msg.logit_bias) <= limits.max_logit_bias, "logit_bias",
+               f"at most {limits.max_logit_bias} entries")
+        for tok, bias in msg.logit_bias.items():
+            _check(0 <= tok < vocab_size, f"logit_bias[{tok}]", f"token id outside the vocabulary [0, {vocab_size})")
+            _check(math.isfinite(bias) and -100 <= bias <= 100, f"logit_bias[{tok}]", "bias must be in [-100, 100]")
+        out["logit_bias"] = dict(sorted(msg.logit_bias.items()))
+    if msg.HasField("min_tokens"):
+        _check(msg.min_tokens <= max_new, "min_tokens", f"{msg.min_tokens} exceeds max_new_tokens ({max_new})")
+        out["min_tokens"] = msg.min_tokens
+    return out

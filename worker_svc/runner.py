@@ -35,6 +35,7 @@ from worker_svc.graph_capture import capture_graphs
 from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
 from worker_svc.kv_cache import PagedKVCache, config_for_model
 from worker_svc.models import LoadedModel
+from worker_svc.penalties import NONE, PenaltyFlags, PenaltyState
 from worker_svc.piecewise import PiecewiseGraph
 from worker_svc.row_state import RowState, StepBatch
 from worker_svc.sampler import sample
@@ -80,6 +81,7 @@ class _Launched:
     done: object
     prev_done: object | None
     state_digest: int = 0  # RowState.digest() after this plan, when it asked (check_state)
+    keep: list | None = None  # host staging tensors of the step's copies: alive until it completes
 
 
 class Engine:
@@ -103,6 +105,8 @@ class Engine:
         self.block_table = torch.full((cfg.max_num_rows, self.limits.max_blocks_per_row), -1, dtype=torch.int32,
                                       device=device)
         self.sync = DeviceSync(device)
+        # Penalties, logit bias, min_tokens: per-slot device state (penalties.py), big buffers on first use.
+        self.penalties = PenaltyState(cfg.max_num_rows, loaded.vocab_size, device)
         self.slots = [IOSlot(i, self.limits, device, self.sync) for i in range(2)]
         self._timing = [(self.sync.event(timing=True), self.sync.event(timing=True)) for _ in range(_TIMING_RING)]
         self._in_flight: deque[_Launched] = deque()
@@ -148,6 +152,7 @@ class Engine:
         """Every row slot empty, as in a fresh worker (a new scheduler session in process)."""
         assert not self._in_flight, "reset_rows with steps in flight"
         self.rows.reset()
+        self.penalties.reset()
 
     def reset_session(self) -> None:
         """A new scheduler session on this connection (RESET): the steps in flight are computed and
@@ -169,6 +174,7 @@ class Engine:
                                 f"{self.last_step_id}: only the immediately preceding step can be carried from")
             if np.any(carry >= prev.num_rows) or not np.all(prev.sample[carry]):
                 raise WireError("carry_index points at a row that did not sample")
+        PenaltyState.check(plan)
         return self.rows.prepare(plan, self.limits.max_num_tokens, self.loaded.vocab_size)
 
     # ----- launch / collect ------------------------------------------------------------------------
@@ -188,8 +194,16 @@ class Engine:
         carries = bool(np.any(plan.carry_index >= 0))
         hints = SamplingHints.of(plan, sampling)
         prev = self._last
+        # New slots' penalty state first (on the compute stream: after every step that ran before),
+        # then this step's flags from the updated mirrors.
+        with self.sync.on(self.sync.compute_stream):
+            keep = self.penalties.start_slots(step_plan)
+        pflags = self.penalties.flags(plan.rows[sampling])
 
-        bucket = self.graphs.bucket_for(plan) if self.graphs is not None else None
+        # A step with penalized rows samples outside the decode graphs (their sampler is the plain
+        # fused one); its forward still replays a piecewise graph when one fits.
+        graphed = self.graphs is not None and not pflags.any
+        bucket = self.graphs.bucket_for(plan) if graphed else None
         tokens = None
         if bucket is None and self.piecewise:
             tokens = next((b for b in self.token_buckets if b >= plan.num_tokens), None)
@@ -223,13 +237,13 @@ class Engine:
                     logits = self.piecewise[(slot.index, tokens)].replay(step)[:num_sampled]
                 else:
                     logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
-                self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints)
+                self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints, pflags)
             done.record(compute)  # before compute_done: d2h_done then implies `done` completed
             slot.compute_done.record(compute)
         slot.issue_d2h(rows, num_top)
 
         launched = _Launched(plan.step_id, slot, rows, plan.sample.copy(), num_top, start, done,
-                             prev.done if prev is not None else None, digest)
+                             prev.done if prev is not None else None, digest, keep)
         self._in_flight.append(launched)
         self._last = launched
         self._launches += 1
@@ -252,8 +266,10 @@ class Engine:
             top_lp.copy_(vals.float() - step.lse[:rows, None])
 
     def _sample_eager(self, slot: IOSlot, inputs, logits: torch.Tensor, rows: int, num_sampled: int,
-                      num_top: int, hints: SamplingHints) -> None:
-        """Samples the rows that sample and writes every row's outputs (-1 / 0 for the others)."""
+                      num_top: int, hints: SamplingHints, pflags: PenaltyFlags = NONE) -> None:
+        """Samples the rows that sample and writes every row's outputs (-1 / 0 for the others).
+        With penalized rows, their transforms first and their tokens counted right after, on the
+        device, so the next step (maybe built before this one's tokens reach the host) sees them."""
         sampled = slot.out_sampled(rows)
         sampled.fill_(-1)
         logprob = slot.out_logprob(rows)
@@ -262,10 +278,15 @@ class Engine:
         top_ids.fill_(-1)
         top_lp.fill_(0.0)
         if num_sampled:
+            where = inputs.sample_rows.to(torch.int64)
+            if pflags.any:
+                slots = inputs.table_rows.index_select(0, where).to(torch.int64)
+                logits = self.penalties.apply(logits, slots, inputs.counter, pflags)
             res = sample(logits, inputs.temperature, inputs.top_p, inputs.top_k,
                          inputs.min_p, inputs.seed, inputs.counter, num_top,
                          sort_filters=hints.sort_filters, any_random=hints.any_random)
-            where = inputs.sample_rows.to(torch.int64)
+            if pflags.any:
+                self.penalties.record(slots, res.token_ids, pflags)
             sampled.index_copy_(0, where, res.token_ids)
             logprob.index_copy_(0, where, res.logprob)
             if num_top:

@@ -16,7 +16,7 @@ import numpy as np
 
 from tandem.v1 import engine_pb2 as pb
 
-PROTOCOL_VERSION = 2  # 2: incremental plans over row slots held by the worker
+PROTOCOL_VERSION = 3  # 2: incremental plans over row slots held by the worker; 3: penalties, logit bias, min_tokens
 
 KIND_HELLO = b"HELLO"
 KIND_PLAN = b"PLAN"
@@ -128,6 +128,20 @@ PLAN_ARRAYS: dict[str, str] = {
     "new_min_p": "float32",
     "new_seed": "uint64",
     "new_num_logprobs": "int32",
+    # Penalties, logit bias and min_tokens (worker_svc/penalties.py): per new slot, its scalars and
+    # how many entries it has in the flat arrays below, which list the new slots' entries in order.
+    "new_repetition_penalty": "float32",
+    "new_presence_penalty": "float32",
+    "new_frequency_penalty": "float32",
+    "new_min_tokens": "int32",
+    "new_prompt_len": "int32",
+    "new_bias_count": "int32",
+    "new_mask_count": "int32",
+    "new_history_len": "int32",
+    "bias_ids": "int32",
+    "bias_values": "float32",
+    "mask_ids": "int32",
+    "history": "int32",
     "append_slots": "int32",
     "append_blocks": "int32",
     "rows": "int32",
@@ -138,6 +152,11 @@ PLAN_ARRAYS: dict[str, str] = {
 }
 _NEW_ARRAYS = tuple(name for name in PLAN_ARRAYS if name.startswith("new_"))
 _ROW_ARRAYS = ("rows", "carry_index", "sample")
+# The value of each per-new-slot penalty array that leaves sampling as it is.
+_PENALTY_DEFAULTS = {
+    "new_repetition_penalty": 1.0, "new_presence_penalty": 0.0, "new_frequency_penalty": 0.0,
+    "new_min_tokens": 0, "new_prompt_len": 0, "new_bias_count": 0, "new_mask_count": 0, "new_history_len": 0,
+}
 
 def _none(dtype: str) -> np.ndarray:
     return np.zeros(0, dtype)
@@ -168,10 +187,29 @@ class StepPlan:
     new_min_p: np.ndarray = field(default_factory=lambda: _none("float32"))
     new_seed: np.ndarray = field(default_factory=lambda: _none("uint64"))
     new_num_logprobs: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_repetition_penalty: np.ndarray = field(default_factory=lambda: _none("float32"))
+    new_presence_penalty: np.ndarray = field(default_factory=lambda: _none("float32"))
+    new_frequency_penalty: np.ndarray = field(default_factory=lambda: _none("float32"))
+    new_min_tokens: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_prompt_len: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_bias_count: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_mask_count: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_history_len: np.ndarray = field(default_factory=lambda: _none("int32"))
+    bias_ids: np.ndarray = field(default_factory=lambda: _none("int32"))
+    bias_values: np.ndarray = field(default_factory=lambda: _none("float32"))
+    mask_ids: np.ndarray = field(default_factory=lambda: _none("int32"))
+    history: np.ndarray = field(default_factory=lambda: _none("int32"))
     append_slots: np.ndarray = field(default_factory=lambda: _none("int32"))
     append_blocks: np.ndarray = field(default_factory=lambda: _none("int32"))
     request_ids: str = ""  # new slot -> client request id, "\n"-joined (logs only; may be empty)
     check_state: bool = False  # debug: the worker returns its row-slot state digest
+
+    def __post_init__(self) -> None:
+        # A plan built without the penalty arrays (tests, benchmarks) starts its slots with them off.
+        n = int(self.new_slots.shape[0])
+        for name, off in _PENALTY_DEFAULTS.items():
+            if n and getattr(self, name).shape[0] == 0:
+                setattr(self, name, np.full(n, off, PLAN_ARRAYS[name]))
 
     def new_request_ids(self) -> list[str]:
         ids = self.request_ids.split("\n") if self.request_ids else []
@@ -227,10 +265,32 @@ class StepPlan:
                 raise WireError("input_ids: placeholder sentinel at a position nothing carries into")
         if np.any((ids < 0) & ~placeholder) or np.any(ids >= vocab_size):
             raise WireError("input_ids: token id outside the vocabulary")
+        self._validate_penalties(vocab_size)
         if np.any(self.carry_index >= 0) and self.carry_from_step < 0:
             raise WireError("carry_index set but carry_from_step is -1")
         if np.any((self.carry_index >= 0) & (np.diff(qs) != 1)):
             raise WireError("carry_index set on a row of several tokens")
+
+    def _validate_penalties(self, vocab_size: int) -> None:
+        """The new slots' penalty scalars in range, and their flat lists as long as their counts say."""
+        rep, pres, freq = self.new_repetition_penalty, self.new_presence_penalty, self.new_frequency_penalty
+        if not (np.all(np.isfinite(rep) & (rep > 0)) and np.all(np.isfinite(pres)) and np.all(np.isfinite(freq))):
+            raise WireError("penalty out of range")
+        for count, flat in (("new_bias_count", "bias_ids"), ("new_bias_count", "bias_values"),
+                            ("new_mask_count", "mask_ids"), ("new_history_len", "history")):
+            c = getattr(self, count)
+            if np.any(c < 0) or int(c.sum()) != getattr(self, flat).shape[0]:
+                raise WireError(f"{flat}: {getattr(self, flat).shape[0]} entries, {count} sums to {int(c.sum())}")
+        if np.any(self.new_min_tokens < 0) or np.any(self.new_prompt_len < 0):
+            raise WireError("new_min_tokens / new_prompt_len: negative")
+        if np.any((self.new_history_len > 0) & (self.new_history_len < self.new_prompt_len)):
+            raise WireError("new_history_len: shorter than the prompt")
+        for name in ("bias_ids", "mask_ids", "history"):
+            ids = getattr(self, name)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise WireError(f"{name}: token id outside the vocabulary")
+        if not np.all(np.isfinite(self.bias_values)):
+            raise WireError("bias_values: not finite")
 
     def encode(self) -> list:
         specs, frames = pack_arrays({name: getattr(self, name) for name in PLAN_ARRAYS})

@@ -20,7 +20,14 @@ NEVER_FITS: Refusal
 NO_WORKER: Refusal
 
 class Submit(_message.Message):
-    __slots__ = ("uid", "req_id", "client_id", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "num_logprobs", "stop_token_ids", "eos_token_ids", "ignore_eos", "arrival_time", "cache_salt")
+    __slots__ = ("uid", "req_id", "client_id", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "num_logprobs", "stop_token_ids", "eos_token_ids", "ignore_eos", "arrival_time", "cache_salt", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens", "leader_uid")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     UID_FIELD_NUMBER: _ClassVar[int]
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +44,12 @@ class Submit(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_UID_FIELD_NUMBER: _ClassVar[int]
     uid: int
     req_id: str
     client_id: str
@@ -53,7 +66,13 @@ class Submit(_message.Message):
     ignore_eos: bool
     arrival_time: float
     cache_salt: str
-    def __init__(self, uid: _Optional[int] = ..., req_id: _Optional[str] = ..., client_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_logprobs: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., arrival_time: _Optional[float] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: _containers.ScalarMap[int, float]
+    min_tokens: int
+    leader_uid: int
+    def __init__(self, uid: _Optional[int] = ..., req_id: _Optional[str] = ..., client_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_logprobs: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., arrival_time: _Optional[float] = ..., cache_salt: _Optional[str] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ..., leader_uid: _Optional[int] = ...) -> None: ...
 
 class Admitted(_message.Message):
     __slots__ = ("uid", "refusal", "message")
