@@ -54,6 +54,7 @@ class TandemServer:
     # How this launcher's own checks (health, stats) reach a server started with TLS / API keys.
     credentials: grpc.ChannelCredentials | None = None
     api_key: str = ""
+    http: bool = False  # also serve the OpenAI-compatible HTTP API (on `http_port`, `base_url`)
 
     def __post_init__(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="tandem-test-")
@@ -61,6 +62,7 @@ class TandemServer:
         self.engine_address = f"ipc://{self._dir}/engine.sock"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http_port = free_port() if self.http else 0
         self.scheduler: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self._logs: list = []
@@ -81,6 +83,7 @@ class TandemServer:
     def _start(self, timeout: float) -> TandemServer:
         self.scheduler = self._spawn("scheduler", [
             "scheduler_svc", "--address", self.address, "--engine-address", self.engine_address,
+            *(["--http-port", str(self.http_port), "--http-host", "127.0.0.1"] if self.http else []),
             *self.scheduler_args,
         ])
         if self.start_worker:
@@ -94,6 +97,12 @@ class TandemServer:
                     raise TimeoutError(f"scheduler did not start:\n{self.logs()}")
                 time.sleep(0.1)
         return self
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible API's base URL (`http=True`), as the openai SDK takes it."""
+        scheme = "https" if "--tls-cert" in self.scheduler_args else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}/v1"
 
     def start_worker_process(self) -> None:
         self.worker = self._spawn("worker", [

@@ -1,4 +1,5 @@
-"""`python -m scheduler_svc`: the CPU scheduler process (gRPC API + engine link). Never imports torch."""
+"""`python -m scheduler_svc`: the CPU scheduler process (gRPC API, optional OpenAI-compatible HTTP API, engine
+link). Never imports torch."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None = None):
                    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 = off).")
     p.add_argument("--metrics-host", default="localhost",
                    help="Interface of the metrics endpoint (0.0.0.0 for a scraper on another host).")
+    p.add_argument("--http-port", type=int, default=0,
+                   help="Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+                        "/health, /tokenize) on this port (0 = off), with the same API keys, TLS and limits as gRPC.")
+    p.add_argument("--http-host", default="localhost",
+                   help="Interface of the HTTP API; one reachable beyond this host needs API keys or --insecure, "
+                        "as the gRPC address does.")
     p.add_argument("--link-curve-secret", default="",
                    help="CURVE secret key file (NAME.key_secret) for a tcp:// engine link: encrypted, workers "
                         "authenticated (`python -m tandem.linkkeys DIR` creates keys).")
@@ -83,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keys = load_keys(args.api_keys_file, args.api_keys)
         check_bind(args.address, bool(keys), args.insecure)
+        if args.http_port:
+            host = f"[{args.http_host}]" if ":" in args.http_host else args.http_host
+            check_bind(f"{host}:{args.http_port}", bool(keys), args.insecure)
         if args.link_curve_secret and not args.link_curve_clients:
             raise ValueError("--link-curve-secret needs --link-curve-clients (the workers' public keys)")
         if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
@@ -105,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
+        http_host=args.http_host,
         engine=EngineConfig(
             pipeline_depth=1 if args.sync else args.pipeline_depth,
             max_waiting=args.max_waiting,

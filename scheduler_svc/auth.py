@@ -40,7 +40,8 @@ def load_keys(keys_file: str | None, keys: str | None) -> list[bytes]:
     return [k.encode() for k in out]
 
 
-def _matches(token: bytes, keys: Sequence[bytes]) -> bool:
+def token_matches(token: bytes, keys: Sequence[bytes]) -> bool:
+    """Whether `token` is one of `keys`, compared in constant time against every key (gRPC and HTTP)."""
     ok = False
     for key in keys:
         ok |= hmac.compare_digest(token, key)
@@ -76,7 +77,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
                 raw = value.encode() if isinstance(value, str) else value
                 if raw[:7].lower() == b"bearer ":
                     token = raw[7:].strip()
-        if token and _matches(token, self.keys):
+        if token and token_matches(token, self.keys):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:

@@ -1,9 +1,12 @@
-"""The scheduler process: gRPC server (API, health, reflection) + the core process it starts.
+"""The scheduler process: gRPC server (API, health, reflection), the OpenAI-compatible HTTP API
+when asked (`--http-port`, scheduler_svc/http_api), and the core process it starts.
 
 Owns start-up and shutdown order: start the core (which binds the engine link: core.py), start gRPC
-reporting NOT_SERVING (and the Prometheus endpoint when asked), flip to SERVING when a worker's
-handshake arrives (and back when it goes), on SIGINT/SIGTERM drain (see `drain`) then stop the
-core; a core that dies ends the process with status 1 (a supervisor restarts the scheduler).
+reporting NOT_SERVING (the HTTP API's /health says 503 likewise; the Prometheus endpoint when asked),
+flip to SERVING when a worker's handshake arrives (and back when it goes), on SIGINT/SIGTERM drain
+(see `drain`: both APIs refuse new requests, 503 on HTTP) then stop HTTP, gRPC and the core; a core
+that dies ends the process with status 1 (a supervisor restarts the scheduler). Both APIs share one
+EngineClient: the same queue, limits, metrics and request-id sequence.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from scheduler_svc.auth import BearerAuth
 from scheduler_svc.decode_guard import DecodeGuard
 from scheduler_svc.engine import EngineConfig
 from scheduler_svc.engine_client import CoreConfig, EngineClient
+from scheduler_svc.http_api.app import create_app
+from scheduler_svc.http_api.serve import HttpConfig, HttpServer
 from scheduler_svc.metrics import serve as serve_metrics
 from scheduler_svc.servicer import TandemServicer
 from scheduler_svc.validation import RequestLimits
@@ -51,7 +56,9 @@ class ServerConfig:
     tls_cert: str = ""  # PEM files; with tls_client_ca, clients must present a certificate (mutual TLS)
     tls_key: str = ""
     tls_client_ca: str = ""
-    max_concurrent_rpcs: int = 0  # 0 = no cap; past it gRPC answers RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 0  # 0 = no cap; past it gRPC answers RESOURCE_EXHAUSTED (HTTP: 429, its own count)
+    http_port: int = 0  # 0 = no HTTP API
+    http_host: str = "localhost"
     log_level: str = "INFO"  # the core's
 
 
@@ -92,6 +99,16 @@ class SchedulerServer:
         if self.port == 0:
             self.engine.close()
             raise OSError(f"cannot bind gRPC address {config.address}")
+        self.http: HttpServer | None = None
+        if config.http_port:
+            app = create_app(self.engine, config.limits, config.api_keys, config.health_without_auth,
+                             config.max_concurrent_rpcs)
+            try:
+                self.http = HttpServer(app, HttpConfig(config.http_host, config.http_port, config.tls_cert,
+                                                       config.tls_key, config.tls_client_ca, config.shutdown_grace_s))
+            except OSError:
+                self.engine.close()
+                raise
         self._tasks: list[asyncio.Future] = []
 
     def _serving_changed(self, serving: bool) -> None:
@@ -105,6 +122,10 @@ class SchedulerServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
+            log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", self.http.scheme, self.config.http_host,
+                     self.http.port)
         self._engine_task = asyncio.ensure_future(self.engine.run())
         if self.config.metrics_port:
             port = serve_metrics(self.engine.metrics, self.config.metrics_port, self.config.metrics_host)
@@ -115,6 +136,8 @@ class SchedulerServer:
     async def stop(self) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            await self.http.stop()
         await self.grpc.stop(self.config.shutdown_grace_s)
         self._engine_task.cancel()
         try:

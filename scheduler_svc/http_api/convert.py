@@ -1,0 +1,177 @@
+"""OpenAI request bodies -> tandem.v1 GenerateRequest / TokenizeRequest.
+
+Owns the mapping of every OpenAI (and vLLM extra) parameter onto the gRPC request, so that the HTTP
+API validates through the same `validation.build_request` as gRPC; what `Spec` records is how the
+client asked (the parameter names to report errors under, the output options). Parameters Tandem
+does not serve are refused here by name; values that do not even fit the proto field's type (a
+negative max_tokens, a seed past 64 bits) too.
+
+Until the sampling controls land in api.proto (n, repetition/presence/frequency penalties,
+logit_bias, min_tokens), a request that sets one to anything but its neutral value gets 400 naming
+the parameter, "not supported yet".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.v1 import api_pb2
+
+from scheduler_svc.http_api.errors import bad_request, not_supported_yet
+from scheduler_svc.http_api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingBody
+
+UINT32 = 1 << 32
+UINT64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How the client asked: the names its parameters go by and what the response must carry."""
+
+    chat: bool
+    prompt_param: str  # "prompt" or "messages"
+    max_tokens_param: str  # "max_tokens" or "max_completion_tokens"
+    logprobs_param: str  # "logprobs" or "top_logprobs"
+    logprobs: int | None  # None: not asked; else this many alternatives per token
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+
+
+def _put(setter: Callable[[], Any], param: str, value: object) -> None:
+    """A proto assignment that fails on a value outside the field's type becomes a 400 naming `param`."""
+    try:
+        setter()
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise bad_request(param, f"{param}: {value!r} is out of range") from exc
+
+
+def _refuse_unsupported(body: SamplingBody) -> None:
+    if body.n is not None and body.n < 1:
+        raise bad_request("n", "n: must be at least 1")
+    if body.n is not None and body.n > 1:
+        raise not_supported_yet("n")
+    for param, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+                           ("min_tokens", 0)):
+        value = getattr(body, param)
+        if value is not None and value != neutral:
+            raise not_supported_yet(param)
+    if body.logit_bias:
+        raise not_supported_yet("logit_bias")
+
+
+def _sampling(body: SamplingBody, msg: api_pb2.GenerateRequest, max_tokens: int | None, max_param: str) -> None:
+    _refuse_unsupported(body)
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise bad_request(max_param, f"{max_param}: must be at least 1")
+        _put(lambda: setattr(msg, "max_new_tokens", max_tokens), max_param, max_tokens)
+    for param in ("temperature", "top_p", "min_p"):
+        value = getattr(body, param)
+        if value is not None:
+            _put(lambda p=param, v=value: setattr(msg, p, v), param, value)
+    if body.top_k is not None:
+        top_k = 0 if body.top_k == -1 else body.top_k  # vLLM's -1 = off
+        _put(lambda: setattr(msg, "top_k", top_k), "top_k", body.top_k)
+    if body.seed is not None:
+        if not 0 <= body.seed < UINT64:
+            raise bad_request("seed", f"seed: must be in [0, 2^64), not {body.seed}")
+        msg.seed = body.seed
+    if body.stop is not None:
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop
+        msg.stop.extend(stops)
+    if body.stop_token_ids:
+        _put(lambda: msg.stop_token_ids.extend(body.stop_token_ids), "stop_token_ids", body.stop_token_ids)
+    msg.ignore_eos = body.ignore_eos
+    if body.cache_salt is not None:
+        msg.cache_salt = body.cache_salt
+
+
+def _set_logprobs(msg: api_pb2.GenerateRequest, k: int, param: str) -> None:
+    if k < 0:
+        raise bad_request(param, f"{param}: must be >= 0")
+    _put(lambda: setattr(msg, "logprobs", k), param, k)
+
+
+def completion_request(body: CompletionRequest) -> tuple[api_pb2.GenerateRequest, Spec]:
+    msg = api_pb2.GenerateRequest()
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) > 1:
+            raise bad_request("prompt", "prompt: several prompts in one request are not supported; send one "
+                                        "request per prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        msg.text = prompt
+    else:
+        _put(lambda: msg.token_ids.ids.extend(prompt), "prompt", "a token id")
+        msg.token_ids.SetInParent()  # an empty list is still the token-ids prompt (and refused as empty)
+    if body.echo:
+        raise bad_request("echo", "echo: not supported")
+    if body.suffix:
+        raise bad_request("suffix", "suffix: not supported")
+    if body.best_of is not None and body.best_of != 1:
+        raise bad_request("best_of", "best_of: not supported")
+    _sampling(body, msg, body.max_tokens, "max_tokens")
+    if body.logprobs is not None:
+        _set_logprobs(msg, body.logprobs, "logprobs")
+    return msg, _spec(body, False, "prompt", "max_tokens", "logprobs", body.logprobs)
+
+
+def _content(m: ChatMessage, i: int) -> str:
+    if m.content is None or isinstance(m.content, str):
+        return m.content or ""
+    parts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"messages[{i}].content[{j}]",
+                              f"messages[{i}].content[{j}]: only text parts are supported, not {part.type!r}")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def chat_request(body: ChatCompletionRequest) -> tuple[api_pb2.GenerateRequest, Spec]:
+    msg = api_pb2.GenerateRequest()
+    msg.chat.SetInParent()
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for the system turn
+        msg.chat.messages.add(role=role, content=_content(m, i))
+    if body.tools:
+        raise bad_request("tools", "tools: not supported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise bad_request("response_format", "response_format: only {\"type\": \"text\"} is supported")
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    _sampling(body, msg, max_tokens, max_param)
+    k = None
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs", "top_logprobs: needs logprobs: true")
+    if body.logprobs:
+        k = body.top_logprobs or 0
+        _set_logprobs(msg, k, "top_logprobs")
+    return msg, _spec(body, True, "messages", max_param, "top_logprobs", k)
+
+
+def _spec(body: SamplingBody, chat: bool, prompt_param: str, max_param: str, logprobs_param: str,
+          logprobs: int | None) -> Spec:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options", "stream_options: only with stream: true")
+    return Spec(chat, prompt_param, max_param, logprobs_param, logprobs, body.stream, include_usage,
+                body.return_token_ids)
+
+
+def tokenize_request(prompt: str | None, messages: list[ChatMessage] | None) -> api_pb2.TokenizeRequest:
+    if (prompt is None) == (messages is None):
+        raise bad_request("prompt", "give either prompt or messages")
+    msg = api_pb2.TokenizeRequest()
+    if prompt is not None:
+        msg.text = prompt
+    else:
+        msg.chat.SetInParent()
+        for i, m in enumerate(messages or []):
+            msg.chat.messages.add(role="system" if m.role == "developer" else m.role, content=_content(m, i))
+    return msg
+

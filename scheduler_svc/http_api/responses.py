@@ -1,0 +1,124 @@
+"""Results -> OpenAI objects: whole completions, stream chunks, usage, logprobs, finish reasons.
+
+Owns the output side of the HTTP API: what one request's `Delta`s (scheduler_svc.handle) become in
+OpenAI's shapes (schemas.py). A stream is a `ChunkWriter` per request: each delta becomes at most one
+chunk (none when it carries nothing the client asked for), the last one with the finish reason, then
+the usage chunk when `stream_options.include_usage` was given. Finish reasons: EOS, a stop string or
+a stop token -> "stop" (vLLM's `stop_reason` says which string or token), LENGTH -> "length".
+"""
+
+from __future__ import annotations
+
+from scheduler_svc.handle import Completion as Done
+from scheduler_svc.handle import Delta
+from scheduler_svc.http_api import schemas as s
+from scheduler_svc.http_api.convert import Spec
+from scheduler_svc.request import FinishReason
+from scheduler_svc.tokenizer import TandemTokenizer
+
+FINISH = {FinishReason.EOS: "stop", FinishReason.STOP_STRING: "stop", FinishReason.STOP_TOKEN: "stop",
+          FinishReason.LENGTH: "length", FinishReason.ABORTED: "abort"}
+
+Logprobs = list[tuple[int, float, list[tuple[int, float]]]]
+
+
+def finish_reason(done: Done) -> tuple[str, str | int | None]:
+    """OpenAI's finish_reason and vLLM's stop_reason (the stop string or stop token id matched)."""
+    stop = done.stop_string if done.stop_string is not None else done.stop_token_id
+    return FINISH.get(done.finish_reason, "stop"), stop
+
+
+def usage(done: Done) -> s.Usage:
+    return s.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                   total_tokens=done.prompt_tokens + done.completion_tokens,
+                   prompt_tokens_details=s.PromptTokensDetails(cached_tokens=done.cached_tokens))
+
+
+class TokenText:
+    """Token ids -> the text pieces logprobs name them by (each decoded alone, special tokens kept)."""
+
+    def __init__(self, tokenizer: TandemTokenizer) -> None:
+        self._tok = tokenizer
+
+    def __call__(self, token_id: int) -> str:
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(items: Logprobs, text: TokenText, offset: int) -> tuple[s.CompletionLogprobs, int]:
+    """The legacy completions logprobs object; `offset` is where the first token's text starts."""
+    out = s.CompletionLogprobs()
+    for token_id, logprob, top in items:
+        piece = text(token_id)
+        out.tokens.append(piece)
+        out.token_logprobs.append(logprob)
+        out.top_logprobs.append({text(i): v for i, v in top})
+        out.text_offset.append(offset)
+        offset += len(piece)
+    return out, offset
+
+
+def chat_logprobs(items: Logprobs, text: TokenText) -> s.ChoiceLogprobs:
+    content = []
+    for token_id, logprob, top in items:
+        piece = text(token_id)
+        tops = [s.TopLogprob(token=(t := text(i)), logprob=v, bytes=list(t.encode())) for i, v in top]
+        content.append(s.TokenLogprob(token=piece, logprob=logprob, bytes=list(piece.encode()), top_logprobs=tops))
+    return s.ChoiceLogprobs(content=content)
+
+
+def whole(spec: Spec, rid: str, created: int, model: str, delta: Delta,
+          text: TokenText) -> s.Completion | s.ChatCompletion:
+    """The non-streaming response of a finished request (its one delta holds everything)."""
+    assert delta.completion is not None
+    reason, stop = finish_reason(delta.completion)
+    ids = list(delta.token_ids) if spec.return_token_ids else None
+    if spec.chat:
+        lp = chat_logprobs(delta.logprobs, text) if spec.logprobs is not None else None
+        choice = s.ChatChoice(message=s.AssistantMessage(content=delta.text), logprobs=lp, finish_reason=reason,
+                              stop_reason=stop, token_ids=ids)
+        return s.ChatCompletion(id=rid, created=created, model=model, choices=[choice],
+                                usage=usage(delta.completion))
+    clp = completion_logprobs(delta.logprobs, text, 0)[0] if spec.logprobs is not None else None
+    cchoice = s.CompletionChoice(text=delta.text, logprobs=clp, finish_reason=reason, stop_reason=stop, token_ids=ids)
+    return s.Completion(id=rid, created=created, model=model, choices=[cchoice], usage=usage(delta.completion))
+
+
+class ChunkWriter:
+    """One streaming request's chunks, as JSON strings (the SSE framing is the app's)."""
+
+    def __init__(self, spec: Spec, rid: str, created: int, model: str, text: TokenText) -> None:
+        self.spec, self.rid, self.created, self.model, self.text = spec, rid, created, model, text
+        self._offset = 0  # completions logprobs: text offset of the next token
+        self._role_sent = False
+
+    def chunk(self, delta: Delta) -> str | None:
+        """The chunk for `delta`, or None when it has nothing to say (text held back, no logprobs asked)."""
+        spec = self.spec
+        reason = stop = None
+        if delta.completion is not None:
+            reason, stop = finish_reason(delta.completion)
+        has_tokens = bool(delta.token_ids) and (spec.return_token_ids or spec.logprobs is not None)
+        if not delta.text and not has_tokens and reason is None:
+            return None
+        ids = list(delta.token_ids) if spec.return_token_ids else None
+        if spec.chat:
+            lp = chat_logprobs(delta.logprobs, self.text) if spec.logprobs is not None else None
+            role = None if self._role_sent else "assistant"
+            self._role_sent = True
+            choice = s.ChatChunkChoice(delta=s.DeltaMessage(role=role, content=delta.text), logprobs=lp,
+                                       finish_reason=reason, stop_reason=stop, token_ids=ids)
+            return s.ChatCompletionChunk(id=self.rid, created=self.created, model=self.model,
+                                         choices=[choice]).model_dump_json()
+        clp = None
+        if spec.logprobs is not None:
+            clp, self._offset = completion_logprobs(delta.logprobs, self.text, self._offset)
+        cchoice = s.CompletionChoice(text=delta.text, logprobs=clp, finish_reason=reason, stop_reason=stop,
+                                     token_ids=ids)
+        return s.Completion(id=self.rid, created=self.created, model=self.model, choices=[cchoice]).model_dump_json()
+
+    def usage_chunk(self, done: Done) -> str | None:
+        """stream_options.include_usage: a last chunk with no choices and the usage."""
+        if not self.spec.include_usage:
+            return None
+        cls = s.ChatCompletionChunk if self.spec.chat else s.Completion
+        return cls(id=self.rid, created=self.created, model=self.model, choices=[], usage=usage(done)).model_dump_json()
