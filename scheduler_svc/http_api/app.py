@@ -107,6 +107,8 @@ async def _disconnected(request: Request) -> None:
 def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes] = (),
                health_without_auth: bool = False, max_concurrent: int = 0) -> FastAPI:
     app = FastAPI(title="Tandem (OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+    if keys or max_concurrent:
+        app.add_middleware(Gate, keys=keys, health_exempt=health_without_auth, max_concurrent=max_concurrent)
     started = int(time.time())
 
     def served_model(model: str | None) -> str:
