@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 
+import grpc
 import openai
 import pytest
 
@@ -194,11 +195,15 @@ BAD = [
     ("completions", {"stop": ["x"] * 17}, "stop", "at most 16"),
     ("completions", {"temperature": "hot"}, "temperature", "number"),
     ("completions", {"n": 2}, "n", "not supported yet"),
-    ("completions", {"presence_penalty": 0.5}, "presence_penalty", "not supported yet"),
-    ("completions", {"frequency_penalty": 0.5}, "frequency_penalty", "not supported yet"),
-    ("completions", {"repetition_penalty": 1.2}, "repetition_penalty", "not supported yet"),
-    ("completions", {"logit_bias": {"5": 10}}, "logit_bias", "not supported yet"),
-    ("completions", {"min_tokens": 3}, "min_tokens", "not supported yet"),
+    ("completions", {"n": 0}, "n", "must be in [1, 16]"),
+    ("completions", {"presence_penalty": 2.5}, "presence_penalty", "[-2, 2]"),
+    ("completions", {"frequency_penalty": -3}, "frequency_penalty", "[-2, 2]"),
+    ("completions", {"repetition_penalty": 0}, "repetition_penalty", "> 0"),
+    ("completions", {"logit_bias": {"5": 500}}, "logit_bias", "[-100, 100]"),
+    ("completions", {"logit_bias": {"five": 1}}, "logit_bias", "keys are token ids"),
+    ("completions", {"logit_bias": {"99999999": 1}}, "logit_bias", "outside the vocabulary"),
+    ("completions", {"min_tokens": 30, "max_tokens": 10}, "min_tokens", "exceeds"),
+    ("completions", {"min_tokens": -1}, "min_tokens", "out of range"),
     ("chat", {"max_completion_tokens": 100_000}, "max_completion_tokens", "exceed"),
     ("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "unknown role"),
     ("chat", {"messages": []}, "messages", "must not be empty"),
@@ -224,6 +229,42 @@ def test_openai_errors(server, oa):
         oa.chat.completions.create(model="gpt-4o", messages=CHAT)
     assert missing.value.body["code"] == "model_not_found" and missing.value.param == "model"
     assert _raw(server, "/v1/completions", b"{not json")[0] == 400
+
+
+def test_sampling_controls(oa, server):
+    """Penalties through HTTP give gRPC's tokens for the same request, and act: a logit bias that makes
+    one token win every step alone is overcome by a frequency penalty once the token has repeated; a
+    +100 bias makes every token the biased one; min_tokens holds off a stop token otherwise sampled first."""
+    from tandem.v1 import api_pb2, api_pb2_grpc
+
+    token = 1234
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 2.0, "repetition_penalty": 2.0}
+    with grpc.insecure_channel(server.address) as ch:
+        ref = api_pb2_grpc.TandemStub(ch).Generate(api_pb2.GenerateRequest(
+            text=PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True, logit_bias={token: 30.0}, **penalties),
+            metadata=[("authorization", f"Bearer {KEY}")], timeout=30)
+    r = oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, logit_bias={str(token): 30},
+                              presence_penalty=0.5, frequency_penalty=2.0,
+                              extra_body={"ignore_eos": True, "repetition_penalty": 2.0, "return_token_ids": True})
+    assert r.choices[0].model_extra["token_ids"] == list(ref.token_ids)
+    plain = oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0,
+                                  logit_bias={str(token): 30},
+                                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert plain.choices[0].model_extra["token_ids"] == [token] * 16
+    assert ref.token_ids[0] == token and list(ref.token_ids) != [token] * 16  # the penalties did something
+
+    biased = oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                   logit_bias={str(token): 100}, extra_body={"ignore_eos": True,
+                                                                             "return_token_ids": True})
+    assert biased.choices[0].model_extra["token_ids"] == [token] * 6
+    stop_first = {"logit_bias": {str(token): 100}, "stop_token_ids": [token], "return_token_ids": True}
+    early = oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, extra_body=stop_first)
+    assert early.choices[0].model_extra["token_ids"] == [token] and early.choices[0].finish_reason == "stop"
+    held = oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                 extra_body={**stop_first, "min_tokens": 4})
+    ids = held.choices[0].model_extra["token_ids"]
+    assert len(ids) == 5 and token not in ids[:4] and ids[4] == token, ids
+    assert held.choices[0].finish_reason == "stop" and held.choices[0].model_extra["stop_reason"] == token
 
 
 def _back_within(server, seconds: float) -> None:

@@ -6,9 +6,9 @@ client asked (the parameter names to report errors under, the output options). P
 does not serve are refused here by name; values that do not even fit the proto field's type (a
 negative max_tokens, a seed past 64 bits) too.
 
-Until the sampling controls land in api.proto (n, repetition/presence/frequency penalties,
-logit_bias, min_tokens), a request that sets one to anything but its neutral value gets 400 naming
-the parameter, "not supported yet".
+The sampling controls map onto the GenerateRequest fields of the same names (logit_bias's keys,
+token-id strings, become ints); n > 1 gets 400 "n: not supported yet" until the front end
+interleaves the samples of one request.
 """
 
 from __future__ import annotations
@@ -48,22 +48,28 @@ def _put(setter: Callable[[], Any], param: str, value: object) -> None:
         raise bad_request(param, f"{param}: {value!r} is out of range") from exc
 
 
-def _refuse_unsupported(body: SamplingBody) -> None:
-    if body.n is not None and body.n < 1:
-        raise bad_request("n", "n: must be at least 1")
+def _penalties(body: SamplingBody, msg: api_pb2.GenerateRequest) -> None:
+    """n, the penalties, logit_bias and min_tokens onto the proto fields of the same names."""
     if body.n is not None and body.n > 1:
-        raise not_supported_yet("n")
-    for param, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
-                           ("min_tokens", 0)):
+        raise not_supported_yet("n")  # the front end does not interleave samples yet
+    if body.n is not None:
+        _put(lambda: setattr(msg, "n", body.n), "n", body.n)
+    for param in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
         value = getattr(body, param)
-        if value is not None and value != neutral:
-            raise not_supported_yet(param)
-    if body.logit_bias:
-        raise not_supported_yet("logit_bias")
+        if value is not None:
+            _put(lambda p=param, v=value: setattr(msg, p, v), param, value)
+    if body.min_tokens is not None:
+        _put(lambda: setattr(msg, "min_tokens", body.min_tokens), "min_tokens", body.min_tokens)
+    for key, bias in (body.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request("logit_bias", f"logit_bias: keys are token ids, not {key!r}") from None
+        _put(lambda t=token, b=bias: msg.logit_bias.__setitem__(t, b), "logit_bias", key)
 
 
 def _sampling(body: SamplingBody, msg: api_pb2.GenerateRequest, max_tokens: int | None, max_param: str) -> None:
-    _refuse_unsupported(body)
+    _penalties(body, msg)
     if max_tokens is not None:
         if max_tokens < 1:
             raise bad_request(max_param, f"{max_param}: must be at least 1")

@@ -68,8 +68,9 @@ def from_status(code: grpc.StatusCode, message: str) -> ApiError:
 def openai_param(field: str, prompt_param: str, max_tokens_param: str, logprobs_param: str) -> str:
     """The OpenAI parameter behind a GenerateRequest field named by validation: the prompt's fields
     become `prompt_param` ("prompt" or "messages", with the message index kept), max_new_tokens the
-    max-tokens parameter the client used, logprobs `logprobs` or `top_logprobs`, stop[i] `stop`; the
-    sampling fields have the same names in both APIs (temperature, top_p, seed, stop_token_ids, ...)."""
+    max-tokens parameter the client used, logprobs `logprobs` or `top_logprobs`, stop[i] `stop`,
+    logit_bias[id] `logit_bias`; the sampling fields have the same names in both APIs (temperature,
+    top_p, seed, stop_token_ids, presence_penalty, min_tokens, ...)."""
     base = re.split(r"[.\[]", field, maxsplit=1)[0]
     if base in ("text", "token_ids", "chat", "prompt"):
         if field.startswith("chat.messages"):
@@ -79,8 +80,8 @@ def openai_param(field: str, prompt_param: str, max_tokens_param: str, logprobs_
         return max_tokens_param
     if base == "logprobs":
         return logprobs_param
-    if base == "stop":
-        return "stop"
+    if base in ("stop", "logit_bias"):
+        return base
     return field
 
 
