@@ -88,6 +88,12 @@ class GenerateParams(TypedDict, total=False):
     logprobs: int | None
     request_id: str | None
     cache_salt: str | None
+    n: int | None
+    repetition_penalty: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    logit_bias: Mapping[int, float] | None
+    min_tokens: int | None
 
 
 def build_generate_request(
@@ -107,6 +113,12 @@ def build_generate_request(
     logprobs: int | None = None,
     request_id: str | None = None,
     cache_salt: str | None = None,
+    n: int | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logit_bias: Mapping[int, float] | None = None,
+    min_tokens: int | None = None,
 ) -> api_pb2.GenerateRequest:
     form = _one_prompt(prompt=prompt, token_ids=token_ids, messages=messages)
     req = api_pb2.GenerateRequest()
@@ -129,6 +141,11 @@ def build_generate_request(
         ("min_p", min_p),
         ("seed", seed),
         ("logprobs", logprobs),
+        ("n", n),
+        ("repetition_penalty", repetition_penalty),
+        ("presence_penalty", presence_penalty),
+        ("frequency_penalty", frequency_penalty),
+        ("min_tokens", min_tokens),
     ):
         _set_optional(req, name, value)
     if stop is not None:
@@ -144,6 +161,12 @@ def build_generate_request(
         req.request_id = request_id
     if cache_salt:
         req.cache_salt = cache_salt
+    if logit_bias:
+        try:
+            for tok, bias in logit_bias.items():
+                req.logit_bias[int(tok)] = float(bias)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"logit_bias: {e}") from None
     return req
 
 
@@ -194,6 +217,8 @@ def result_from_response(resp: api_pb2.GenerateResponse) -> GenerationResult:
         timings=c.timings,
         logprobs=logprobs_from_proto(resp.logprobs),
         request_id=resp.request_id,
+        index=resp.index,
+        choices=[result_from_response(c) for c in resp.choices],
     )
 
 
@@ -204,6 +229,7 @@ def chunk_from_response(resp: api_pb2.GenerateResponse) -> StreamChunk:
         logprobs=logprobs_from_proto(resp.logprobs),
         completion=completion_from_proto(resp.completion) if resp.HasField("completion") else None,
         request_id=resp.request_id,
+        index=resp.index,
     )
 
 

@@ -85,6 +85,17 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    """TOKEN=BIAS, e.g. 50256=-100."""
+    tok, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(tok), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN=BIAS (e.g. 2=-100), got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = EnvArgumentParser(prog="tandem", description="Tandem LLM inference server: client and launcher.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -106,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-id", default=None)
     g.add_argument("--cache-salt", default=None,
                    help="requests with different salts never share the server's prefix-cache blocks")
+    g.add_argument("--n", type=int, default=None, help="samples of the prompt (1 to 16), sharing its prefill")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="transformers' (1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=None, help="OpenAI's, in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, default=None, help="OpenAI's, in [-2, 2]")
+    g.add_argument("--logit-bias", type=_logit_bias, action="append", default=None, metavar="TOKEN=BIAS",
+                   help="add BIAS (in [-100, 100]) to token id TOKEN's logit (repeatable)")
+    g.add_argument("--min-tokens", type=int, default=None, help="no EOS or stop token before this many tokens")
     g.add_argument("--json", action="store_true", help="print JSON (one object per chunk with --stream)")
     _client_args(g)
     g.set_defaults(func=cmd_generate, subparser=g)
@@ -231,13 +249,26 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         logprobs=args.logprobs,
         request_id=args.request_id,
         cache_salt=args.cache_salt,
+        n=args.n,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=dict(args.logit_bias) if args.logit_bias else None,
+        min_tokens=args.min_tokens,
     )
+    if args.n is not None and args.n > 1 and args.stream and not args.json:
+        parser.error("--n > 1 with --stream needs --json (the samples' chunks interleave, each with its index)")
     with TandemClient(args.address, timeout=args.timeout, **connection_kwargs(args)) as client:
         try:
             if not args.stream:
                 result = client.generate(**kwargs)
                 if args.json:
                     _json_dump(result, sys.stdout)
+                elif result.choices:
+                    for choice in result.choices:
+                        print(f"--- sample {choice.index} ---\n{choice.text}", flush=True)
+                        print(_summary(choice.finish_reason, choice.matched_stop, choice.usage, choice.timings),
+                              file=sys.stderr)
                 else:
                     print(result.text, flush=True)
                     print(

@@ -65,6 +65,9 @@ class GenerationResult:
     timings: Timings
     logprobs: list[TokenLogprob]
     request_id: str
+    index: int = 0  # which of the request's n samples this is
+    # A request of n > 1 samples: one whole result per sample, by index (the fields above are empty).
+    choices: list[GenerationResult] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class StreamChunk:
     logprobs: list[TokenLogprob]
     completion: Completion | None
     request_id: str
+    index: int = 0  # which of the request's n samples this chunk is about (streams of n > 1 interleave)
 
     @property
     def is_last(self) -> bool:

@@ -20,6 +20,7 @@ import grpc
 import structlog
 from tandem.v1 import api_pb2
 
+from scheduler_svc import sample_group
 from scheduler_svc.detokenizer import OutputText
 from scheduler_svc.engine_client import EngineClient, Unavailable
 from scheduler_svc.handle import Delta, RequestHandle
@@ -65,15 +66,34 @@ def bind_request_id(client_id: str) -> str:
 
 async def admit(engine: EngineClient, limits: RequestLimits, msg: api_pb2.GenerateRequest,
                 client_id: str) -> RequestHandle:
-    """Validates `msg`, queues it in the core and returns its handle; raises Refusal (counted, logged)."""
+    """Validates `msg`, queues it in the core and returns its handle; raises Refusal (counted, logged).
+    A request of n > 1 samples needs `admit_samples`."""
+    group = await admit_samples(engine, limits, msg, client_id)
+    assert len(group) == 1, "a request of n > 1 samples goes through admit_samples"
+    return group[0]
+
+
+async def admit_samples(engine: EngineClient, limits: RequestLimits, msg: api_pb2.GenerateRequest,
+                        client_id: str) -> list[RequestHandle]:
+    """`admit` for a request of n samples (sample_group.py): one handle per sample, sample 0 first,
+    all admitted or none; raises Refusal (counted, logged)."""
     try:
         tokenizer = engine.tokenizer()
         hello = engine.hello()
         req, stops = build_request(msg, f"{_prefix}-{next(_ids)}", tokenizer, hello, limits)
         req.client_id = client_id
-        handle = RequestHandle(req, client_id, OutputText(tokenizer, stops))
-        await engine.submit(handle)
-        return handle
+        if req.num_samples == 1:
+            group = [RequestHandle(req, client_id, OutputText(tokenizer, stops))]
+        else:
+            group = sample_group.handles(sample_group.expand(req), client_id, tokenizer, stops)
+        for i, handle in enumerate(group):
+            try:
+                await engine.submit(handle)
+            except BaseException:
+                for h in group[:i]:
+                    engine.abort(h)
+                raise
+        return group
     except InvalidArgument as exc:
         refusal = invalid(exc.field, exc.description)
     except NeverFits as exc:

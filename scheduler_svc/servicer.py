@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -18,10 +19,10 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from tandem.v1 import api_pb2, api_pb2_grpc
 
-from scheduler_svc import frontend
+from scheduler_svc import frontend, sample_group
 from scheduler_svc.engine_client import EngineClient
 from scheduler_svc.frontend import Refusal, bind_request_id
-from scheduler_svc.handle import Completion, RequestHandle
+from scheduler_svc.handle import Completion, Delta, RequestHandle
 from scheduler_svc.validation import RequestLimits
 
 log = logging.getLogger("tandem.api")
@@ -91,16 +92,23 @@ async def internal_errors(context: grpc.aio.ServicerContext):
         await context.abort_with_status(_status(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"))
 
 
+async def _indexed(handle: RequestHandle) -> AsyncIterator[tuple[int, Delta]]:
+    async for delta in frontend.deltas(handle):
+        yield 0, delta
+
+
 class TandemServicer(api_pb2_grpc.TandemServicer):
     def __init__(self, engine: EngineClient, limits: RequestLimits) -> None:
         self.engine = engine
         self.limits = limits
 
-    async def _admit(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> RequestHandle:
+    async def _admit(self, request: api_pb2.GenerateRequest,
+                     context: grpc.aio.ServicerContext) -> list[RequestHandle]:
+        """One handle per sample (n), sample 0 first."""
         client_id = bind_request_id(
             request.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", ""))
         try:
-            return await frontend.admit(self.engine, self.limits, request, client_id)
+            return await frontend.admit_samples(self.engine, self.limits, request, client_id)
         except Refusal as refusal:
             await context.abort_with_status(_refusal_status(refusal))
             raise  # not reached: abort raises
@@ -110,38 +118,49 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         async with internal_errors(context):
-            handle = await self._admit(request, context)
+            group = await self._admit(request, context)
             try:
-                # One wake-up at the end, not one per token: with hundreds of unary calls in flight,
-                # per-token wake-ups would cost the event loop more than a GPU step lasts.
-                await handle.ended.wait()
-                delta = handle.take()
-                if delta.error is not None:
-                    await self._end_with_error(context, delta.error)
-                assert delta.completion is not None
-                return api_pb2.GenerateResponse(
-                    request_id=handle.client_request_id, text=delta.text, token_ids=delta.token_ids,
-                    logprobs=_logprobs_pb(delta.logprobs), completion=_completion_pb(delta.completion),
-                )
+                # One wake-up per sample at its end, not one per token: with hundreds of unary calls in
+                # flight, per-token wake-ups would cost the event loop more than a GPU step lasts.
+                choices = []
+                for index, handle in enumerate(group):
+                    await handle.ended.wait()
+                    delta = handle.take()
+                    if delta.error is not None:
+                        await self._end_with_error(context, delta.error)
+                    assert delta.completion is not None
+                    choices.append(api_pb2.GenerateResponse(
+                        request_id=handle.client_request_id, text=delta.text, token_ids=delta.token_ids,
+                        logprobs=_logprobs_pb(delta.logprobs), completion=_completion_pb(delta.completion),
+                        index=index,
+                    ))
+                if len(choices) == 1:
+                    return choices[0]
+                # n > 1: every sample whole, by index, in `choices`.
+                return api_pb2.GenerateResponse(request_id=group[0].client_request_id, choices=choices)
             finally:
-                frontend.release(self.engine, handle)
+                for handle in group:  # a cancel or deadline ends every sample and frees its KV
+                    frontend.release(self.engine, handle)
 
     async def GenerateStream(self, request, context):  # noqa: N802
         async with internal_errors(context):
-            handle = await self._admit(request, context)
+            group = await self._admit(request, context)
             try:
-                async for delta in frontend.deltas(handle):
+                # n > 1: the samples' messages interleaved as they progress, each with its index.
+                deltas = _indexed(group[0]) if len(group) == 1 else sample_group.interleave(group)
+                async for index, delta in deltas:
                     if delta.error is not None:
                         await self._end_with_error(context, delta.error)
                     msg = api_pb2.GenerateResponse(
-                        request_id=handle.client_request_id, text=delta.text, token_ids=delta.token_ids,
-                        logprobs=_logprobs_pb(delta.logprobs),
+                        request_id=group[0].client_request_id, text=delta.text, token_ids=delta.token_ids,
+                        logprobs=_logprobs_pb(delta.logprobs), index=index,
                     )
                     if delta.completion is not None:
                         msg.completion.CopyFrom(_completion_pb(delta.completion))
                     yield msg
             finally:
-                frontend.release(self.engine, handle)
+                for handle in group:  # a cancel or deadline ends every sample and frees its KV
+                    frontend.release(self.engine, handle)
 
     async def Tokenize(self, request, context):  # noqa: N802
         async with internal_errors(context):
