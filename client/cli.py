@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 import grpc
+from tandem import exit_codes
 from tandem.envargs import EnvArgumentParser, default_engine_address, prepare_ipc_address
 
 from .connection_args import connection_args, connection_kwargs
@@ -449,9 +451,15 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     # The scheduler creates it too; doing it first means the worker never waits on a missing directory.
     prepare_ipc_address(args.engine_address)
     scheduler, worker = serve_commands(args)
+    # The instance token: the scheduler serves only a worker that presents it, so no other instance's
+    # worker can ever join this one. Through the environment, which `ps` does not show; one the user
+    # set (to add workers of their own) is kept.
+    env = {**os.environ, "TANDEM_INSTANCE_TOKEN": os.environ.get("TANDEM_INSTANCE_TOKEN") or secrets.token_hex(16)}
     sup = Supervisor(
         # A dead worker is restarted and the scheduler takes it back; a dead scheduler ends `serve`.
-        [ChildSpec("scheduler", scheduler), ChildSpec("worker", worker, restart=True, fatal_codes=(2,))],
+        [ChildSpec("scheduler", scheduler, env=env),
+         ChildSpec("worker", worker, env=env, restart=True, fatal_codes=(exit_codes.LOAD_ERROR,),
+                   stay_down_codes=(exit_codes.REPLACED,))],
         grace_s=args.grace if args.grace is not None else (args.drain_timeout or 30.0) + 10.0,
         name="tandem serve",
     )

@@ -36,6 +36,9 @@ class ChildSpec:
     # Exit codes that mean "starting again cannot help" (the worker's 2: a model that cannot load, a
     # bad flag): the supervisor stops everything at once with that code instead of restarting.
     fatal_codes: tuple[int, ...] = ()
+    # Exit codes after which the child is left stopped while the others run on (the worker's 5: another
+    # worker took its place deliberately, and a restarted one would only be refused).
+    stay_down_codes: tuple[int, ...] = ()
 
 
 CRASH_LOOP_S = 30.0
@@ -49,6 +52,7 @@ class _Running:
     exited_at: float | None = field(default=None)
     started_at: float = field(default_factory=time.monotonic)
     quick_deaths: int = 0
+    stayed_down: bool = False  # exited with one of its stay_down_codes: not watched any more
 
 
 def _pdeathsig_preexec() -> Callable[[], None] | None:
@@ -184,9 +188,13 @@ class Supervisor:
                     return 0
                 for r in self._running:
                     rc = r.proc.poll()
-                    if rc is None:
+                    if rc is None or r.stayed_down:
                         continue
                     how = f"with code {rc}" if rc >= 0 else f"by signal {signal.Signals(-rc).name}"
+                    if rc in r.spec.stay_down_codes:
+                        self.log(f"{r.spec.name} exited {how}: left stopped (its message is above)")
+                        r.stayed_down = True
+                        continue
                     if rc in r.spec.fatal_codes:
                         self.log(f"{r.spec.name} exited {how}, which restarting cannot mend (its message is "
                                  f"above); stopping")

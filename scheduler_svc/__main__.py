@@ -4,6 +4,7 @@ link). Never imports torch."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from tandem.envargs import EnvArgumentParser, default_engine_address
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None):
                         "authenticated (`python -m tandem.linkkeys DIR` creates keys).")
     p.add_argument("--link-curve-clients", default="",
                    help="Directory of the public key files (NAME.key) of the workers allowed to connect.")
+    p.add_argument("--instance-token", default="",
+                   help="Serve only workers that present this secret (tandem serve hands one to its scheduler "
+                        "and worker through the environment; prefer it to the flag, which `ps` shows).")
     p.add_argument("--api-keys-file", default=None, help="Bearer tokens clients must send, one per line.")
     p.add_argument("--api-keys", default=None, help="Bearer tokens, comma-separated (prefer the file or the "
                                                     "TANDEM_API_KEYS environment variable: argv is visible to all).")
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"scheduler: {exc}", file=sys.stderr)
         return 2
+    if args.instance_token:
+        os.environ["TANDEM_INSTANCE_TOKEN"] = args.instance_token  # the core process reads it (core.py)
     config = ServerConfig(
         address=args.address,
         engine_address=args.engine_address,

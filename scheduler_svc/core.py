@@ -28,6 +28,7 @@ from scheduler_svc.link import EngineLink
 log = logging.getLogger("tandem.core")
 
 PARENT_POLL_S = 0.5
+INSTANCE_TOKEN_ENV = "TANDEM_INSTANCE_TOKEN"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +50,8 @@ async def _serve(args: argparse.Namespace) -> int:
         log.error("cannot bind the engine link %s: %s", args.engine_address, exc)
         return 2
     front = CoreLink(args.front_address, bind=False)
-    engine = Engine(link, front, config)
+    # From the environment, not the command line (which `ps` shows): the scheduler process sets it.
+    engine = Engine(link, front, config, instance_token=os.environ.get(INSTANCE_TOKEN_ENV, ""))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ produces the very tokens it would have without the loss. Only past the timeout d
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -96,9 +97,12 @@ class Engine:
     """The core's loop over its two links: `front` (the front end: requests in, tokens out) and
     `link` (the worker: plans out, results in)."""
 
-    def __init__(self, link: EngineLink, front: CoreLink, config: EngineConfig) -> None:
+    def __init__(self, link: EngineLink, front: CoreLink, config: EngineConfig, instance_token: str = "") -> None:
         assert config.pipeline_depth in (0, 1, 2)
         self.link = link
+        # When set, only a worker whose HELLO carries it is served (it belongs to this instance); kept
+        # out of EngineConfig, which travels on the core's command line.
+        self.instance_token = instance_token
         self.front = front
         self.config = config
         self.session: WorkerSession | None = None
@@ -285,18 +289,26 @@ class Engine:
         if hello.protocol_version != wire.PROTOCOL_VERSION:
             log.error("worker speaks protocol %d, we speak %d", hello.protocol_version, wire.PROTOCOL_VERSION)
             return
+        if self.instance_token and not hmac.compare_digest(hello.instance_token.encode(), self.instance_token.encode()):
+            why = ("its instance token is not this scheduler's: it belongs to another Tandem instance (give "
+                   "it that instance's --engine-address, or this one's TANDEM_INSTANCE_TOKEN)")
+            log.error("refusing worker %s: %s", hello.worker_id, why)
+            self._send_quietly(peer, wire.reject_message(why, final=True))
+            return
         s = self.session
         if s is not None and peer != s.peer and self._alive(s.peer):
-            # Two workers on one link address: never drop a live worker's session for a newcomer.
-            why = (f"this scheduler already serves worker {s.hello.worker_id}, which is alive; give each "
-                   f"worker its own scheduler (--engine-address)")
-            log.error("refusing worker %s: %s", hello.worker_id, why)
-            try:
-                self.link.send(peer, wire.reject_message(why))
-            except zmq.ZMQError:
-                pass
-            return
-        if s is not None:
+            if not hello.replace:
+                # Two workers on one link address: never drop a live worker's session for a newcomer.
+                why = (f"this scheduler already serves worker {s.hello.worker_id}, which is alive; give each "
+                       f"worker its own scheduler (--engine-address), or start it with --replace")
+                log.error("refusing worker %s: %s", hello.worker_id, why)
+                self._send_quietly(peer, wire.reject_message(why))
+                return
+            # A deliberate replacement: the old worker is told to exit, its requests resume on the new one.
+            log.warning("worker %s replaces worker %s", hello.worker_id, s.hello.worker_id)
+            self._send_quietly(s.peer, wire.bye_message(replaced=True, reason=f"replaced by worker {hello.worker_id}"))
+            self._lose_worker(f"worker replaced by {hello.worker_id}")
+        elif s is not None:
             self._lose_worker("worker restarted")
         self.depth = self.config.pipeline_depth or auto_depth(hello.device)
         limits = SchedulerLimits(
@@ -327,6 +339,13 @@ class Engine:
                                                 reason="held through a worker loss, it does not fit the new "
                                                        "worker's limits").SerializeToString())
         self._pump()
+
+    def _send_quietly(self, peer: bytes, frames: list) -> None:
+        """A courtesy message (REJECT, BYE): a peer that vanished meanwhile needs no answer."""
+        try:
+            self.link.send(peer, frames)
+        except zmq.ZMQError:
+            pass
 
     def _resume_held(self) -> tuple[int, list[int]]:
         """Hands the requests held through a loss to the new session's scheduler: (resumed, the uids of

@@ -1,8 +1,10 @@
 """`python -m worker_svc` / `tandem-worker`: load the model, connect to the scheduler, serve steps.
 
 Owns the command line (every flag has a TANDEM_* environment twin), logging setup, signal
-handling and the exit status: 0 after SIGTERM/SIGINT, 1 when the scheduler goes away, 2 on bad
-arguments. Heavy imports (torch, transformers) happen after parsing so `--help` is instant.
+handling and the exit status: 0 after SIGTERM/SIGINT or the scheduler's orderly BYE, 1 when the
+scheduler goes away, 2 on bad arguments or a load error (or a scheduler of another instance: REJECT
+final), 3 when one step hangs, 4 when a scheduler with a live worker refuses this one, 5 when another
+worker replaced this one deliberately. Heavy imports (torch, transformers) happen after parsing so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import signal
 import sys
 
+from tandem import exit_codes
 from tandem.envargs import EnvArgumentParser, default_engine_address
 from tandem.logs import configure as configure_logging
 
@@ -40,6 +43,12 @@ def build_parser() -> EnvArgumentParser:
     p.add_argument("--link-curve-secret", default="",
                    help="this worker's CURVE secret key file (NAME.key_secret): encrypted tcp:// engine link")
     p.add_argument("--link-curve-server", default="", help="the scheduler's CURVE public key file (NAME.key)")
+    p.add_argument("--instance-token", default="",
+                   help="the secret this worker proves to its scheduler (tandem serve hands one to both through "
+                   "the environment; prefer the environment to the flag, which `ps` shows)")
+    p.add_argument("--replace", action="store_true",
+                   help="take the place of the scheduler's live worker (told to exit, status 5), instead of "
+                   "being refused; its requests resume on this one")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly on CUDA too (no decode or piecewise graphs)")
     p.add_argument("--debug-placeholders", action="store_true",
@@ -78,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         dtype = models.resolve_dtype(args.dtype, device)
     except ValueError as exc:
         log.error("%s", exc)
-        return 2
+        return exit_codes.LOAD_ERROR
     log.info("loading %s on %s (%s)", args.model, device, dtype)
     try:
         loaded = models.load(args.model, device, dtype, seed=args.seed, max_context=args.max_context,
                              allow_pickle_weights=args.allow_pickle_weights)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         log.error("cannot load --model %s: %s", args.model, exc)
-        return 2
+        return exit_codes.LOAD_ERROR
     engine = Engine(loaded, EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         cuda_graphs=not args.no_cuda_graphs, debug_placeholders=args.debug_placeholders,
@@ -95,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         link = WorkerLink(args.engine_address, args.link_curve_secret, args.link_curve_server)
     except (ValueError, OSError) as exc:
         log.error("engine link: %s", exc)
-        return 2
-    loop = WorkerLoop(engine, link, args.hang_timeout)
+        return exit_codes.LOAD_ERROR
+    loop = WorkerLoop(engine, link, args.hang_timeout, instance_token=args.instance_token, replace=args.replace)
     loop_ref.append(loop)
     log.info("model %s ready; connecting to %s", loaded.name, args.engine_address)
     try:

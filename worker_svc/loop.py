@@ -25,7 +25,7 @@ import uuid
 
 import numpy as np
 import structlog
-from tandem import wire
+from tandem import exit_codes, wire
 
 from worker_svc.link import WorkerLink
 from worker_svc.runner import Engine
@@ -34,7 +34,9 @@ log = logging.getLogger("tandem.worker.loop")
 
 # Fault hooks for the reliability tests, off unless this variable is set: "hang_at_step=N" makes
 # the worker stop answering (alive, connected, silent) when step N arrives; "nan_logits_at_step=N"
-# (with "nan_row=R", default 0) reports row R of step N as having non-finite logits.
+# (with "nan_row=R", default 0) reports row R of step N as having non-finite logits; "refuse_step=N"
+# refuses plan N once; "step_sleep_ms=M" makes every step M ms slower (a slow device, for tests that
+# must act while streams still run).
 FAULTS_ENV = "TANDEM_FAULTS"
 
 
@@ -47,13 +49,14 @@ def parse_faults(spec: str) -> dict[str, int]:
 rlog = structlog.get_logger("tandem.worker.requests")
 
 POLL_MS = 100  # how often an idle loop looks at the stop flag
-# Exit status when the scheduler refuses this worker (REJECT: it serves a live one). Not 2 (a load or
-# usage error, which `tandem serve` does not retry): a replacement that came a moment too early, before
-# the dead worker's connection timed out, is worth a restart; a supervisor's crash-loop guard stops
-# a second worker that is refused every time.
-REJECTED_EXIT = 4
+# Exit statuses (tandem.exit_codes says what each tells a supervisor). A plain REJECT is not 2: a
+# replacement that came a moment too early, before the dead worker's connection timed out, is worth a
+# restart, and a supervisor's crash-loop guard stops a second worker that is refused every time.
+REJECTED_EXIT = exit_codes.REJECTED
+REJECTED_FINAL_EXIT = exit_codes.LOAD_ERROR  # another instance's scheduler: restarting cannot help
+REPLACED_EXIT = exit_codes.REPLACED
 WAIT_LOG_S = 10.0
-EXIT_HUNG = 3
+EXIT_HUNG = exit_codes.HUNG
 
 
 class StepWatchdog:
@@ -88,7 +91,7 @@ class StepWatchdog:
                 os._exit(EXIT_HUNG)  # the main thread is stuck: no orderly shutdown is possible
 
 
-def make_hello(engine: Engine) -> wire.Hello:
+def make_hello(engine: Engine, instance_token: str = "", replace: bool = False) -> wire.Hello:
     m = engine.loaded
     cache = engine.cache.cfg
     return wire.Hello(
@@ -114,25 +117,30 @@ def make_hello(engine: Engine) -> wire.Hello:
         default_top_p=m.sampling_defaults.top_p,
         default_top_k=m.sampling_defaults.top_k,
         default_min_p=m.sampling_defaults.min_p,
+        instance_token=instance_token,
+        replace=replace,
     )
 
 
 class WorkerLoop:
-    def __init__(self, engine: Engine, link: WorkerLink, hang_timeout_s: float = 0.0) -> None:
+    def __init__(self, engine: Engine, link: WorkerLink, hang_timeout_s: float = 0.0, instance_token: str = "",
+                 replace: bool = False) -> None:
         self.engine = engine
         self.link = link
+        self.instance_token = instance_token
+        self.replace = replace  # this worker's HELLO asks to take the place of the live one
         self.watchdog = StepWatchdog(hang_timeout_s)
         self.stop_requested = False
         self.steps = 0
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
         self._refused_by_fault = False
-        self.rejected = ""  # why the scheduler refused this worker (REJECT): exit REJECTED_EXIT
+        self.exit_status = 0  # set by REJECT (4, or 2 when final) and by BYE (0, or 5 when replaced)
         if self.faults:
             log.warning("fault injection on (%s=%s): for tests only", FAULTS_ENV, os.environ[FAULTS_ENV])
 
     def run(self) -> int:
         """Serves until the scheduler goes (returns 1) or a stop is requested (returns 0)."""
-        self.link.send(make_hello(self.engine).encode())
+        self.link.send(make_hello(self.engine, self.instance_token, self.replace).encode())
         waited = 0.0
         while not self.stop_requested:
             frames = self.link.recv(POLL_MS)
@@ -151,10 +159,9 @@ class WorkerLoop:
                 self.handle(frames)
             finally:
                 self.watchdog.idle()
-        if self.rejected:
-            return REJECTED_EXIT
-        log.info("stop requested; exiting after %d steps", self.steps)
-        return 0
+        if self.exit_status == 0:
+            log.info("stop requested; exiting after %d steps", self.steps)
+        return self.exit_status
 
     def handle(self, frames: list) -> None:
         try:
@@ -166,12 +173,19 @@ class WorkerLoop:
             self.send_pending(keep=0)
             return
         if kind == wire.KIND_REJECT:
-            self.rejected = wire.decode_reject(header)
-            log.error("the scheduler refused this worker: %s; exiting", self.rejected)
+            reason, final = wire.decode_reject(header)
+            self.exit_status = REJECTED_FINAL_EXIT if final else REJECTED_EXIT
+            log.error("the scheduler refused this worker: %s; exiting with status %d", reason, self.exit_status)
             self.stop_requested = True
             return
         if kind == wire.KIND_BYE:
-            log.info("the scheduler is shutting down; exiting after %d steps", self.steps)
+            replaced, reason = wire.decode_bye(header)
+            if replaced:
+                self.exit_status = REPLACED_EXIT
+                log.warning("replaced by another worker (%s); exiting with status %d after %d steps", reason,
+                            REPLACED_EXIT, self.steps)
+            else:
+                log.info("the scheduler is shutting down; exiting after %d steps", self.steps)
             self.stop_requested = True
             return
         if kind == wire.KIND_RESET:
@@ -210,6 +224,8 @@ class WorkerLoop:
             while not self.stop_requested:
                 time.sleep(0.1)
             return
+        if self.faults.get("step_sleep_ms"):
+            time.sleep(self.faults["step_sleep_ms"] / 1000)
         if not self.engine.is_async:
             self.send_pending(keep=0)
         self.engine.launch(plan)

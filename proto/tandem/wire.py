@@ -103,6 +103,8 @@ class Hello:
     default_top_p: float = 1.0
     default_top_k: int = 0
     default_min_p: float = 0.0
+    instance_token: str = ""
+    replace: bool = False
     protocol_version: int = PROTOCOL_VERSION
 
     def encode(self) -> list[bytes]:
@@ -375,19 +377,30 @@ def reset_message() -> list[bytes]:
     return [KIND_RESET, pb.Reset().SerializeToString()]
 
 
-def bye_message() -> list[bytes]:
-    return [KIND_BYE, pb.Bye().SerializeToString()]
+def bye_message(replaced: bool = False, reason: str = "") -> list[bytes]:
+    return [KIND_BYE, pb.Bye(replaced=replaced, reason=reason[:1000]).SerializeToString()]
 
 
-def reject_message(reason: str) -> list[bytes]:
-    return [KIND_REJECT, pb.Reject(reason=reason[:1000]).SerializeToString()]
-
-
-def decode_reject(header: bytes) -> str:
+def decode_bye(header: bytes) -> tuple[bool, str]:
+    """(replaced, reason); an unreadable BYE is an orderly shutdown."""
     try:
-        return pb.Reject.FromString(header).reason
+        msg = pb.Bye.FromString(header)
+    except Exception:  # protobuf DecodeError
+        return False, ""
+    return msg.replaced, msg.reason
+
+
+def reject_message(reason: str, final: bool = False) -> list[bytes]:
+    return [KIND_REJECT, pb.Reject(reason=reason[:1000], final=final).SerializeToString()]
+
+
+def decode_reject(header: bytes) -> tuple[str, bool]:
+    """(reason, final)."""
+    try:
+        msg = pb.Reject.FromString(header)
     except Exception:  # protobuf DecodeError: a reason we cannot read is still a refusal
-        return "(unreadable reason)"
+        return "(unreadable reason)", False
+    return msg.reason, msg.final
 
 
 def decode_refused(header: bytes) -> tuple[int, str]:
