@@ -309,3 +309,21 @@ def test_http_bind_needs_auth_or_insecure():
            f"ipc:///tmp/tandem-http-bind-{port}.sock", "--http-port", str(port), "--http-host", "0.0.0.0"]
     refused = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert refused.returncode == 2 and "without authentication" in refused.stderr, refused.stderr
+
+
+def test_bench_openai_backend_matches_grpc(server):
+    """`tandem bench --backend openai` records what the gRPC backend records for the same greedy workload:
+    the same output token ids per request, every token in some chunk, the usage's counts."""
+    from client.bench.runner import LoadSpec, run_load
+    from client.bench.workloads import random_requests
+
+    requests = random_requests(4, 24, 10, 49152, seed=3)
+    spec = LoadSpec(ignore_eos=True, temperature=0.0)
+    conn = {"api_key": KEY}
+    grpc_run = asyncio.run(run_load(server.address, requests, spec, connection=conn))
+    http_run = asyncio.run(run_load(server.base_url, requests, spec, connection=conn, backend="openai"))
+    for g, h in zip(grpc_run.records, http_run.records, strict=True):
+        assert g.ok and h.ok, (g.error, h.error)
+        assert h.output_token_ids == g.output_token_ids and len(h.output_token_ids) == 10
+        assert (h.output_tokens, sum(h.chunk_tokens), h.prompt_tokens) == (10, 10, 24)
+        assert h.ttft is not None and h.finish_reason == "length"

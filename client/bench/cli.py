@@ -21,7 +21,7 @@ from typing import Any
 from client import AsyncTandemClient
 from client.bench import report
 from client.bench.metrics import SLO, highest_rate_within, summarize
-from client.bench.runner import LoadSpec, run_load, wait_ready
+from client.bench.runner import LoadSpec, open_client, run_load, wait_ready
 from client.bench.workloads import (
     BenchRequest,
     chat_like_requests,
@@ -33,7 +33,16 @@ from client.connection_args import connection_args, connection_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--address", default="localhost:50051", help="the gRPC server (--backend grpc)")
+    p.add_argument("--backend", choices=["grpc", "openai"], default="grpc",
+                   help="grpc: GenerateStream; openai: streaming /v1/completions (token-id and text prompts) and "
+                   "/v1/chat/completions (messages) of an OpenAI-compatible server at --base-url")
+    p.add_argument("--base-url", default="http://localhost:8000/v1",
+                   help="the OpenAI-compatible API (--backend openai)")
+    p.add_argument("--model", default=None, help="--backend openai: the model to ask for (default: the first listed)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--backend openai: token ids of random prompts are drawn below it (default: what /v1/models "
+                   "says, as Tandem's does)")
     connection_args(p)
     p.add_argument("--num-prompts", type=int, default=100, help="requests measured (warm-ups excluded)")
     p.add_argument("--request-rate", type=float, default=math.inf,
@@ -121,17 +130,28 @@ def load_spec(args: argparse.Namespace) -> LoadSpec:
                     timeout=args.request_timeout)
 
 
-async def _server_info(address: str, timeout: float, conn: dict[str, Any]) -> dict[str, Any]:
-    async with AsyncTandemClient(address, **conn) as c:
-        await wait_ready(c, timeout)
-        return asdict(await c.model_info())
+def _target(args: argparse.Namespace) -> str:
+    return args.base_url if args.backend == "openai" else args.address
+
+
+async def _server_info(args: argparse.Namespace) -> dict[str, Any]:
+    async with open_client(_target(args), args.backend, _conn(args), args.model) as c:
+        await wait_ready(c, args.ready_timeout)
+        if isinstance(c, AsyncTandemClient):
+            return asdict(await c.model_info())
+        info = await c.model_info()
+        info["vocab_size"] = args.vocab_size or info["vocab_size"]
+        if not info["vocab_size"]:
+            raise ValueError(f"{args.base_url}/models does not say the vocabulary size: give --vocab-size")
+        return info
 
 
 async def run_one(args: argparse.Namespace, spec: LoadSpec, workload: list[BenchRequest], server: dict[str, Any],
                   name: str) -> dict[str, Any]:
     warm, measured = workload[: args.num_warmups], workload[args.num_warmups :]
-    load = await run_load(args.address, measured, spec, warmup=warm, ready_timeout=args.ready_timeout,
-                          progress=not args.disable_tqdm, connection=_conn(args))
+    load = await run_load(_target(args), measured, spec, warmup=warm, ready_timeout=args.ready_timeout,
+                          progress=not args.disable_tqdm, connection=_conn(args), backend=args.backend,
+                          model=args.model)
     records, duration = load.records, load.duration
     slo = SLO.parse(args.goodput) if args.goodput else None
     run_args = {**{k: v for k, v in vars(args).items() if k not in ("func", "subparser", "api_key")},
@@ -158,7 +178,7 @@ async def run_one(args: argparse.Namespace, spec: LoadSpec, workload: list[Bench
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    server = await _server_info(args.address, args.ready_timeout, _conn(args))
+    server = await _server_info(args)
     workload = build_workload(args, int(server["vocab_size"]))
     spec = load_spec(args)
     if not args.sweep:

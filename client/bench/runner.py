@@ -3,7 +3,8 @@ what each request saw.
 
 Owns the asyncio side of `tandem bench`: readiness wait, warm-up requests (sent and awaited before
 the clock starts, never counted), the schedule (`arrivals.offsets`) with an optional concurrency
-cap, one `GenerateStream` per request (TTFT is only visible on a stream), and the records
+cap, one `GenerateStream` per request (TTFT is only visible on a stream) or, with backend "openai",
+one streaming OpenAI-compatible HTTP request (openai_backend.py), and the records
 (`metrics.RequestRecord`). A failed request is recorded with its gRPC status code, never raised.
 Multi-turn requests (those naming a conversation) go out conversation by conversation: the schedule
 gives each conversation's first turn its send time, and each later turn is sent as soon as the
@@ -28,6 +29,7 @@ from tandem.v1 import api_pb2
 from client import AsyncTandemClient, TandemError
 from client.bench.arrivals import offsets
 from client.bench.metrics import RequestRecord, prefix_cache_delta
+from client.bench.openai_backend import OpenAIBackend
 from client.bench.workloads import BenchRequest, conversation_prompt
 
 
@@ -45,7 +47,7 @@ class LoadSpec:
     timeout: float | None = None  # per request, seconds
 
 
-async def wait_ready(client: AsyncTandemClient, timeout: float) -> None:
+async def wait_ready(client: AsyncTandemClient | OpenAIBackend, timeout: float) -> None:
     """Polls health until SERVING; TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not await client.health(timeout=2.0):
@@ -54,7 +56,7 @@ async def wait_ready(client: AsyncTandemClient, timeout: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def server_stats(client: AsyncTandemClient) -> api_pb2.ServerStats | None:
+async def server_stats(client: AsyncTandemClient | OpenAIBackend) -> api_pb2.ServerStats | None:
     """The server's GetStats, or None where it cannot be had (an old server, no permission)."""
     try:
         return await client.server_stats(timeout=10.0)
@@ -62,13 +64,20 @@ async def server_stats(client: AsyncTandemClient) -> api_pb2.ServerStats | None:
         return None
 
 
-async def _one(client: AsyncTandemClient, req: BenchRequest, spec: LoadSpec, rec: RequestRecord,
+async def _one(client: AsyncTandemClient | OpenAIBackend, req: BenchRequest, spec: LoadSpec, rec: RequestRecord,
                gate: asyncio.Semaphore | None, on_done: Callable[[RequestRecord], None] | None,
                token_ids: list[int] | None = None) -> None:
     """Sends `req` (or, given, `token_ids` as its prompt) and fills `rec`."""
     prompt = req.prompt if token_ids is None else {"token_ids": token_ids}
     async with gate if gate is not None else _NoGate():
         rec.start = time.perf_counter()
+        if isinstance(client, OpenAIBackend):
+            await client.stream(prompt, req.max_new_tokens, spec.temperature, spec.seed + req.index, spec.ignore_eos,
+                                spec.timeout, rec)
+            rec.end = time.perf_counter()
+            if on_done is not None:
+                on_done(rec)
+            return
         try:
             stream = client.generate_stream(**prompt, max_new_tokens=req.max_new_tokens,
                                             ignore_eos=spec.ignore_eos, temperature=spec.temperature,
@@ -95,8 +104,8 @@ async def _one(client: AsyncTandemClient, req: BenchRequest, spec: LoadSpec, rec
         on_done(rec)
 
 
-async def _conversation(client: AsyncTandemClient, turns: list[BenchRequest], records: list[RequestRecord],
-                        spec: LoadSpec, gate: asyncio.Semaphore | None,
+async def _conversation(client: AsyncTandemClient | OpenAIBackend, turns: list[BenchRequest],
+                        records: list[RequestRecord], spec: LoadSpec, gate: asyncio.Semaphore | None,
                         on_done: Callable[[RequestRecord], None] | None) -> None:
     """One conversation's turns in order, each sent once the answer before it has arrived."""
     history: list[int] = []
@@ -140,6 +149,15 @@ class LoadResult:
     prefix_cache: dict[str, Any]  # metrics.prefix_cache_delta over the measured requests
 
 
+def open_client(address: str, backend: str, connection: dict | None = None,
+                model: str | None = None) -> AsyncTandemClient | OpenAIBackend:
+    """The client of one backend: gRPC (`address` host:port) or OpenAI-compatible HTTP (a base URL)."""
+    conn = connection or {}
+    if backend == "openai":
+        return OpenAIBackend(address, conn.get("api_key"), conn.get("tls_ca"), model)
+    return AsyncTandemClient(address, **conn)
+
+
 class _NoGate:
     async def __aenter__(self) -> None:
         return None
@@ -150,14 +168,18 @@ class _NoGate:
 
 async def run_load(address: str, requests: list[BenchRequest], spec: LoadSpec, *,
                    warmup: list[BenchRequest] | None = None, ready_timeout: float = 600.0,
-                   progress: bool = False, connection: dict | None = None) -> LoadResult:
+                   progress: bool = False, connection: dict | None = None, backend: str = "grpc",
+                   model: str | None = None) -> LoadResult:
     """Sends `warmup` (all at once, awaited, not recorded), then `requests` on `spec`'s schedule (a
     conversation's turns one after another); returns the records, the duration and the server's
     prefix-cache counters over the measured requests.
 
-    The duration runs from the first send to the last request's end, as vLLM measures it.
+    The duration runs from the first send to the last request's end, as vLLM measures it. `backend`
+    "openai": `address` is an OpenAI-compatible base URL (…/v1) and `model` the model to ask for.
     """
-    async with AsyncTandemClient(address, **(connection or {})) as client:
+    async with open_client(address, backend, connection, model) as client:
+        if isinstance(client, OpenAIBackend):
+            await client.model_info()  # the model to ask for, when none was named
         await wait_ready(client, ready_timeout)
         if warmup:
             await asyncio.gather(*(_one(client, r, spec, RequestRecord(r.index, r.prompt_tokens, r.max_new_tokens),

@@ -183,7 +183,8 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
     @app.get("/v1/models")
     async def models() -> Response:
         name = served_model(None)
-        card = s.ModelCard(id=name, created=started, max_model_len=engine.hello().max_context)
+        hello = engine.hello()
+        card = s.ModelCard(id=name, created=started, max_model_len=hello.max_context, vocab_size=hello.vocab_size)
         return Response(s.ModelList(data=[card]).model_dump_json(), media_type="application/json")
 
     @app.get("/health")

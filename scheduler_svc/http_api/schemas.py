@@ -188,6 +188,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tandem"
     max_model_len: int
+    vocab_size: int  # not OpenAI's: lets a load generator draw random token-id prompts (tandem bench)
 
 
 class ModelList(BaseModel):
