@@ -27,6 +27,13 @@ log = logging.getLogger("tandem.link")
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000
 MAX_MESSAGE_BYTES = 256 << 20
+_HANDSHAKE_WHY = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication: a key this scheduler does not hold",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol: e.g. no CURVE where CURVE is required",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail",
+}
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 def _log_send_failure(fut: asyncio.Future) -> None:
@@ -96,7 +103,8 @@ class EngineLink:
         refuse_live_ipc(address)
         sock.bind(address)
         self._sock = sock
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_ACCEPTED | _HANDSHAKE_FAILED)
+        self.handshake_failures = 0  # connections that never got in (CURVE: an unknown key, or no CURVE)
 
     async def recv(self) -> Incoming:
         """Next well-formed message; garbage is logged and skipped, never raised to the caller."""
@@ -124,7 +132,12 @@ class EngineLink:
         """Calls `on_disconnect` whenever a connection drops (closed socket, heartbeat timeout)."""
         while True:
             msg = parse_monitor_message(await self._monitor.recv_multipart())
-            if msg["event"] == zmq.EVENT_DISCONNECTED:
+            if msg["event"] & _HANDSHAKE_FAILED:
+                # A peer connected but did not get in: worth a line, since it is someone else's process.
+                self.handshake_failures += 1
+                log.warning("engine link: a connection failed the handshake (%s, code %s): refused; "
+                            "%d so far", _HANDSHAKE_WHY[msg["event"]], msg["value"], self.handshake_failures)
+            elif msg["event"] == zmq.EVENT_DISCONNECTED:
                 log.warning("engine link: worker connection dropped")
                 result = on_disconnect()
                 if asyncio.iscoroutine(result):
