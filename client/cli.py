@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--default-max-new-tokens", type=int, default=None)
     sg.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default: off)")
     sg.add_argument("--metrics-host", default=None, help="interface of the metrics endpoint (default localhost)")
+    sg.add_argument("--http-port", type=int, default=None,
+                    help="also serve the OpenAI-compatible HTTP API on this port (default: off)")
+    sg.add_argument("--http-host", default=None, help="interface of the HTTP API (default localhost)")
     sg.add_argument("--no-prefix-caching", action="store_const", const=True, default=None,
                     help="compute every prompt in full (default: shared prefixes are computed once)")
     sg.add_argument("--worker-reconnect-timeout", type=float, default=None,
@@ -370,6 +373,8 @@ SCHEDULER_FLAGS = [
     ("drain_timeout", "--drain-timeout"),
     ("metrics_port", "--metrics-port"),
     ("metrics_host", "--metrics-host"),
+    ("http_port", "--http-port"),
+    ("http_host", "--http-host"),
     ("no_prefix_caching", "--no-prefix-caching"),
     ("worker_reconnect_timeout", "--worker-reconnect-timeout"),
     ("log_level", "--log-level"),
@@ -420,7 +425,7 @@ def _tandem_command() -> str:
     return os.path.relpath(ours) if os.path.exists(ours) else "tandem"
 
 
-def _announce_when_serving(sup: Supervisor, address: str, out: TextIO) -> None:
+def _announce_when_serving(sup: Supervisor, address: str, out: TextIO, http_url: str = "") -> None:
     hint = "" if address == DEFAULT_ADDRESS else f" --address {address}"
     with TandemClient(address, options=POLL_CHANNEL_OPTIONS) as client:
         while not sup.stopping.is_set():
@@ -432,6 +437,8 @@ def _announce_when_serving(sup: Supervisor, address: str, out: TextIO) -> None:
                     file=out,
                     flush=True,
                 )
+                if http_url:
+                    print(f"OpenAI-compatible API on {http_url} — try: curl {http_url}/models", file=out, flush=True)
                 return
             sup.stopping.wait(0.5)
 
@@ -465,7 +472,8 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
 
     def on_started(s: Supervisor) -> None:
-        threading.Thread(target=_announce_when_serving, args=(s, address, sys.stdout), daemon=True).start()
+        http_url = f"http://{args.http_host or 'localhost'}:{args.http_port}/v1" if args.http_port else ""
+        threading.Thread(target=_announce_when_serving, args=(s, address, sys.stdout, http_url), daemon=True).start()
 
     try:
         return sup.run(on_started)
