@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from client import AsyncTandemClient
-from tests.reference import assert_matches, hf_generate
+from tests.reference import NEAR_TIE, assert_matches, hf_generate
 
 TANDEM = os.path.join(os.path.dirname(sys.executable), "tandem")
 
@@ -40,12 +40,16 @@ def test_tiny_llama_matches_transformers_generate(tiny, tiny_model):
             ))
 
     results = asyncio.run(run())
-    full = 0
+    full = near_ties = 0
     for i, ((prompt, m), r) in enumerate(zip(cases, results, strict=True)):
         assert r.finish_reason == "length"
         assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == m
-        full += assert_matches(r.token_ids, hf_generate(tiny_model, prompt, m), f"request {i} (prompt {len(prompt)})")
-    assert full >= 14, f"only {full}/16 sequences matched all the way"
+        ref = hf_generate(tiny_model, prompt, m)
+        near_ties += min(ref.gaps) < NEAR_TIE
+        full += assert_matches(r.token_ids, ref, f"request {i} (prompt {len(prompt)})")
+    # Only a sequence whose reference holds a near-tie may stop matching. Measured: none of these 16
+    # does (the smallest top-2 gap is 1.3e-3), so all 16 must match all the way.
+    assert full >= len(cases) - near_ties, f"only {full}/{len(cases)} sequences matched all the way"
     assert tiny.wait_idle().kv_blocks_free == tiny.stats().kv_blocks_total
 
 

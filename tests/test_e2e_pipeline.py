@@ -26,13 +26,20 @@ async def _generate_all(address: str, cases, **kw):
 
 
 def _assert_same_or_tie(model, cases, a, b, what: str) -> None:
-    """Equal tokens; a greedy divergence only where transformers' own top-2 logits tie."""
+    """Equal tokens; a greedy divergence only where transformers' own top-2 logits tie, and in no more
+    sequences than those whose reference holds a near-tie (measured for _mixed_cases(7): none, the
+    smallest top-2 gap is 3.2e-3, so the two depths must agree exactly)."""
+    diverged = 0
     for i, ((prompt, _), ra, rb) in enumerate(zip(cases, a, b, strict=True)):
         if ra.token_ids == rb.token_ids:
             continue
+        diverged += 1
         k = next(j for j, (x, y) in enumerate(zip(ra.token_ids, rb.token_ids, strict=False)) if x != y)
         ref = hf_generate(model, prompt + ra.token_ids[:k], 1)
         assert ref.gaps[0] < NEAR_TIE, f"{what}: request {i} diverges at token {k} without a near-tie"
+    if diverged:
+        near_ties = sum(min(hf_generate(model, p, m).gaps) < NEAR_TIE for p, m in cases)
+        assert diverged <= near_ties, f"{what}: {diverged} sequences diverge, {near_ties} references hold a near-tie"
 
 
 def test_depth1_and_depth2_identical_greedy_and_seeded(tiny, tiny_sync, tiny_model):
@@ -111,9 +118,13 @@ def test_small_kv_pool_preempts_and_still_matches(servers, tiny_model):
     rng = random.Random(5)
     cases = [([rng.randrange(3, 49152) for _ in range(rng.randint(20, 60))], rng.randint(8, 40)) for _ in range(32)]
     pressured = asyncio.run(_generate_all(small.address, cases, temperature=0.0))
-    full = sum(assert_matches(r.token_ids, hf_generate(tiny_model, p, m), f"request {i}")
-               for i, ((p, m), r) in enumerate(zip(cases, pressured, strict=True)))
-    assert full >= 28, f"only {full}/32 sequences matched all the way"
+    refs = [hf_generate(tiny_model, p, m) for p, m in cases]
+    full = sum(assert_matches(r.token_ids, ref, f"request {i}")
+               for i, (r, ref) in enumerate(zip(pressured, refs, strict=True)))
+    # Only a sequence whose reference holds a near-tie may stop matching. Measured: one of these 32 does
+    # (request 26, an exact tie; every other reference's smallest top-2 gap is >= 2e-3).
+    near_ties = sum(min(ref.gaps) < NEAR_TIE for ref in refs)
+    assert full >= len(cases) - near_ties, f"only {full}/{len(cases)} sequences matched all the way"
     st = small.wait_idle()
     assert st.num_preemptions > 0
     assert st.kv_blocks_free == st.kv_blocks_total
