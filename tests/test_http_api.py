@@ -194,7 +194,7 @@ BAD = [
     ("completions", {"seed": -1}, "seed", "[0, 2^64)"),
     ("completions", {"stop": ["x"] * 17}, "stop", "at most 16"),
     ("completions", {"temperature": "hot"}, "temperature", "number"),
-    ("completions", {"n": 2}, "n", "not supported yet"),
+    ("completions", {"n": 17}, "n", "must be in [1, 16]"),
     ("completions", {"n": 0}, "n", "must be in [1, 16]"),
     ("completions", {"presence_penalty": 2.5}, "presence_penalty", "[-2, 2]"),
     ("completions", {"frequency_penalty": -3}, "frequency_penalty", "[-2, 2]"),
@@ -267,14 +267,52 @@ def test_sampling_controls(oa, server):
     assert held.choices[0].finish_reason == "stop" and held.choices[0].model_extra["stop_reason"] == token
 
 
+def test_n_samples(oa):
+    """n = 3: three distinct choices, sample i the text of a single request seeded derive_seed(seed, i)
+    (sample 0: the seed itself); usage counts the prompt once and every sample's tokens; a stream of
+    n = 2 interleaves the samples by index and gives each the text the whole response has."""
+    from tandem.samples import derive_seed
+
+    def one(seed: int, **kw) -> openai.types.Completion:
+        return oa.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=1.0, seed=seed,
+                                     extra_body={"ignore_eos": True}, **kw)
+
+    r = one(5, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.text for c in r.choices]
+    # 10 tokens at temperature 1 from a ~49k vocabulary: two samples alike would be astronomically unlikely.
+    assert len(set(texts)) == 3
+    assert texts == [one(5).choices[0].text, one(derive_seed(5, 1)).choices[0].text,
+                     one(derive_seed(5, 2)).choices[0].text]
+    single = one(5)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (single.usage.prompt_tokens, 30)
+
+    whole = oa.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=9, n=2,
+                                       extra_body={"ignore_eos": True})
+    chunks = list(oa.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=9, n=2,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True}))
+    streamed = {0: "", 1: ""}
+    finishes = {}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        streamed[choice.index] += choice.delta.content or ""
+        if choice.finish_reason:
+            finishes[choice.index] = choice.finish_reason
+    assert streamed == {c.index: c.message.content for c in whole.choices}
+    assert finishes == {0: "length", 1: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
+
+
 def _back_within(server, seconds: float) -> None:
     st = server.wait_idle(timeout=seconds)
     assert (st.num_running, st.num_waiting) == (0, 0) and st.kv_blocks_free == st.kv_blocks_total, st
 
 
 def test_disconnect_frees_kv(server, oa):
-    """A stream closed after a few chunks and a non-streaming request whose client times out each end
-    a request that is still running (1500 tokens to go, seconds of work here); KV back within 1 s."""
+    """A stream closed after a few chunks, a stream of n = 2 samples, and a non-streaming request whose
+    client times out each end what is still running (1500 tokens to go, seconds of work here): every
+    KV block is back within 1 s."""
     server.wait_idle()
     stream = oa.completions.create(model=MODEL, prompt=[7] * 50, max_tokens=1500, temperature=0, stream=True,
                                    extra_body={"ignore_eos": True})
@@ -286,6 +324,17 @@ def test_disconnect_frees_kv(server, oa):
     running = server.stats()
     assert running.num_running == 1 and running.kv_blocks_free < running.kv_blocks_total
     stream.close()
+    _back_within(server, 1.0)
+
+    both = oa.completions.create(model=MODEL, prompt=[8] * 40, max_tokens=1500, temperature=1.0, seed=1, n=2,
+                                 stream=True, extra_body={"ignore_eos": True})
+    seen: set[int] = set()
+    for chunk in both:
+        seen.update(c.index for c in chunk.choices)
+        if seen == {0, 1}:
+            break
+    assert server.stats().num_running == 2  # both samples running when the client goes
+    both.close()
     _back_within(server, 1.0)
 
     async def unary() -> None:

@@ -5,9 +5,10 @@ Owns the routes (`POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/m
 the cap on requests in flight: past `max_concurrent` a request gets 429, as a gRPC call past
 --max-concurrent-rpcs gets RESOURCE_EXHAUSTED) and the error handlers that turn everything, pydantic's
 type errors and unknown routes included, into OpenAI's error object. A request goes the gRPC path:
-convert.py builds the GenerateRequest, `frontend.admit` validates and queues it, its deltas become
-chunks (responses.py). A client that disconnects, streaming or not, aborts its request, which frees
-its KV blocks; so does the end of the response in any other way (`_release`).
+convert.py builds the GenerateRequest, `frontend.admit_samples` validates and queues it (one handle per
+sample of n), its deltas become chunks (responses.py), n samples' interleaved (sample_group.py). A
+client that disconnects, streaming or not, aborts its request (every sample), which frees its KV
+blocks; so does the end of the response in any other way.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from tandem.v1 import api_pb2
 
-from scheduler_svc import frontend
+from scheduler_svc import frontend, sample_group
 from scheduler_svc.auth import token_matches
 from scheduler_svc.engine_client import EngineClient, Unavailable
 from scheduler_svc.frontend import Refusal
-from scheduler_svc.handle import RequestHandle
+from scheduler_svc.handle import Completion as Done
+from scheduler_svc.handle import Delta, RequestHandle
 from scheduler_svc.http_api import convert, responses
 from scheduler_svc.http_api import schemas as s
 from scheduler_svc.http_api.errors import ApiError, from_refusal, from_status
@@ -80,18 +82,25 @@ class Gate:
 
 
 class _Stream(StreamingResponse):
-    """A server-sent-event stream that aborts its request however it ends (disconnect included)."""
+    """A server-sent-event stream that aborts its request (every sample) however it ends, disconnect
+    included."""
 
-    def __init__(self, content: AsyncIterator[str], handle: RequestHandle, engine: EngineClient,
+    def __init__(self, content: AsyncIterator[str], group: list[RequestHandle], engine: EngineClient,
                  headers: dict[str, str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"cache-control": "no-cache", **headers})
-        self._handle, self._engine = handle, engine
+        self._group, self._engine = group, engine
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            frontend.release(self._engine, self._handle)
+            for handle in self._group:
+                frontend.release(self._engine, handle)
+
+
+async def _indexed(handle: RequestHandle) -> AsyncIterator[tuple[int, Delta]]:
+    async for delta in frontend.deltas(handle):
+        yield 0, delta
 
 
 def _event(data: str) -> str:
@@ -127,7 +136,7 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
         text = responses.TokenText(engine.tokenizer())
         client_id = frontend.bind_request_id(request.headers.get("x-request-id", ""))
         try:
-            handle = await frontend.admit(engine, limits, msg, client_id)
+            group = await frontend.admit_samples(engine, limits, msg, client_id)
         except Refusal as refusal:
             err = from_refusal(refusal, spec.prompt_param, spec.max_tokens_param, spec.logprobs_param)
             err.counted = True
@@ -137,37 +146,44 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
         headers = {"x-request-id": client_id}
         if spec.stream:
             writer = responses.ChunkWriter(spec, rid, created, model, text)
-            return _Stream(_events(handle, writer), handle, engine, headers)
+            return _Stream(_events(group, writer), group, engine, headers)
         try:
-            ended = asyncio.ensure_future(handle.ended.wait())
+            # One wake-up per sample at its end (not one per token), or the client's disconnect.
+            ended = asyncio.ensure_future(asyncio.gather(*(h.ended.wait() for h in group)))
             gone = asyncio.ensure_future(_disconnected(request))
             await asyncio.wait((ended, gone), return_when=asyncio.FIRST_COMPLETED)
             ended.cancel()
             gone.cancel()
-            if not handle.ended.is_set():
+            if not all(h.ended.is_set() for h in group):
                 return Response(status_code=499)  # nobody reads it: the client has gone
-            delta = handle.take()
-            if delta.error is not None:
-                err = from_refusal(frontend.failure(engine, delta.error))
+            deltas = [h.take() for h in group]
+            error = next((d.error for d in deltas if d.error is not None), None)
+            if error is not None:
+                err = from_refusal(frontend.failure(engine, error))
                 err.counted = True
                 raise err
-            body = responses.whole(spec, rid, created, model, delta, text)
+            body = responses.whole(spec, rid, created, model, deltas, text)
             return Response(body.model_dump_json(), media_type="application/json", headers=headers)
         finally:
-            frontend.release(engine, handle)
+            for handle in group:  # a disconnect (or an error) ends every sample and frees its KV
+                frontend.release(engine, handle)
 
-    async def _events(handle: RequestHandle, writer: responses.ChunkWriter) -> AsyncIterator[str]:
-        async for delta in frontend.deltas(handle):
+    async def _events(group: list[RequestHandle], writer: responses.ChunkWriter) -> AsyncIterator[str]:
+        deltas = _indexed(group[0]) if len(group) == 1 else sample_group.interleave(group)
+        dones: dict[int, Done] = {}
+        async for index, delta in deltas:
             if delta.error is not None:
                 yield _event(json.dumps(from_refusal(frontend.failure(engine, delta.error)).body()))
                 break
-            chunk = writer.chunk(delta)
+            chunk = writer.chunk(index, delta)
             if chunk is not None:
                 yield _event(chunk)
             if delta.completion is not None:
-                last = writer.usage_chunk(delta.completion)
-                if last is not None:
-                    yield _event(last)
+                dones[index] = delta.completion
+                if len(dones) == len(group):
+                    last = writer.usage_chunk([dones[i] for i in range(len(group))])
+                    if last is not None:
+                        yield _event(last)
         yield _event("[DONE]")
 
     @app.post("/v1/completions")

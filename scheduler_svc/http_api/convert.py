@@ -6,9 +6,8 @@ client asked (the parameter names to report errors under, the output options). P
 does not serve are refused here by name; values that do not even fit the proto field's type (a
 negative max_tokens, a seed past 64 bits) too.
 
-The sampling controls map onto the GenerateRequest fields of the same names (logit_bias's keys,
-token-id strings, become ints); n > 1 gets 400 "n: not supported yet" until the front end
-interleaves the samples of one request.
+The sampling controls map onto the GenerateRequest fields of the same names (n, the penalties,
+min_tokens; logit_bias's keys, token-id strings, become ints).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any
 
 from tandem.v1 import api_pb2
 
-from scheduler_svc.http_api.errors import bad_request, not_supported_yet
+from scheduler_svc.http_api.errors import bad_request
 from scheduler_svc.http_api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingBody
 
 UINT32 = 1 << 32
@@ -50,8 +49,6 @@ def _put(setter: Callable[[], Any], param: str, value: object) -> None:
 
 def _penalties(body: SamplingBody, msg: api_pb2.GenerateRequest) -> None:
     """n, the penalties, logit_bias and min_tokens onto the proto fields of the same names."""
-    if body.n is not None and body.n > 1:
-        raise not_supported_yet("n")  # the front end does not interleave samples yet
     if body.n is not None:
         _put(lambda: setattr(msg, "n", body.n), "n", body.n)
     for param in ("presence_penalty", "frequency_penalty", "repetition_penalty"):

@@ -55,10 +55,6 @@ def bad_request(param: str | None, message: str) -> ApiError:
     return ApiError(400, message, param=param, code="invalid_argument")
 
 
-def not_supported_yet(param: str) -> ApiError:
-    return bad_request(param, f"{param}: not supported yet")
-
-
 def from_status(code: grpc.StatusCode, message: str) -> ApiError:
     status, type_, err_code = _BY_CODE.get(code, (500, "server_error", "internal_error"))
     retry = 1.0 if status in (429, 503) else None

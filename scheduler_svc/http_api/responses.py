@@ -1,9 +1,10 @@
 """Results -> OpenAI objects: whole completions, stream chunks, usage, logprobs, finish reasons.
 
 Owns the output side of the HTTP API: what one request's `Delta`s (scheduler_svc.handle) become in
-OpenAI's shapes (schemas.py). A stream is a `ChunkWriter` per request: each delta becomes at most one
-chunk (none when it carries nothing the client asked for), the last one with the finish reason, then
-the usage chunk when `stream_options.include_usage` was given. Finish reasons: EOS, a stop string or
+OpenAI's shapes (schemas.py). A request of n samples has n choices (`index` = the sample). A stream
+is a `ChunkWriter` per request: each sample's delta becomes at most one chunk (none when it carries
+nothing the client asked for), a sample's last one with its finish reason, then, once every sample
+has ended, the usage chunk when `stream_options.include_usage` was given. Finish reasons: EOS, a stop string or
 a stop token -> "stop" (vLLM's `stop_reason` says which string or token), LENGTH -> "length".
 """
 
@@ -28,10 +29,13 @@ def finish_reason(done: Done) -> tuple[str, str | int | None]:
     return FINISH.get(done.finish_reason, "stop"), stop
 
 
-def usage(done: Done) -> s.Usage:
-    return s.Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                   total_tokens=done.prompt_tokens + done.completion_tokens,
-                   prompt_tokens_details=s.PromptTokensDetails(cached_tokens=done.cached_tokens))
+def usage(dones: list[Done]) -> s.Usage:
+    """One request's usage: its prompt once, the tokens of all its samples (n), the prompt tokens
+    sample 0 found in the prefix cache (the samples after it read the blocks it computed)."""
+    prompt = dones[0].prompt_tokens
+    completion = sum(d.completion_tokens for d in dones)
+    return s.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=s.PromptTokensDetails(cached_tokens=dones[0].cached_tokens))
 
 
 class TokenText:
@@ -66,21 +70,28 @@ def chat_logprobs(items: Logprobs, text: TokenText) -> s.ChoiceLogprobs:
     return s.ChoiceLogprobs(content=content)
 
 
-def whole(spec: Spec, rid: str, created: int, model: str, delta: Delta,
+def whole(spec: Spec, rid: str, created: int, model: str, deltas: list[Delta],
           text: TokenText) -> s.Completion | s.ChatCompletion:
-    """The non-streaming response of a finished request (its one delta holds everything)."""
-    assert delta.completion is not None
-    reason, stop = finish_reason(delta.completion)
-    ids = list(delta.token_ids) if spec.return_token_ids else None
+    """The non-streaming response of a finished request: one choice per sample, each sample's one
+    delta holding everything."""
+    dones = [d.completion for d in deltas if d.completion is not None]
+    assert len(dones) == len(deltas)
+    chat_choices, choices = [], []
+    for index, delta in enumerate(deltas):
+        assert delta.completion is not None
+        reason, stop = finish_reason(delta.completion)
+        ids = list(delta.token_ids) if spec.return_token_ids else None
+        if spec.chat:
+            lp = chat_logprobs(delta.logprobs, text) if spec.logprobs is not None else None
+            chat_choices.append(s.ChatChoice(index=index, message=s.AssistantMessage(content=delta.text), logprobs=lp,
+                                             finish_reason=reason, stop_reason=stop, token_ids=ids))
+        else:
+            clp = completion_logprobs(delta.logprobs, text, 0)[0] if spec.logprobs is not None else None
+            choices.append(s.CompletionChoice(index=index, text=delta.text, logprobs=clp, finish_reason=reason,
+                                              stop_reason=stop, token_ids=ids))
     if spec.chat:
-        lp = chat_logprobs(delta.logprobs, text) if spec.logprobs is not None else None
-        choice = s.ChatChoice(message=s.AssistantMessage(content=delta.text), logprobs=lp, finish_reason=reason,
-                              stop_reason=stop, token_ids=ids)
-        return s.ChatCompletion(id=rid, created=created, model=model, choices=[choice],
-                                usage=usage(delta.completion))
-    clp = completion_logprobs(delta.logprobs, text, 0)[0] if spec.logprobs is not None else None
-    cchoice = s.CompletionChoice(text=delta.text, logprobs=clp, finish_reason=reason, stop_reason=stop, token_ids=ids)
-    return s.Completion(id=rid, created=created, model=model, choices=[cchoice], usage=usage(delta.completion))
+        return s.ChatCompletion(id=rid, created=created, model=model, choices=chat_choices, usage=usage(dones))
+    return s.Completion(id=rid, created=created, model=model, choices=choices, usage=usage(dones))
 
 
 class ChunkWriter:
@@ -88,11 +99,12 @@ class ChunkWriter:
 
     def __init__(self, spec: Spec, rid: str, created: int, model: str, text: TokenText) -> None:
         self.spec, self.rid, self.created, self.model, self.text = spec, rid, created, model, text
-        self._offset = 0  # completions logprobs: text offset of the next token
-        self._role_sent = False
+        self._offset: dict[int, int] = {}  # per sample, completions logprobs: text offset of the next token
+        self._role_sent: set[int] = set()
 
-    def chunk(self, delta: Delta) -> str | None:
-        """The chunk for `delta`, or None when it has nothing to say (text held back, no logprobs asked)."""
+    def chunk(self, index: int, delta: Delta) -> str | None:
+        """The chunk for sample `index`'s `delta`, or None when it has nothing to say (text held back, no
+        logprobs asked)."""
         spec = self.spec
         reason = stop = None
         if delta.completion is not None:
@@ -103,22 +115,23 @@ class ChunkWriter:
         ids = list(delta.token_ids) if spec.return_token_ids else None
         if spec.chat:
             lp = chat_logprobs(delta.logprobs, self.text) if spec.logprobs is not None else None
-            role = None if self._role_sent else "assistant"
-            self._role_sent = True
-            choice = s.ChatChunkChoice(delta=s.DeltaMessage(role=role, content=delta.text), logprobs=lp,
+            role = None if index in self._role_sent else "assistant"
+            self._role_sent.add(index)
+            choice = s.ChatChunkChoice(index=index, delta=s.DeltaMessage(role=role, content=delta.text), logprobs=lp,
                                        finish_reason=reason, stop_reason=stop, token_ids=ids)
             return s.ChatCompletionChunk(id=self.rid, created=self.created, model=self.model,
                                          choices=[choice]).model_dump_json()
         clp = None
         if spec.logprobs is not None:
-            clp, self._offset = completion_logprobs(delta.logprobs, self.text, self._offset)
-        cchoice = s.CompletionChoice(text=delta.text, logprobs=clp, finish_reason=reason, stop_reason=stop,
+            clp, self._offset[index] = completion_logprobs(delta.logprobs, self.text, self._offset.get(index, 0))
+        cchoice = s.CompletionChoice(index=index, text=delta.text, logprobs=clp, finish_reason=reason, stop_reason=stop,
                                      token_ids=ids)
         return s.Completion(id=self.rid, created=self.created, model=self.model, choices=[cchoice]).model_dump_json()
 
-    def usage_chunk(self, done: Done) -> str | None:
-        """stream_options.include_usage: a last chunk with no choices and the usage."""
+    def usage_chunk(self, dones: list[Done]) -> str | None:
+        """stream_options.include_usage: a last chunk (after every sample's end) with no choices and the usage."""
         if not self.spec.include_usage:
             return None
         cls = s.ChatCompletionChunk if self.spec.chat else s.Completion
-        return cls(id=self.rid, created=self.created, model=self.model, choices=[], usage=usage(done)).model_dump_json()
+        out = cls(id=self.rid, created=self.created, model=self.model, choices=[], usage=usage(dones))
+        return out.model_dump_json()
