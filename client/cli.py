@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     wg.add_argument("--max-num-rows", type=int, default=None)
     wg.add_argument("--max-context", type=int, default=None)
     wg.add_argument("--seed", type=int, default=None)
+    wg.add_argument("--skip-tokenizer", action="store_const", const=True, default=None,
+                    help="load no tokenizer: serve token ids only (text, chat and stop strings are refused)")
+    wg.add_argument("--allow-pickle-weights", action="store_const", const=True, default=None,
+                    help="load a model directory's .bin (pickle) weights when it has no safetensors")
     sg.add_argument("--drain-timeout", type=float, default=None,
                     help="on SIGTERM, seconds requests in flight get to finish (default 30)")
     s.add_argument("--grace", type=float, default=None,
@@ -391,6 +395,8 @@ WORKER_FLAGS = [
     ("max_num_rows", "--max-num-rows"),
     ("max_context", "--max-context"),
     ("seed", "--seed"),
+    ("skip_tokenizer", "--skip-tokenizer"),
+    ("allow_pickle_weights", "--allow-pickle-weights"),
     ("log_level", "--log-level"),
 ]
 

@@ -137,9 +137,11 @@ class OutputText:
     """One request's output: token ids in, stop-aware text deltas out."""
 
     def __init__(
-        self, tokenizer: TandemTokenizer, stops: Sequence[str] = (), skip_special_tokens: bool = True
+        self, tokenizer: TandemTokenizer | None, stops: Sequence[str] = (), skip_special_tokens: bool = True
     ) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+        # None: a server without a tokenizer (--skip-tokenizer) answers token ids only, and no text.
+        assert tokenizer is not None or not stops, "stop strings need a tokenizer"
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens) if tokenizer is not None else None
         self._stops = StopStringMatcher(stops) if stops else None
         self._chunks: list[str] = []
         self.matched_stop: str | None = None
@@ -154,13 +156,13 @@ class OutputText:
         return self.matched_stop is not None
 
     def push(self, token_ids: Sequence[int]) -> TextDelta:
-        if self.stopped:
+        if self.stopped or self._detok is None:
             return TextDelta("")
         return self._filter(self._detok.push(token_ids))
 
     def finish(self) -> str:
         """Text still held when generation ends (EOS, length, abort); '' after a stop matched."""
-        if self.stopped:
+        if self.stopped or self._detok is None:
             return ""
         delta = self._filter(self._detok.flush())
         if self.stopped or self._stops is None:

@@ -109,8 +109,9 @@ class EngineClient:
         except TimeoutError:
             return False
 
-    def tokenizer(self) -> TandemTokenizer:
-        if self._tokenizer is None:
+    def tokenizer(self) -> TandemTokenizer | None:
+        """The worker's tokenizer; None when it serves token ids only (worker --skip-tokenizer)."""
+        if self._hello is None:
             raise Unavailable("no worker connected")
         return self._tokenizer
 
@@ -253,7 +254,7 @@ class EngineClient:
 
     def _on_serving(self, msg: cpb.Serving) -> None:
         hello = wire.Hello.from_header(msg.hello)
-        self._tokenizer = TandemTokenizer.from_hello(hello)
+        self._tokenizer = TandemTokenizer.from_hello(hello) if hello.tokenizer_json else None
         self._hello, self.depth = hello, msg.pipeline_depth
         self._connected = True
         self.metrics.resumed(msg.resumed)

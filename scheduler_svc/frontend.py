@@ -139,4 +139,5 @@ def tokenize(engine: EngineClient, limits: RequestLimits,
         raise invalid(exc.field, exc.description) from exc
     except Unavailable as exc:
         raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+    assert tokenizer is not None, "prompt_ids refuses text and chat without a tokenizer"
     return ids, tokenizer.token_strings(ids)

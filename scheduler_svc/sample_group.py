@@ -35,7 +35,8 @@ def expand(req: Request) -> list[Request]:
     return out
 
 
-def handles(reqs: list[Request], client_id: str, tokenizer: TandemTokenizer, stops: list[str]) -> list[RequestHandle]:
+def handles(reqs: list[Request], client_id: str, tokenizer: TandemTokenizer | None,
+            stops: list[str]) -> list[RequestHandle]:
     """One handle per sample; with n > 1 they share one `changed` event, so a stream wakes once for
     whichever sample has something new."""
     changed = asyncio.Event()

@@ -48,11 +48,14 @@ def _check(cond: bool, field: str, description: str) -> None:
 
 def prompt_ids(
     prompt_field: str | None, msg: api_pb2.GenerateRequest | api_pb2.TokenizeRequest,
-    tokenizer: TandemTokenizer, vocab_size: int, limits: RequestLimits,
+    tokenizer: TandemTokenizer | None, vocab_size: int, limits: RequestLimits,
 ) -> tuple[str, list[int]]:
     """Tokenizes the request's prompt (text, token ids or chat); returns (field name, ids)."""
     if prompt_field is None:
         raise InvalidArgument("prompt", "one of text, token_ids or chat is required")
+    if tokenizer is None and prompt_field != "token_ids":
+        raise InvalidArgument(prompt_field, "this server has no tokenizer (its worker runs --skip-tokenizer): "
+                                            "send token_ids")
     if prompt_field == "text":
         _check(len(msg.text) > 0, "text", "must not be empty")
         _check(len(msg.text) <= limits.max_prompt_chars, "text", f"longer than {limits.max_prompt_chars} characters")
@@ -81,7 +84,7 @@ def prompt_ids(
 
 
 def build_request(
-    msg: api_pb2.GenerateRequest, req_id: str, tokenizer: TandemTokenizer, hello: wire.Hello,
+    msg: api_pb2.GenerateRequest, req_id: str, tokenizer: TandemTokenizer | None, hello: wire.Hello,
     limits: RequestLimits,
 ) -> tuple[Request, list[str]]:
     """Validates `msg` fully (before anything is queued); returns the Request and its stop strings."""
@@ -113,6 +116,8 @@ def build_request(
         num_logprobs = msg.logprobs
 
     stops = list(msg.stop)
+    _check(not stops or tokenizer is not None, "stop",
+           "stop strings need a tokenizer, and this server has none (--skip-tokenizer): use stop_token_ids")
     _check(len(stops) <= limits.max_stop_strings, "stop", f"at most {limits.max_stop_strings} stop strings")
     for i, s in enumerate(stops):
         _check(0 < len(s) <= limits.max_stop_length, f"stop[{i}]",

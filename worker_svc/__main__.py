@@ -27,6 +27,9 @@ def build_parser() -> EnvArgumentParser:
     p.add_argument("--allow-pickle-weights", action="store_true",
                    help="Load a model directory's .bin (pickle) weights when it has no safetensors; loading a "
                         "pickle runs the code it carries, so only for weights you trust.")
+    p.add_argument("--skip-tokenizer", action="store_true",
+                   help="Load no tokenizer (a model directory may have none): the server then takes token ids only; "
+                        "text and chat prompts and stop strings get INVALID_ARGUMENT, and outputs carry no text.")
     p.add_argument("--engine-address", default=default_engine_address(),
                    help="ZeroMQ address the scheduler's ROUTER is bound at")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loading %s on %s (%s)", args.model, device, dtype)
     try:
         loaded = models.load(args.model, device, dtype, seed=args.seed, max_context=args.max_context,
-                             allow_pickle_weights=args.allow_pickle_weights)
+                             allow_pickle_weights=args.allow_pickle_weights, skip_tokenizer=args.skip_tokenizer)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         log.error("cannot load --model %s: %s", args.model, exc)
         return exit_codes.LOAD_ERROR

@@ -116,7 +116,7 @@ class LoadedModel:
     name: str
     model: Any  # transformers PreTrainedModel (eval mode, on its device)
     config: Any  # its PretrainedConfig (text config for multimodal wrappers)
-    tokenizer_dir: Path
+    tokenizer_dir: Path | None
     tokenizer_json: bytes
     chat_template: str
     bos_token: str
@@ -152,10 +152,11 @@ def resolve_device(device: str) -> str:
 
 
 def load(spec: str, device: str = "cpu", dtype: Any = None, seed: int = 0, max_context: int = 0,
-         allow_pickle_weights: bool = False) -> LoadedModel:
+         allow_pickle_weights: bool = False, skip_tokenizer: bool = False) -> LoadedModel:
     """Builds the model `spec` names on `device` in `dtype` (default float32). A model directory's
     weights load from safetensors only, unless `allow_pickle_weights` (`.bin` files are pickles: loading
-    one runs whatever code it carries)."""
+    one runs whatever code it carries). `skip_tokenizer`: no tokenizer is loaded or announced, and the
+    server then takes token ids only (vLLM's --skip-tokenizer-init)."""
     import torch
 
     dtype = dtype or torch.float32
@@ -166,7 +167,7 @@ def load(spec: str, device: str = "cpu", dtype: Any = None, seed: int = 0, max_c
         model_dir, name = _model_dir(spec)
         model, tok_dir = _load_pretrained(model_dir, device, dtype, allow_pickle_weights), model_dir
     model.eval().requires_grad_(False)
-    return _describe(name, model, tok_dir, max_context)
+    return _describe(name, model, None if skip_tokenizer else tok_dir, max_context)
 
 
 def _model_dir(spec: str) -> tuple[Path, str]:
@@ -226,29 +227,40 @@ def _build_random(what: str, device: str, dtype: Any, seed: int) -> Any:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer.tiktoken")
 
 
-def _describe(name: str, model: Any, tok_dir: Path, max_context: int) -> LoadedModel:
+def _tokenizer(tok_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     if not any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
         # transformers would fail further in, asking to install sentencepiece or tiktoken: misleading.
         raise ValueError(f"{tok_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the "
-                         f"model's tokenizer into it (tokenizer.json, tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    tok_file = tok_dir / "tokenizer.json"
-    tokenizer_json = tok_file.read_bytes() if tok_file.is_file() else tok.backend_tokenizer.to_str().encode()
+                         f"model's tokenizer into it (tokenizer.json, tokenizer_config.json), or serve token "
+                         f"ids only with --skip-tokenizer")
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def _describe(name: str, model: Any, tok_dir: Path | None, max_context: int) -> LoadedModel:
+    """`tok_dir` None: no tokenizer (--skip-tokenizer); the EOS ids then come from the model's configs."""
+    tok = _tokenizer(tok_dir) if tok_dir is not None else None
+    tokenizer_json = b""
+    if tok is not None:
+        tok_file = tok_dir / "tokenizer.json"
+        tokenizer_json = tok_file.read_bytes() if tok_file.is_file() else tok.backend_tokenizer.to_str().encode()
     config = model.config.get_text_config()
     eos: list[int] = []
-    sources = [getattr(model.generation_config, "eos_token_id", None), config.eos_token_id, tok.eos_token_id]
-    if name.startswith(RANDOM_PREFIX):
-        sources = [tok.eos_token_id]  # the random config's ids mean nothing for the borrowed tokenizer
+    tok_eos = tok.eos_token_id if tok is not None else None
+    sources = [getattr(model.generation_config, "eos_token_id", None), config.eos_token_id, tok_eos]
+    if name.startswith(RANDOM_PREFIX) and tok is not None:
+        sources = [tok_eos]  # the random config's ids mean nothing for the borrowed tokenizer
     for ids in sources:
         for i in ids if isinstance(ids, list) else [ids]:
             if i is not None and i not in eos:
                 eos.append(int(i))
     # Measured, not read from config: what matters is whether encoding a prompt starts with BOS.
-    probe = tok("a", add_special_tokens=True)["input_ids"]
-    add_bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
-    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    add_bos, template = False, ""
+    if tok is not None:
+        probe = tok("a", add_special_tokens=True)["input_ids"]
+        add_bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
+        template = tok.chat_template if isinstance(tok.chat_template, str) else ""
     model_max = int(config.max_position_embeddings)
     if max_context > model_max:
         log.warning("--max-context %d exceeds the model's max_position_embeddings %d", max_context, model_max)
@@ -261,11 +273,11 @@ def _describe(name: str, model: Any, tok_dir: Path, max_context: int) -> LoadedM
         name=name,
         model=model,
         config=config,
-        tokenizer_dir=tok_dir,
+        tokenizer_dir=tok_dir,  # None without a tokenizer
         tokenizer_json=tokenizer_json,
         chat_template=template,
-        bos_token=tok.bos_token or "",
-        eos_token=tok.eos_token or "",
+        bos_token=(tok.bos_token or "") if tok is not None else "",
+        eos_token=(tok.eos_token or "") if tok is not None else "",
         eos_token_ids=eos,
         add_bos_token=add_bos,
         max_context=max_context if max_context > 0 else model_max,
