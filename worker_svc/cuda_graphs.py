@@ -1,5 +1,5 @@
-"""CUDA graphs of decode steps: one per (I/O slot, row bucket, sampling variant), all in one shared
-memory pool.
+"""CUDA graphs of decode steps: one per (I/O slot, row bucket, sampling variant, penalties or not),
+all in one shared memory pool.
 
 A decode-only step (every row one token) is padded on the host to the next row bucket, so its device
 inputs have the shapes, and live at the addresses, the graph was captured with. The block table is
@@ -12,7 +12,14 @@ of every row (the fused kernel; the padded plan marks every row as sampling, so 
 have the bucket's fixed shape, and the scheduler ignores the rows it did not ask for). Its sampled
 ids and logprobs go straight into the slot's output buffer, outside the pool, where carry-over reads
 them one step later. The two sampling variants differ only in whether top-k / top-p (a sort per row)
-are applied: the plan says on the host which one a step needs. Graphs are captured largest bucket
+are applied: the plan says on the host which one a step needs. The penalized variant of each adds,
+between the forward and the sampler, the penalty transforms of every row (logit bias, min_tokens,
+repetition, presence, frequency: penalties.py, reading the per-slot device state in place) and, after
+the sampler, the count update of every row's token, so a penalized decode step, carried-over tokens
+included, stays one replay (neutral rows' logits are unchanged bit for bit; padding rows read and
+count into the state's neutral trash row). The runner picks it when a sampled row is penalized and
+every row samples; the plain variant is the same graph as without penalties, so an unpenalized step
+costs what it did. Graphs are captured largest bucket
 first, so the shared pool is sized by the largest and the others fit inside it. The logits and log-
 sum-exp that top-n logprobs read after a replay are copied, inside the graph, into one buffer of
 `max_rows` rows outside the pool that every graph shares: an output left in the pool stays allocated
@@ -81,13 +88,14 @@ class CapturedStep:
 
 
 class DecodeGraphs:
-    """Captures and replays decode graphs, keyed (slot, rows, sort_filters)."""
+    """Captures and replays decode graphs, keyed (slot, rows, sort_filters, penalized)."""
 
-    def __init__(self, max_rows: int, width: int) -> None:
+    def __init__(self, max_rows: int, width: int, penalized: bool = True) -> None:
         self.buckets = row_buckets(max_rows)
         self.width = width
+        self.penalized = penalized  # whether the penalized variants are captured
         self.pool = torch.cuda.graph_pool_handle()
-        self.captured: dict[tuple[int, int, bool], CapturedStep] = {}
+        self.captured: dict[tuple[int, int, bool, bool], CapturedStep] = {}
         self.logits_out: torch.Tensor | None = None  # [max_rows, V], shared by every graph, outside the pool
         self.lse_out: torch.Tensor | None = None  # [max_rows]
 
@@ -96,9 +104,11 @@ class DecodeGraphs:
             return None
         return next((b for b in self.buckets if b >= plan.num_rows), None)
 
-    def capture(self, slot_index: int, rows: int, sort_filters: bool, stream: torch.cuda.Stream,
+    def capture(self, slot_index: int, rows: int, sort_filters: bool, penalized: bool, stream: torch.cuda.Stream,
                 body: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Captures `body` (inputs already loaded for `rows` rows on this slot) after one warm-up run."""
+        """Captures `body` (inputs already loaded for `rows` rows on this slot) after one warm-up run.
+        The shared logits buffer takes the dtype of the first capture's logits (a plain variant's: the
+        model's), so the plain graphs copy what they always did."""
         with torch.cuda.stream(stream):
             logits, lse = body()  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
             if self.logits_out is None:
@@ -114,9 +124,9 @@ class DecodeGraphs:
             logits_out.copy_(logits)
             lse_out.copy_(lse)
             del logits, lse  # back to the pool for the next capture
-        self.captured[(slot_index, rows, sort_filters)] = CapturedStep(graph, logits_out, lse_out)
+        self.captured[(slot_index, rows, sort_filters, penalized)] = CapturedStep(graph, logits_out, lse_out)
 
-    def replay(self, slot_index: int, rows: int, sort_filters: bool) -> CapturedStep:
-        step = self.captured[(slot_index, rows, sort_filters)]
+    def replay(self, slot_index: int, rows: int, sort_filters: bool, penalized: bool = False) -> CapturedStep:
+        step = self.captured[(slot_index, rows, sort_filters, penalized)]
         step.graph.replay()
         return step

@@ -1,7 +1,9 @@
 """Capturing the worker's CUDA graphs once at start-up: decode graphs per (I/O slot, row bucket,
-sampling variant) and piecewise graphs per (I/O slot, token bucket), all in one shared pool,
-largest first so the pool is sized by the largest (see cuda_graphs.py and piecewise.py for what
-they hold and how they are replayed). Owns the placeholder plans graphs are captured on.
+sampling variant, penalties or not) and piecewise graphs per (I/O slot, token bucket), all in one
+shared pool, largest first so the pool is sized by the largest (see cuda_graphs.py and piecewise.py
+for what they hold and how they are replayed). Owns the placeholder plans graphs are captured on and
+what a decode graph's body holds. The penalized variants need the penalty state's buffers to exist
+(the graph holds their addresses), so capturing them allocates those up front.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from worker_svc.attention import PagedStep, attend, row_layout
 from worker_svc.cuda_graphs import DecodeGraphs, decode_layout
 from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
+from worker_svc.penalties import ALL, PenaltyState
 from worker_svc.piecewise import AttentionIO, PiecewiseGraph, token_buckets
 from worker_svc.row_state import StepBatch
 from worker_svc.sampler import sample
@@ -34,6 +37,8 @@ class Engine(Protocol):
     piecewise: dict[tuple[int, int], PiecewiseGraph]
     token_buckets: list[int]
     graph_memory_bytes: int
+    penalties: PenaltyState
+    penalty_graphs: bool
 
     def paged_step(self, inputs: Any, layout: Any) -> PagedStep: ...
 
@@ -45,15 +50,19 @@ log = logging.getLogger("tandem.worker.runner")
 def capture_graphs(engine: Engine) -> None:
     """Captures every decode graph, then every piecewise graph, into the engine (one shared pool)."""
     width = engine.limits.max_blocks_per_row
-    engine.graphs = DecodeGraphs(engine.limits.max_num_rows, width)
+    engine.graphs = DecodeGraphs(engine.limits.max_num_rows, width, penalized=engine.penalty_graphs)
     t0, reserved = time.perf_counter(), torch.cuda.memory_reserved()
+    if engine.penalty_graphs:
+        engine.penalties.allocate()
+        torch.cuda.synchronize()  # allocated (and zeroed) on the default stream, before any capture
     with torch.inference_mode():
         _capture_decode(engine, width)
         _capture_piecewise(engine)
     torch.cuda.synchronize()
     engine.graph_memory_bytes = torch.cuda.memory_reserved() - reserved
-    log.info("captured %d decode CUDA graphs (row buckets %s) and %d piecewise graphs (token buckets %s) "
-             "in %.1f s, %.0f MiB", len(engine.graphs.captured), engine.graphs.buckets, len(engine.piecewise),
+    log.info("captured %d decode CUDA graphs (row buckets %s%s) and %d piecewise graphs (token buckets %s) "
+             "in %.1f s, %.0f MiB", len(engine.graphs.captured), engine.graphs.buckets,
+             ", with and without penalties" if engine.penalty_graphs else "", len(engine.piecewise),
              engine.token_buckets, time.perf_counter() - t0, engine.graph_memory_bytes / (1 << 20))
 
 
@@ -89,26 +98,37 @@ def _capture_piecewise(engine: Engine) -> None:
 
 def _capture_decode(engine: Engine, width: int) -> None:
     assert engine.graphs is not None
+    variants = (False, True) if engine.graphs.penalized else (False,)
     for rows in reversed(engine.graphs.buckets):
         idle = _batch(rows, rows)  # every row padding
-        for sort_filters in (False, True):
-            for slot in engine.slots:
-                other = engine.slots[1 - slot.index]
-                inputs = slot.load(idle, decode_layout(rows, width))
-                step = engine.paged_step(inputs, decode_layout(rows, width))
-                engine.sync.compute_stream.wait_event(slot.h2d_done)
-                engine.graphs.capture(
-                    slot.index, rows, sort_filters, engine.sync.compute_stream,
-                    lambda i=inputs, st=step, sl=slot, o=other, f=sort_filters: _graph_body(engine, i, st, sl, o, f))
-                slot.in_use = False
+        for penalized in variants:  # plain first: the shared logits buffer takes the model's dtype
+            for sort_filters in (False, True):
+                for slot in engine.slots:
+                    other = engine.slots[1 - slot.index]
+                    inputs = slot.load(idle, decode_layout(rows, width))
+                    step = engine.paged_step(inputs, decode_layout(rows, width))
+                    engine.sync.compute_stream.wait_event(slot.h2d_done)
+                    engine.graphs.capture(
+                        slot.index, rows, sort_filters, penalized, engine.sync.compute_stream,
+                        lambda i=inputs, st=step, sl=slot, o=other, f=sort_filters, p=penalized:
+                            _graph_body(engine, i, st, sl, o, f, p))
+                    slot.in_use = False
 
 
 def _graph_body(engine: Engine, inputs, step: PagedStep, slot: IOSlot, other: IOSlot,
-                sort_filters: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a decode graph holds: carry-over, forward, sampling of every row into the slot's outputs."""
+                sort_filters: bool, penalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a decode graph holds: carry-over, forward, (penalized: every row's transforms from its
+    slot's state), sampling of every row into the slot's outputs, (penalized: every row's token
+    counted into its slot's state). Padding rows (context 0) use the state's neutral trash row."""
     logits = engine.forward(inputs, step, other, True, 0)
+    if penalized:
+        pen = engine.penalties
+        pslots = torch.where(inputs.kv_lens > 0, inputs.table_rows, pen.trash).to(torch.int64)
+        logits = pen.apply(logits, pslots, inputs.counter, ALL)
     res = sample(logits, inputs.temperature, inputs.top_p, inputs.top_k, inputs.min_p, inputs.seed,
                  inputs.counter, 0, sort_filters=sort_filters)
+    if penalized:
+        pen.record(pslots, res.token_ids, ALL)
     rows = logits.shape[0]
     slot.out_sampled(rows).copy_(res.token_ids)
     slot.out_logprob(rows).copy_(res.logprob)

@@ -53,6 +53,9 @@ class EngineConfig:
     max_num_tokens: int = 512
     max_num_rows: int = 64
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (CUDA only)
+    # Also capture each decode graph with the penalty transforms (and allocate the penalty state up
+    # front: (max_num_rows + 1) x vocab x 5 bytes); off: penalized steps sample eagerly.
+    penalty_graphs: bool = True
     debug_placeholders: bool = False  # assert on the device that no placeholder sentinel survives carry-over
 
 
@@ -81,7 +84,6 @@ class _Launched:
     done: object
     prev_done: object | None
     state_digest: int = 0  # RowState.digest() after this plan, when it asked (check_state)
-    keep: list | None = None  # host staging tensors of the step's copies: alive until it completes
 
 
 class Engine:
@@ -105,9 +107,10 @@ class Engine:
         self.block_table = torch.full((cfg.max_num_rows, self.limits.max_blocks_per_row), -1, dtype=torch.int32,
                                       device=device)
         self.sync = DeviceSync(device)
-        # Penalties, logit bias, min_tokens: per-slot device state (penalties.py), big buffers on first use.
-        self.penalties = PenaltyState(cfg.max_num_rows, loaded.vocab_size, device)
+        # Penalties, logit bias, min_tokens: per-slot device state (penalties.py), big buffers on first
+        # use or at graph capture; one staging buffer per I/O slot.
         self.slots = [IOSlot(i, self.limits, device, self.sync) for i in range(2)]
+        self.penalties = PenaltyState(cfg.max_num_rows, loaded.vocab_size, device, num_staging=len(self.slots))
         self._timing = [(self.sync.event(timing=True), self.sync.event(timing=True)) for _ in range(_TIMING_RING)]
         self._in_flight: deque[_Launched] = deque()
         self._last: _Launched | None = None
@@ -115,7 +118,11 @@ class Engine:
         self.graphs: DecodeGraphs | None = None
         self.piecewise: dict[tuple[int, int], PiecewiseGraph] = {}  # (slot, token bucket): other steps
         self.token_buckets: list[int] = []
+        self.penalty_graphs = cfg.penalty_graphs
         self.graph_memory_bytes = 0  # what capturing the graphs took from the device (reserved)
+        # Steps by how they ran: "decode" / "penalized" (a decode graph without / with the penalty
+        # transforms), "piecewise", "eager". Read by tests and logs; never by the launch path.
+        self.step_counts = {"decode": 0, "penalized": 0, "piecewise": 0, "eager": 0}
         if self.sync.cuda:
             torch.cuda.synchronize()  # weights and buffers were written on the default stream
             if cfg.cuda_graphs:
@@ -194,15 +201,21 @@ class Engine:
         carries = bool(np.any(plan.carry_index >= 0))
         hints = SamplingHints.of(plan, sampling)
         prev = self._last
-        # New slots' penalty state first (on the compute stream: after every step that ran before),
-        # then this step's flags from the updated mirrors.
-        with self.sync.on(self.sync.compute_stream):
-            keep = self.penalties.start_slots(step_plan)
+        # New slots' penalty parameters: the host mirrors now (this step's flags read them), the
+        # device rows staged in this I/O slot's pinned buffer, copied on the h2d stream ahead of the
+        # slot's bulk copy (its h2d_done covers both) and written on the compute stream below.
+        staged = self.penalties.stage(step_plan, slot.index)
+        if staged is not None:
+            with self.sync.on(self.sync.h2d_stream):
+                self.sync.h2d_stream.wait_event(slot.compute_done)  # its last step no longer reads it
+                staged.issue_copy()
         pflags = self.penalties.flags(plan.rows[sampling])
 
-        # A step with penalized rows samples outside the decode graphs (their sampler is the plain
-        # fused one); its forward still replays a piecewise graph when one fits.
-        graphed = self.graphs is not None and not pflags.any
+        # A decode step with penalized rows replays the graph variant that holds the transforms and
+        # the count update, unless a row does not sample (the graph samples, and would count, every
+        # row) or those variants were not captured; otherwise it samples eagerly after the forward.
+        penalized = pflags.any
+        graphed = self.graphs is not None and (not penalized or (self.graphs.penalized and bool(plan.sample.all())))
         bucket = self.graphs.bucket_for(plan) if graphed else None
         tokens = None
         if bucket is None and self.piecewise:
@@ -224,26 +237,31 @@ class Engine:
         with self.sync.on(compute), torch.inference_mode():
             compute.wait_event(slot.h2d_done)
             start.record(compute)
+            if staged is not None:
+                self.penalties.commit(staged)
             if appends:  # on the compute stream: steps launched before this one have read the table already
                 self.block_table.index_put_((inputs.append_slots.long(), inputs.append_cols.long()),
                                             inputs.append_blocks)
             if carries:
                 assert prev is not None and prev.slot is other
             if bucket is not None:
-                self._replay(slot, bucket, rows, num_top, hints.sort_filters)
+                self._replay(slot, bucket, rows, num_top, hints.sort_filters, penalized)
+                self.step_counts["penalized" if penalized else "decode"] += 1
             else:
                 step = self.paged_step(inputs, layout)
                 if tokens is not None:  # piecewise graph: logits of every padded sample row, real ones first
                     logits = self.piecewise[(slot.index, tokens)].replay(step)[:num_sampled]
+                    self.step_counts["piecewise"] += 1
                 else:
                     logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
+                    self.step_counts["eager"] += 1
                 self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints, pflags)
             done.record(compute)  # before compute_done: d2h_done then implies `done` completed
             slot.compute_done.record(compute)
         slot.issue_d2h(rows, num_top)
 
         launched = _Launched(plan.step_id, slot, rows, plan.sample.copy(), num_top, start, done,
-                             prev.done if prev is not None else None, digest, keep)
+                             prev.done if prev is not None else None, digest)
         self._in_flight.append(launched)
         self._last = launched
         self._launches += 1
@@ -255,10 +273,12 @@ class Engine:
         with self.sync.on(self.sync.compute_stream):
             self.block_table.index_put_((idx[0], idx[1]), blocks)
 
-    def _replay(self, slot: IOSlot, bucket: int, rows: int, num_top: int, sort_filters: bool) -> None:
-        """A graphed decode step; top-n logprobs, when asked, from the graph's logits right after."""
+    def _replay(self, slot: IOSlot, bucket: int, rows: int, num_top: int, sort_filters: bool,
+                penalized: bool) -> None:
+        """A graphed decode step; top-n logprobs, when asked, from the graph's logits right after
+        (with penalties, the transformed logits, rounded to the model's dtype)."""
         assert self.graphs is not None
-        step = self.graphs.replay(slot.index, bucket, sort_filters)
+        step = self.graphs.replay(slot.index, bucket, sort_filters, penalized)
         if num_top:
             vals, ids = torch.topk(step.logits[:rows], num_top, dim=-1)
             top_ids, top_lp = slot.out_top(rows, num_top)
