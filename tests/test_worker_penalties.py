@@ -143,7 +143,8 @@ PARAMS = [
     {"pres": 1.5, "freq": 0.5, "bias": BIAS},
     {"min_tokens": 4, "mask": [300, 301, 302], "bias": BIAS, "freq": 0.25},
     {},  # unpenalized: shares the steps, keeps its tokens
-]
+    {"rep": 0.7, "bias": BIAS},
+]  # 5 rows: the decode graph's bucket of 8 has 3 padding rows (they must count into the trash row only)
 DECODE_STEPS = 10
 
 
@@ -187,7 +188,7 @@ def _depth_two(engine, params: list[dict] = PARAMS) -> list:
 
     planner = Planner(64)
     rng = np.random.default_rng(5)
-    reqs = [Req(rng.integers(3, 200, size=n).tolist()) for n in (9, 17, 30, 12)][:len(params)]
+    reqs = [Req(rng.integers(3, 200, size=n).tolist()) for n in (9, 17, 30, 12, 20)][:len(params)]
     engine.launch(_with_penalties(planner.plan([(r, len(r.prompt), True) for r in reqs]), reqs, params))
     launched = [list(reqs)]
     for i in range(DECODE_STEPS):
@@ -233,10 +234,10 @@ def test_depth_two_penalized_decode_counts_carried_tokens_cpu() -> None:
     loaded = _tiny("cpu")
     engine = _engine(loaded)
     reqs = _depth_two(engine)
-    plain = _depth_two(_engine(loaded), [{}, {}, {}, {}])
+    plain = _depth_two(_engine(loaded), [{}] * len(PARAMS))
     _assert_counts_hold_every_token(engine, reqs, PARAMS)
     assert reqs[3].out == plain[3].out
-    for r, p in zip(reqs[:3], plain[:3], strict=True):
+    for r, p in zip(reqs[:3] + reqs[4:], plain[:3] + plain[4:], strict=True):
         assert r.out != p.out
     assert not set(reqs[2].out[:PARAMS[2]["min_tokens"]]) & set(PARAMS[2]["mask"])
     assert set(reqs[2].out[PARAMS[2]["min_tokens"]:]) & set(PARAMS[2]["mask"]), "the bias should win after"
