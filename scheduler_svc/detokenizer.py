@@ -3,7 +3,9 @@
 Owns the two hazards of streaming text (docs/internals.md, design "Stop strings span token
 boundaries"): a token may end in the middle of a multi-byte UTF-8 character, and a stop string may
 be spread over many tokens. Text that could still change or still turn out to be part of a stop is
-held back; everything else is released as soon as it is final.
+held back; everything else is released as soon as it is final. And `min_tokens`: a stop string
+completed while fewer than min_tokens tokens have been generated is ordinary text (vLLM's stop
+checker likewise skips stops before min_tokens), so it neither ends the request nor is cut out.
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ class StopStringMatcher:
     """Finds stop strings in streamed text; holds back text that may still become a stop.
 
     The match reported is the one that completes first in the stream (ties: the one starting
-    first), so the outcome does not depend on how the text was split into chunks.
+    first), so the outcome does not depend on how the text was split into chunks. Only a stop that
+    completes in the text of this push counts: held text never holds a whole stop, except one
+    completed while the matcher was not `armed` (before min_tokens), which stays ordinary text.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
@@ -91,14 +95,16 @@ class StopStringMatcher:
         self._held = ""
         self.matched: str | None = None
 
-    def push(self, text: str) -> tuple[str, str | None]:
-        """(text safe to emit now, the stop just matched or None). After a match, returns ('', None)."""
+    def push(self, text: str, armed: bool = True) -> tuple[str, str | None]:
+        """(text safe to emit now, the stop just matched or None). After a match, returns ('', None).
+        Not `armed`: stops complete in this text are ignored (released as text); a suffix that may
+        still become one is held as usual, so a stop that ends after arming is found whole."""
         if self.matched is not None:
             return "", None
         buf = self._held + text
         best: tuple[int, int, str] | None = None  # (end, start, stop)
-        for stop in self.stops:
-            at = buf.find(stop)
+        for stop in self.stops if armed else ():
+            at = buf.find(stop, max(0, len(self._held) - len(stop) + 1))  # it must end in the new text
             if at >= 0:
                 cand = (at + len(stop), at, stop)
                 if best is None or cand[:2] < best[:2]:
@@ -134,7 +140,8 @@ class TextDelta:
 
 
 class OutputText:
-    """One request's output: token ids in, stop-aware text deltas out."""
+    """One request's output: token ids in, stop-aware text deltas out. `min_tokens`: stop strings
+    count only from the min_tokens-th generated token on (the request's min_tokens)."""
 
     def __init__(
         self, tokenizer: TandemTokenizer | None, stops: Sequence[str] = (), skip_special_tokens: bool = True
@@ -145,6 +152,8 @@ class OutputText:
         self._stops = StopStringMatcher(stops) if stops else None
         self._chunks: list[str] = []
         self.matched_stop: str | None = None
+        self.min_tokens = 0
+        self._pushed = 0  # tokens pushed (the generated tokens that reach the text)
 
     @property
     def text(self) -> str:
@@ -158,6 +167,13 @@ class OutputText:
     def push(self, token_ids: Sequence[int]) -> TextDelta:
         if self.stopped or self._detok is None:
             return TextDelta("")
+        if self._stops is not None and self._pushed + 1 < self.min_tokens <= self._pushed + len(token_ids):
+            # Crossing the point where stops start to count: one token at a time, so each is
+            # checked with what it completes.
+            parts = [self.push([t]) for t in token_ids]
+            return TextDelta("".join(p.text for p in parts), next((p.matched_stop for p in parts
+                                                                   if p.matched_stop), None))
+        self._pushed += len(token_ids)
         return self._filter(self._detok.push(token_ids))
 
     def finish(self) -> str:
@@ -177,7 +193,7 @@ class OutputText:
         elif not text:
             return TextDelta("")
         else:
-            out, stop = self._stops.push(text)
+            out, stop = self._stops.push(text, armed=self._pushed >= self.min_tokens)
         self.matched_stop = stop
         self._chunks.append(out)
         return TextDelta(out, stop)

@@ -56,6 +56,10 @@ class RequestHandle:
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # something new to send (streams)
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # completed or failed (unary calls)
 
+    def __post_init__(self) -> None:
+        # min_tokens holds off stop strings as the worker's mask holds off EOS and stop tokens.
+        self.output.min_tokens = self.request.sampling.min_tokens
+
     @property
     def req_id(self) -> str:
         return self.request.req_id

@@ -117,6 +117,35 @@ def test_min_tokens_masks_eos_and_stop_tokens(tiny):
     assert stop_held.finish_reason == "stop_token"
 
 
+def test_min_tokens_holds_off_stop_strings(tiny):
+    """Through the whole stack: a stop string completed before min_tokens tokens is ordinary text,
+    and the first one completed at or after the min_tokens-th token ends the request (vLLM's rule).
+    A bias makes every token the same, so every token completes the stop string."""
+    async def run():
+        async with AsyncTandemClient(tiny.address) as c:
+            p, bias = [5, 6, 7, 8], {1000: 100.0}
+            probe = await c.generate(token_ids=p, max_new_tokens=3, temperature=0.0, logit_bias=bias,
+                                     ignore_eos=True)
+            word = probe.text[:len(probe.text) // 3]
+            early = await c.generate(token_ids=p, max_new_tokens=20, temperature=0.0, logit_bias=bias,
+                                     stop=[word])
+            held = await c.generate(token_ids=p, max_new_tokens=20, temperature=0.0, logit_bias=bias,
+                                    stop=[word], min_tokens=4)
+            streamed = [m async for m in c.generate_stream(token_ids=p, max_new_tokens=20, temperature=0.0,
+                                                            logit_bias=bias, stop=[word], min_tokens=4)]
+            return probe, word, early, held, streamed
+
+    probe, word, early, held, streamed = asyncio.run(run())
+    assert probe.token_ids == [1000] * 3 and word and probe.text == word * 3
+    assert early.finish_reason == "stop_string" and early.token_ids == [1000] and early.text == ""
+    assert held.finish_reason == "stop_string" and held.token_ids == [1000] * 4
+    assert held.text == word * 3  # the three stops before the 4th token are text
+    assert "".join(m.text for m in streamed) == word * 3
+    assert streamed[-1].completion is not None and streamed[-1].completion.finish_reason == "stop_string"
+    st = tiny.wait_idle()
+    assert st.kv_blocks_free == st.kv_blocks_total
+
+
 def test_n_samples_share_one_prefill_and_each_equals_its_derived_seed(tiny):
     prompt = [random.Random(9).randrange(3, VOCAB) for _ in range(40)]
     kw = dict(token_ids=prompt, max_new_tokens=8, ignore_eos=True, temperature=0.9, seed=1234)

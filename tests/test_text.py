@@ -308,3 +308,30 @@ def test_scheduler_text_modules_do_not_import_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_min_tokens_holds_off_stop_strings(tok):
+    """A stop completed while fewer than min_tokens tokens have been generated is text (vLLM skips
+    stops before min_tokens); one completed by the min_tokens-th token or later ends the output,
+    whether the tokens arrive one by one or in one push, and a stop that begins before that point
+    and ends after it is found whole."""
+    ids = tok.encode("a stop, b stop, c stop, d")
+    stop_ends = [i + 1 for i in range(len(ids)) if tok.decode(ids[:i + 1]).endswith(" stop")]
+    assert len(stop_ends) == 3
+    for chunked in (False, True):
+        for min_tokens, want in ((0, "a"), (stop_ends[0], "a"), (stop_ends[0] + 1, "a stop, b"),
+                                 (stop_ends[2], "a stop, b stop, c"), (stop_ends[2] + 1, None)):
+            out = OutputText(tok, [" stop"])
+            out.min_tokens = min_tokens
+            pieces = [out.push(ids)] if chunked else [out.push([i]) for i in ids]
+            text = "".join(p.text for p in pieces) + out.finish()
+            matched = next((p.matched_stop for p in pieces if p.matched_stop), None)
+            if want is None:
+                assert (text, matched) == ("a stop, b stop, c stop, d", None), (min_tokens, chunked)
+            else:
+                assert (text, matched) == (want, " stop"), (min_tokens, chunked)
+    m = StopStringMatcher(["abc"])
+    assert m.push("xab", armed=False) == ("x", None) and m.push("c") == ("", "abc")
+    m = StopStringMatcher(["b", "abc"])
+    assert m.push("ab", armed=False) == ("", None)  # "b" completed unarmed: text, never matched later
+    assert m.push("x") == ("abx", None)
