@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     wg.add_argument("--max-num-rows", type=int, default=None)
     wg.add_argument("--max-context", type=int, default=None)
     wg.add_argument("--seed", type=int, default=None)
+    wg.add_argument("--tensor-parallel-size", type=int, default=None,
+                    help="split the model over N worker ranks (one process each; NCCL on CUDA, gloo on CPU)")
     wg.add_argument("--skip-tokenizer", action="store_const", const=True, default=None,
                     help="load no tokenizer: serve token ids only (text, chat and stop strings are refused)")
     wg.add_argument("--allow-pickle-weights", action="store_const", const=True, default=None,
@@ -395,6 +398,7 @@ WORKER_FLAGS = [
     ("max_num_rows", "--max-num-rows"),
     ("max_context", "--max-context"),
     ("seed", "--seed"),
+    ("tensor_parallel_size", "--tensor-parallel-size"),
     ("skip_tokenizer", "--skip-tokenizer"),
     ("allow_pickle_weights", "--allow-pickle-weights"),
     ("log_level", "--log-level"),
@@ -449,6 +453,23 @@ def _announce_when_serving(sup: Supervisor, address: str, out: TextIO, http_url:
             sup.stopping.wait(0.5)
 
 
+def worker_group(worker: list[str], env: dict[str, str], size: int) -> list[ChildSpec]:
+    """The worker's processes: one, or one per tensor-parallel rank with torchrun's variables (a
+    rendezvous on a free local port), supervised as a group that restarts as one."""
+    spec = {"restart": True, "fatal_codes": (exit_codes.LOAD_ERROR,), "stay_down_codes": (exit_codes.REPLACED,)}
+    if size <= 1:
+        return [ChildSpec("worker", worker, env=env, **spec)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in range(size):
+        rank_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                    "LOCAL_RANK": str(rank), "WORLD_SIZE": str(size)}
+        ranks.append(ChildSpec(f"worker rank {rank}", worker, env=rank_env, group="worker", **spec))
+    return ranks
+
+
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.sync and args.pipeline_depth == 2:
         parser.error("--sync contradicts --pipeline-depth 2")
@@ -470,9 +491,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     env = {**os.environ, "TANDEM_INSTANCE_TOKEN": os.environ.get("TANDEM_INSTANCE_TOKEN") or secrets.token_hex(16)}
     sup = Supervisor(
         # A dead worker is restarted and the scheduler takes it back; a dead scheduler ends `serve`.
-        [ChildSpec("scheduler", scheduler, env=env),
-         ChildSpec("worker", worker, env=env, restart=True, fatal_codes=(exit_codes.LOAD_ERROR,),
-                   stay_down_codes=(exit_codes.REPLACED,))],
+        [ChildSpec("scheduler", scheduler, env=env), *worker_group(worker, env, args.tensor_parallel_size or 1)],
         grace_s=args.grace if args.grace is not None else (args.drain_timeout or 30.0) + 10.0,
         name="tandem serve",
     )

@@ -39,6 +39,9 @@ class ChildSpec:
     # Exit codes after which the child is left stopped while the others run on (the worker's 5: another
     # worker took its place deliberately, and a restarted one would only be refused).
     stay_down_codes: tuple[int, ...] = ()
+    # Children of one group live and die together (the ranks of a tensor-parallel worker): when one
+    # exits to be restarted, the others are stopped and the whole group starts again.
+    group: str = ""
 
 
 CRASH_LOOP_S = 30.0
@@ -135,6 +138,21 @@ class Supervisor:
         r.proc, r.started_at = self._spawn(r.spec), time.monotonic()
         return True
 
+    def _stop_members(self, members: list[_Running], grace_s: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `grace_s`, to some children (a group about to restart)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for o in members:
+                if o.proc.poll() is None:
+                    try:
+                        os.killpg(o.proc.pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            deadline = time.monotonic() + grace_s
+            while any(o.proc.poll() is None for o in members) and time.monotonic() < deadline:
+                time.sleep(self.poll_s)
+        for o in members:
+            o.proc.wait()
+
     def _signal_groups(self, sig: int, only_alive: bool = True) -> None:
         for r in self._running:
             if only_alive and r.proc.poll() is not None:
@@ -201,8 +219,17 @@ class Supervisor:
                         self.stop()
                         return rc
                     if r.spec.restart and not self._signals:
-                        self.log(f"{r.spec.name} exited {how}; restarting it")
+                        peers = [o for o in self._running if o is not r and r.spec.group
+                                 and o.spec.group == r.spec.group and not o.stayed_down]
+                        if peers:
+                            self.log(f"{r.spec.name} exited {how}; restarting its group "
+                                     f"{r.spec.group} ({len(peers) + 1} processes)")
+                            self._stop_members(peers)
+                        else:
+                            self.log(f"{r.spec.name} exited {how}; restarting it")
                         if self._restart(r):
+                            for o in peers:
+                                o.proc, o.started_at = self._spawn(o.spec), time.monotonic()
                             continue
                         rc = rc if rc > 0 else 1
                     others = [o.spec.name for o in self._running if o is not r]

@@ -121,6 +121,7 @@ class ModelInfo:
     default_top_p: float = 1.0
     default_top_k: int = 0
     default_min_p: float = 0.0
+    tensor_parallel_size: int = 1
 
 
 class TandemError(Exception):

@@ -184,6 +184,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                 info.kv_blocks, info.kv_block_size = h.num_blocks, h.block_size
                 info.default_temperature, info.default_top_p = h.default_temperature, h.default_top_p
                 info.default_top_k, info.default_min_p = h.default_top_k, h.default_min_p
+                info.tensor_parallel_size = max(1, h.tensor_parallel_size)
             return info
 
 

@@ -27,6 +27,10 @@ def build_parser() -> EnvArgumentParser:
     p.add_argument("--allow-pickle-weights", action="store_true",
                    help="Load a model directory's .bin (pickle) weights when it has no safetensors; loading a "
                         "pickle runs the code it carries, so only for weights you trust.")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks of this worker's tensor-parallel group: one process per rank, rank and rendezvous "
+                        "from torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK; "
+                        "`tandem serve --tensor-parallel-size N` starts and sets them); NCCL on CUDA, gloo on CPU")
     p.add_argument("--skip-tokenizer", action="store_true",
                    help="Load no tokenizer (a model directory may have none): the server then takes token ids only; "
                         "text and chat prompts and stop strings get INVALID_ARGUMENT, and outputs carry no text.")
@@ -79,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from worker_svc import models
+    from worker_svc import models, tensor_parallel
+    from worker_svc.group_link import FollowerLink, LeaderLink
     from worker_svc.link import WorkerLink
     from worker_svc.loop import WorkerLoop
     from worker_svc.runner import Engine, EngineConfig
@@ -88,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = models.resolve_device(args.device)
         dtype = models.resolve_dtype(args.dtype, device)
+        group = tensor_parallel.group_from_env(args.tensor_parallel_size)
     except ValueError as exc:
         log.error("%s", exc)
         return exit_codes.LOAD_ERROR
+    control = tensor_parallel.init_group(group, device) if group is not None else None
     log.info("loading %s on %s (%s)", args.model, device, dtype)
     try:
         loaded = models.load(args.model, device, dtype, seed=args.seed, max_context=args.max_context,
@@ -98,17 +105,30 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError) as exc:
         log.error("cannot load --model %s: %s", args.model, exc)
         return exit_codes.LOAD_ERROR
+    if group is not None:
+        try:
+            tensor_parallel.shard_model(loaded.model, group.rank, group.world_size)
+        except ValueError as exc:
+            log.error("cannot split --model %s: %s", args.model, exc)
+            return exit_codes.LOAD_ERROR
     engine = Engine(loaded, EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         cuda_graphs=not args.no_cuda_graphs, debug_placeholders=args.debug_placeholders,
         max_num_tokens=args.max_num_tokens, max_num_rows=args.max_num_rows,
     ), device)
+    group_blocks = tensor_parallel.group_min(engine.cache.cfg.num_blocks, control) if control is not None else None
     try:
-        link = WorkerLink(args.engine_address, args.link_curve_secret, args.link_curve_server)
+        if group is not None and not group.leader:
+            link = FollowerLink(control)  # rank 0 speaks for the group
+        else:
+            link = WorkerLink(args.engine_address, args.link_curve_secret, args.link_curve_server)
+            if control is not None:
+                link = LeaderLink(link, control)
     except (ValueError, OSError) as exc:
         log.error("engine link: %s", exc)
         return exit_codes.LOAD_ERROR
-    loop = WorkerLoop(engine, link, args.hang_timeout, instance_token=args.instance_token, replace=args.replace)
+    loop = WorkerLoop(engine, link, args.hang_timeout, instance_token=args.instance_token, replace=args.replace,
+                      tensor_parallel_size=args.tensor_parallel_size, group_num_blocks=group_blocks)
     loop_ref.append(loop)
     log.info("model %s ready; connecting to %s", loaded.name, args.engine_address)
     try:

@@ -91,7 +91,9 @@ class StepWatchdog:
                 os._exit(EXIT_HUNG)  # the main thread is stuck: no orderly shutdown is possible
 
 
-def make_hello(engine: Engine, instance_token: str = "", replace: bool = False) -> wire.Hello:
+def make_hello(engine: Engine, instance_token: str = "", replace: bool = False, tensor_parallel_size: int = 1,
+               num_blocks: int | None = None) -> wire.Hello:
+    """`num_blocks`: a group's capacity (the least of its ranks'), else this engine's."""
     m = engine.loaded
     cache = engine.cache.cfg
     return wire.Hello(
@@ -103,7 +105,7 @@ def make_hello(engine: Engine, instance_token: str = "", replace: bool = False) 
         max_context=m.max_context,
         dtype=str(cache.dtype).removeprefix("torch."),
         device=engine.device,
-        num_blocks=cache.num_blocks,
+        num_blocks=cache.num_blocks if num_blocks is None else num_blocks,
         block_size=cache.block_size,
         max_num_tokens=engine.limits.max_num_tokens,
         max_num_rows=engine.limits.max_num_rows,
@@ -119,16 +121,19 @@ def make_hello(engine: Engine, instance_token: str = "", replace: bool = False) 
         default_min_p=m.sampling_defaults.min_p,
         instance_token=instance_token,
         replace=replace,
+        tensor_parallel_size=tensor_parallel_size,
     )
 
 
 class WorkerLoop:
     def __init__(self, engine: Engine, link: WorkerLink, hang_timeout_s: float = 0.0, instance_token: str = "",
-                 replace: bool = False) -> None:
+                 replace: bool = False, tensor_parallel_size: int = 1, group_num_blocks: int | None = None) -> None:
         self.engine = engine
         self.link = link
         self.instance_token = instance_token
         self.replace = replace  # this worker's HELLO asks to take the place of the live one
+        self.tensor_parallel_size = tensor_parallel_size
+        self.group_num_blocks = group_num_blocks
         self.watchdog = StepWatchdog(hang_timeout_s)
         self.stop_requested = False
         self.steps = 0
@@ -138,9 +143,13 @@ class WorkerLoop:
         if self.faults:
             log.warning("fault injection on (%s=%s): for tests only", FAULTS_ENV, os.environ[FAULTS_ENV])
 
+    def hello(self, replace: bool | None = None) -> wire.Hello:
+        return make_hello(self.engine, self.instance_token, self.replace if replace is None else replace,
+                          self.tensor_parallel_size, self.group_num_blocks)
+
     def run(self) -> int:
         """Serves until the scheduler goes (returns 1) or a stop is requested (returns 0)."""
-        self.link.send(make_hello(self.engine, self.instance_token, self.replace).encode())
+        self.link.send(self.hello().encode())
         waited = 0.0
         while not self.stop_requested:
             frames = self.link.recv(POLL_MS)
@@ -192,7 +201,7 @@ class WorkerLoop:
             log.warning("scheduler asked for a reset after %d steps: in-flight steps dropped, row slots "
                         "emptied; a new session starts", self.steps)
             self.engine.reset_session()
-            self.link.send(make_hello(self.engine).encode())
+            self.link.send(self.hello(replace=False).encode())  # the same worker: nothing to replace
             return
         if kind != wire.KIND_PLAN:
             log.warning("dropping unexpected %r message", kind)

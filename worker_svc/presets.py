@@ -60,6 +60,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "tie_word_embeddings": False,
     },
+    # For tests: Qwen2's shape in small (biased q/k/v projections, which a tensor-parallel split slices
+    # with their weights), GQA 2:1, an untied head (tied, random weights mostly repeat the last token).
+    "tiny-qwen2": {
+        "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "tie_word_embeddings": False,
+        "use_sliding_window": False,
+    },
 }
 
 

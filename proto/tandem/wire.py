@@ -105,6 +105,7 @@ class Hello:
     default_min_p: float = 0.0
     instance_token: str = ""
     replace: bool = False
+    tensor_parallel_size: int = 1
     protocol_version: int = PROTOCOL_VERSION
 
     def encode(self) -> list[bytes]:

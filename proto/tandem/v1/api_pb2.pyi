@@ -186,7 +186,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "dtype", "device", "kv_blocks", "kv_block_size", "pipeline_depth", "server_version", "worker_connected", "max_new_tokens_default", "default_temperature", "default_top_p", "default_top_k", "default_min_p")
+    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "dtype", "device", "kv_blocks", "kv_block_size", "pipeline_depth", "server_version", "worker_connected", "max_new_tokens_default", "default_temperature", "default_top_p", "default_top_k", "default_min_p", "tensor_parallel_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,7 @@ class ModelInfo(_message.Message):
     DEFAULT_TOP_P_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MIN_P_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_context: int
@@ -219,7 +220,8 @@ class ModelInfo(_message.Message):
     default_top_p: float
     default_top_k: int
     default_min_p: float
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., server_version: _Optional[str] = ..., worker_connected: _Optional[bool] = ..., max_new_tokens_default: _Optional[int] = ..., default_temperature: _Optional[float] = ..., default_top_p: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_min_p: _Optional[float] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., pipeline_depth: _Optional[int] = ..., server_version: _Optional[str] = ..., worker_connected: _Optional[bool] = ..., max_new_tokens_default: _Optional[int] = ..., default_temperature: _Optional[float] = ..., default_top_p: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_min_p: _Optional[float] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

@@ -17,7 +17,7 @@ class ArraySpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "worker_id", "pid", "model_name", "vocab_size", "eos_token_ids", "max_context", "dtype", "device", "num_blocks", "block_size", "max_num_tokens", "max_num_rows", "max_blocks_per_row", "tokenizer_json", "chat_template", "bos_token", "eos_token", "add_bos_token", "default_temperature", "default_top_p", "default_top_k", "default_min_p", "instance_token", "replace")
+    __slots__ = ("protocol_version", "worker_id", "pid", "model_name", "vocab_size", "eos_token_ids", "max_context", "dtype", "device", "num_blocks", "block_size", "max_num_tokens", "max_num_rows", "max_blocks_per_row", "tokenizer_json", "chat_template", "bos_token", "eos_token", "add_bos_token", "default_temperature", "default_top_p", "default_top_k", "default_min_p", "instance_token", "replace", "tensor_parallel_size")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class Hello(_message.Message):
     DEFAULT_MIN_P_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REPLACE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     worker_id: str
     pid: int
@@ -68,7 +69,8 @@ class Hello(_message.Message):
     default_min_p: float
     instance_token: str
     replace: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_tokens: _Optional[int] = ..., max_num_rows: _Optional[int] = ..., max_blocks_per_row: _Optional[int] = ..., tokenizer_json: _Optional[bytes] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., add_bos_token: _Optional[bool] = ..., default_temperature: _Optional[float] = ..., default_top_p: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_min_p: _Optional[float] = ..., instance_token: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., pid: _Optional[int] = ..., model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_tokens: _Optional[int] = ..., max_num_rows: _Optional[int] = ..., max_blocks_per_row: _Optional[int] = ..., tokenizer_json: _Optional[bytes] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., add_bos_token: _Optional[bool] = ..., default_temperature: _Optional[float] = ..., default_top_p: _Optional[float] = ..., default_top_k: _Optional[int] = ..., default_min_p: _Optional[float] = ..., instance_token: _Optional[str] = ..., replace: _Optional[bool] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class StepPlanHeader(_message.Message):
     __slots__ = ("step_id", "carry_from_step", "flush", "arrays", "request_ids", "check_state")
