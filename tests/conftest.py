@@ -17,7 +17,10 @@ from client.local_server import TandemServer  # noqa: E402
 
 # Small enough that prompts of a few hundred tokens take several prefill chunks. CPU even where a GPU
 # exists: these servers are compared token for token with float32 transformers on the CPU.
-TINY_WORKER_ARGS = ["--device", "cpu", "--max-num-tokens", "128", "--max-num-rows", "32", "--num-blocks", "512"]
+# TANDEM_TEST_DEVICE=cuda runs the process tests (links, recovery, supervision) against a CUDA worker;
+# the tests that compare with CPU transformers then do not apply.
+TINY_WORKER_ARGS = ["--device", os.environ.get("TANDEM_TEST_DEVICE", "cpu"), "--max-num-tokens", "128",
+                    "--max-num-rows", "32", "--num-blocks", "512"]
 
 
 def metric_value(port: int, name: str) -> float:
