@@ -87,7 +87,7 @@ def row_layout(query_start: np.ndarray, kv_lens: np.ndarray, block_size: int) ->
 
 class GraphSplitter(Protocol):
     """What attention needs of a piecewise graph being captured (piecewise.PiecewiseGraph); a protocol,
-    so this module does not import piecewise, which imports it."""
+    so that neither module imports the other (graph_capture joins them)."""
 
     def split(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               scale: float) -> torch.Tensor: ...

@@ -22,10 +22,12 @@ from worker_svc.penalties import ALL, PenaltyState
 from worker_svc.piecewise import AttentionIO, PiecewiseGraph, token_buckets
 from worker_svc.row_state import StepBatch
 from worker_svc.sampler import sample
+from worker_svc.step_forward import StepForward
 
 
 class Engine(Protocol):
-    """What capture needs of runner.Engine (typed here so this module never imports the runner)."""
+    """What capture needs of runner.Engine: its buffers and the step body, which lives below both
+    (step_forward.py), so this module never imports the runner nor calls back into it."""
 
     limits: SlotLimits
     slots: list[IOSlot]
@@ -39,10 +41,7 @@ class Engine(Protocol):
     graph_memory_bytes: int
     penalties: PenaltyState
     penalty_graphs: bool
-
-    def paged_step(self, inputs: Any, layout: Any) -> PagedStep: ...
-
-    def forward(self, inputs: Any, step: PagedStep, other: IOSlot, carries: bool, logits_to_keep: Any) -> Any: ...
+    fwd: StepForward  # the body captured (and what the runner runs eagerly)
 
 log = logging.getLogger("tandem.worker.runner")
 
@@ -83,15 +82,15 @@ def _capture_piecewise(engine: Engine) -> None:
             inputs = slot.load(empty, layout, pad_to=(tokens, min(tokens, engine.limits.max_num_rows)))
             stream.wait_event(slot.h2d_done)
             graph = PiecewiseGraph(engine.graphs.pool, io, attend)
-            step = engine.paged_step(inputs, layout)
+            step = engine.fwd.paged_step(inputs, layout)
             step.piecewise = graph
             with torch.cuda.stream(stream):
                 graph.capturing = False  # warm-up, outside any capture: cuBLAS picks its kernels
-                engine.forward(inputs, step, other, True, inputs.sample_tokens)
+                engine.fwd.forward(inputs, step, other, True, inputs.sample_tokens)
                 stream.synchronize()
                 graph.capturing = True
                 graph.begin()
-                graph.end(engine.forward(inputs, step, other, True, inputs.sample_tokens))
+                graph.end(engine.fwd.forward(inputs, step, other, True, inputs.sample_tokens))
             engine.piecewise[(slot.index, tokens)] = graph
             slot.in_use = False
 
@@ -106,7 +105,7 @@ def _capture_decode(engine: Engine, width: int) -> None:
                 for slot in engine.slots:
                     other = engine.slots[1 - slot.index]
                     inputs = slot.load(idle, decode_layout(rows, width))
-                    step = engine.paged_step(inputs, decode_layout(rows, width))
+                    step = engine.fwd.paged_step(inputs, decode_layout(rows, width))
                     engine.sync.compute_stream.wait_event(slot.h2d_done)
                     engine.graphs.capture(
                         slot.index, rows, sort_filters, penalized, engine.sync.compute_stream,
@@ -120,7 +119,7 @@ def _graph_body(engine: Engine, inputs, step: PagedStep, slot: IOSlot, other: IO
     """What a decode graph holds: carry-over, forward, (penalized: every row's transforms from its
     slot's state), sampling of every row into the slot's outputs, (penalized: every row's token
     counted into its slot's state). Padding rows (context 0) use the state's neutral trash row."""
-    logits = engine.forward(inputs, step, other, True, 0)
+    logits = engine.fwd.forward(inputs, step, other, True, 0)
     if penalized:
         pen = engine.penalties
         pslots = torch.where(inputs.kv_lens > 0, inputs.table_rows, pen.trash).to(torch.int64)

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from worker_svc.attention import PagedStep
 
 
 @dataclass
@@ -51,7 +48,9 @@ class AttentionIO:
         return cls(new(heads), new(kv_heads), new(kv_heads), new(heads))
 
 
-Attend = Callable[["PagedStep", int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+# attention.attend, handed in by graph_capture: this module sits below attention and never imports it;
+# the step (an attention.PagedStep) is opaque here, only passed through.
+Attend = Callable[[Any, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 
 
 @dataclass
@@ -95,7 +94,7 @@ class PiecewiseGraph:
         assert len(self.segments) == len(self.calls) + 1
 
     # ----- replay ---------------------------------------------------------------------------------
-    def replay(self, step: PagedStep) -> torch.Tensor:
+    def replay(self, step: Any) -> torch.Tensor:
         """Runs the step on the current stream; returns the logits (valid until the next replay)."""
         io = self.io
         for segment, (layer, tokens, scale) in zip(self.segments, self.calls, strict=False):

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tandem.wire import PLACEHOLDER_SENTINEL, StepPlan, StepResult, WireError
+from tandem.wire import StepPlan, StepResult, WireError
 
-from worker_svc.attention import STEP_KWARG, PagedStep, install, row_layout
+from worker_svc.attention import PagedStep, install, row_layout
 from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_batch
 from worker_svc.graph_capture import capture_graphs
 from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
@@ -39,6 +39,9 @@ from worker_svc.penalties import NONE, PenaltyFlags, PenaltyState
 from worker_svc.piecewise import PiecewiseGraph
 from worker_svc.row_state import RowState, StepBatch
 from worker_svc.sampler import sample
+from worker_svc.step_forward import StepForward, apply_carry_over
+
+__all__ = ["Engine", "EngineConfig", "SamplingHints", "apply_carry_over"]  # apply_carry_over: step_forward.py
 
 log = logging.getLogger("tandem.worker.runner")
 
@@ -107,6 +110,7 @@ class Engine:
         self.block_table = torch.full((cfg.max_num_rows, self.limits.max_blocks_per_row), -1, dtype=torch.int32,
                                       device=device)
         self.sync = DeviceSync(device)
+        self.fwd = StepForward(self.model, self.cache, self.block_table, cfg.max_num_rows, cfg.debug_placeholders)
         # Penalties, logit bias, min_tokens: per-slot device state (penalties.py), big buffers on first
         # use or at graph capture; one staging buffer per I/O slot.
         self.slots = [IOSlot(i, self.limits, device, self.sync) for i in range(2)]
@@ -129,18 +133,11 @@ class Engine:
                 capture_graphs(self)
 
     def paged_step(self, inputs, layout) -> PagedStep:
-        return PagedStep(self.cache, inputs.slot_mapping, self.block_table, inputs.table_rows, inputs.kv_lens,
-                         inputs.single_rows, inputs.single_tokens, inputs.query_start, inputs.multi_rows, layout)
+        return self.fwd.paged_step(inputs, layout)
 
     def forward(self, inputs, step: PagedStep, other: IOSlot, carries: bool, logits_to_keep) -> torch.Tensor:
-        """Carry-over, then the model forward; returns logits [kept tokens, V]. The body graphs capture."""
-        ids = inputs.input_ids
-        if carries:
-            apply_carry_over(inputs.carry_ids, inputs.first_tokens, inputs.carry_index,
-                             other.out_sampled(self.limits.max_num_rows), self.cfg.debug_placeholders)
-        out = self.model(input_ids=ids[None], position_ids=inputs.positions[None], use_cache=False,
-                         logits_to_keep=logits_to_keep, **{STEP_KWARG: step})
-        return out.logits[0]
+        """Carry-over, then the model forward (step_forward.py); returns logits [kept tokens, V]."""
+        return self.fwd.forward(inputs, step, other, carries, logits_to_keep)
 
     @property
     def is_async(self) -> bool:
@@ -341,17 +338,3 @@ class Engine:
         self.launch(plan)
         return self.collect()
 
-
-def apply_carry_over(ids: torch.Tensor, first_tokens: torch.Tensor, carry_index: torch.Tensor,
-                     prev_sampled: torch.Tensor, check: bool = False) -> None:
-    """Carry-over, on the device: each row with carry_index >= 0 takes the previous step's sampled id
-    of that row as its first input token (replacing the placeholder, 0 or the debug sentinel).
-
-    With `check`, a device-side assert (no host sync, graph-capturable) fails the step if any
-    placeholder sentinel is still among the inputs afterwards.
-    """
-    firsts = ids.index_select(0, first_tokens)
-    carried = torch.where(carry_index >= 0, prev_sampled[carry_index.clamp(min=0)], firsts)
-    ids.index_copy_(0, first_tokens.to(torch.int64), carried)
-    if check:
-        torch._assert_async((ids != PLACEHOLDER_SENTINEL).all(), "placeholder survived carry-over")
