@@ -15,7 +15,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.v1 import api_pb2, api_pb2_grpc
 
-from . import _convert
+from . import _convert, targets
 from .sync_client import DEFAULT_ADDRESS
 from .types import GenerationResult, ModelInfo, StreamChunk, TandemError, TokenizeResult
 
@@ -72,11 +72,12 @@ class AsyncGenerateStream(AsyncIterator[StreamChunk]):
 
 
 class AsyncTandemClient:
-    """asyncio client; create it inside a running event loop."""
+    """asyncio client; create it inside a running event loop. `address` and `health_check` as for
+    `TandemClient` (one server, several replicas balanced round-robin, or `dns:///name:port`)."""
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         *,
         timeout: float | None = None,
         metadata: _convert.Metadata = None,
@@ -85,13 +86,14 @@ class AsyncTandemClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        health_check: bool = True,
     ) -> None:
-        self.address = address
+        self.address = targets.display(address)
         self.timeout = timeout
-        self._metadata, creds = _convert.connection(address, metadata, api_key, tls_ca, tls_cert, tls_key)
-        opts = list(options or [])
-        self._channel = (grpc.aio.secure_channel(address, creds, options=opts) if creds is not None
-                         else grpc.aio.insecure_channel(address, options=opts))
+        self._metadata, creds = _convert.connection(self.address, metadata, api_key, tls_ca, tls_cert, tls_key)
+        self.target, opts = targets.channel_args(address, options, tls=creds is not None, health_check=health_check)
+        self._channel = (grpc.aio.secure_channel(self.target.target, creds, options=opts) if creds is not None
+                         else grpc.aio.insecure_channel(self.target.target, options=opts))
         self._stub = api_pb2_grpc.TandemStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -26,9 +26,10 @@ import grpc
 from tandem import exit_codes
 from tandem.envargs import EnvArgumentParser, default_engine_address, prepare_ipc_address
 
-from .connection_args import connection_args, connection_kwargs
+from .connection_args import address_arg, connection_args, connection_kwargs
 from .serve import ChildSpec, Supervisor
 from .sync_client import DEFAULT_ADDRESS, TandemClient
+from .targets import Target, parse_target, replica_targets
 from .types import StreamChunk, TandemError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -64,7 +65,7 @@ def _summary(finish_reason: str, matched: str | int | None, usage: Any, timings:
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"server host:port (default {DEFAULT_ADDRESS})")
+    address_arg(p, DEFAULT_ADDRESS)
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
     connection_args(p)
 
@@ -139,11 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser(
         "health",
         help="check whether the server is serving",
-        description="Print SERVING, NOT_SERVING or UNREACHABLE; exit 0 only when SERVING.",
+        description="Print SERVING, NOT_SERVING or UNREACHABLE; exit 0 only when SERVING. With several replicas "
+        "(or a dns: name, resolved now) each is checked on its own and printed as `ADDRESS STATUS`; exit 0 only "
+        "when every one serves (--any: when one does).",
     )
     h.add_argument(
         "--wait", type=float, default=None, metavar="SECONDS", help="poll until serving, at most this long"
     )
+    h.add_argument("--any", action="store_true", help="several replicas: exit 0 when at least one is SERVING")
     _client_args(h)
     h.set_defaults(func=cmd_health, subparser=h)
 
@@ -334,19 +338,63 @@ def _health_once(client: TandemClient, timeout: float) -> tuple[str, TandemError
         return "UNREACHABLE", e
 
 
+def _replica_client(replica: Target, args: argparse.Namespace) -> TandemClient:
+    # One server per client: each replica's own status, not the one grpc's balancer happens to pick.
+    name = [("grpc.ssl_target_name_override", replica.tls_name)] if replica.tls_name else []
+    return TandemClient(replica.target, options=[*POLL_CHANNEL_OPTIONS, *name], **connection_kwargs(args))
+
+
 def cmd_health(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     per_call = args.timeout if args.timeout is not None else DEFAULT_HEALTH_TIMEOUT_S
-    with TandemClient(args.address, options=POLL_CHANNEL_OPTIONS, **connection_kwargs(args)) as client:
-        status, err = _health_once(client, per_call)
-        if args.wait is not None:
-            deadline = time.monotonic() + args.wait
-            while status != "SERVING" and (left := deadline - time.monotonic()) > 0:
-                time.sleep(min(0.25, left))
-                status, err = _health_once(client, max(0.05, min(per_call, deadline - time.monotonic())))
-    print(status, flush=True)
-    if err is not None and err.code not in UNREACHABLE_CODES:
-        _print_error(err)
-    return 0 if status == "SERVING" else 1
+    target = parse_target(args.address)
+    if not target.balanced:
+        with TandemClient(args.address, options=POLL_CHANNEL_OPTIONS, **connection_kwargs(args)) as client:
+            status, err = _health_once(client, per_call)
+            if args.wait is not None:
+                deadline = time.monotonic() + args.wait
+                while status != "SERVING" and (left := deadline - time.monotonic()) > 0:
+                    time.sleep(min(0.25, left))
+                    status, err = _health_once(client, max(0.05, min(per_call, deadline - time.monotonic())))
+        print(status, flush=True)
+        if err is not None and err.code not in UNREACHABLE_CODES:
+            _print_error(err)
+        return 0 if status == "SERVING" else 1
+    return _health_replicas(target, args, per_call)
+
+
+def _health_replicas(target: Target, args: argparse.Namespace, per_call: float) -> int:
+    deadline = time.monotonic() + (args.wait or 0.0)
+    clients: dict[str, TandemClient] = {}
+    try:
+        while True:
+            try:
+                replicas = replica_targets(target)  # a dns: name again each round: pods come and go
+            except ValueError as e:
+                replicas, unresolved = [], str(e)
+            else:
+                unresolved = ""
+            results: dict[str, tuple[str, TandemError | None]] = {}
+            for r in replicas:
+                if r.target not in clients:
+                    clients[r.target] = _replica_client(r, args)
+                left = deadline - time.monotonic()
+                results[r.target] = _health_once(clients[r.target],
+                                                 per_call if args.wait is None else max(0.05, min(per_call, left)))
+            serving = sum(status == "SERVING" for status, _ in results.values())
+            ok = serving > 0 if args.any else bool(results) and serving == len(results)
+            if ok or args.wait is None or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+    finally:
+        for c in clients.values():
+            c.close()
+    if unresolved:
+        print(f"{target.target} UNREACHABLE ({unresolved})", flush=True)
+    for address, (status, err) in results.items():
+        print(f"{address} {status}", flush=True)
+        if err is not None and err.code not in UNREACHABLE_CODES:
+            _print_error(err)
+    return 0 if ok else 1
 
 
 def cmd_tokenize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.v1 import api_pb2, api_pb2_grpc
 
-from . import _convert
+from . import _convert, targets
 from .types import GenerationResult, ModelInfo, StreamChunk, TandemError, TokenizeResult
 
 DEFAULT_ADDRESS = "localhost:50051"
@@ -68,11 +68,16 @@ class GenerateStream(Iterator[StreamChunk]):
 
 class TandemClient:
     """Synchronous client. `timeout` (seconds) is the default deadline of every call; `metadata` is sent
-    with every call."""
+    with every call.
+
+    `address`: one `host:port`; several replicas (`"h1:50051,h2:50051"` or a sequence), which grpc
+    balances round-robin over those reporting SERVING; or a grpc target such as `dns:///name:port`
+    (every address the name resolves to, balanced the same way). `health_check=False` keeps the
+    round-robin but drops the client-side health checking (`client.targets` says what each does)."""
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | Sequence[str] = DEFAULT_ADDRESS,
         *,
         timeout: float | None = None,
         metadata: _convert.Metadata = None,
@@ -81,13 +86,14 @@ class TandemClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        health_check: bool = True,
     ) -> None:
-        self.address = address
+        self.address = targets.display(address)
         self.timeout = timeout
-        self._metadata, creds = _convert.connection(address, metadata, api_key, tls_ca, tls_cert, tls_key)
-        opts = list(options or [])
-        self._channel = (grpc.secure_channel(address, creds, options=opts) if creds is not None
-                         else grpc.insecure_channel(address, options=opts))
+        self._metadata, creds = _convert.connection(self.address, metadata, api_key, tls_ca, tls_cert, tls_key)
+        self.target, opts = targets.channel_args(address, options, tls=creds is not None, health_check=health_check)
+        self._channel = (grpc.secure_channel(self.target.target, creds, options=opts) if creds is not None
+                         else grpc.insecure_channel(self.target.target, options=opts))
         self._stub = api_pb2_grpc.TandemStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -141,6 +147,15 @@ class TandemClient:
         except grpc.RpcError as e:
             raise _convert.error_from_rpc(e) from None
         return _convert.model_info_from_proto(resp)
+
+    def server_stats(self, *, timeout: float | None = None) -> api_pb2.ServerStats:
+        """The GetStats counters (running, KV blocks, steps, requests finished...) of the server, or of
+        the one replica this call reached, as the proto."""
+        try:
+            return self._stub.GetStats(api_pb2.GetStatsRequest(), timeout=self._timeout(timeout),
+                                       metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _convert.error_from_rpc(e) from None
 
     def health(self, service: str = "", *, timeout: float | None = None) -> bool:
         """True only when the server reports SERVING; False when not serving or unreachable."""

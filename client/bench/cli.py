@@ -29,11 +29,13 @@ from client.bench.workloads import (
     multi_turn_requests,
     random_requests,
 )
-from client.connection_args import connection_args, connection_kwargs
+from client.connection_args import address_arg, connection_args, connection_kwargs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default="localhost:50051", help="the gRPC server (--backend grpc)")
+    address_arg(p, "localhost:50051", help="--backend grpc: the server host:port; several replicas comma-separated or "
+                "by repeating the flag (round-robin over those SERVING; GetStats counters are then one replica's), "
+                "or a grpc target such as dns:///name:port")
     p.add_argument("--backend", choices=["grpc", "openai"], default="grpc",
                    help="grpc: GenerateStream; openai: streaming /v1/completions (token-id and text prompts) and "
                    "/v1/chat/completions (messages) of an OpenAI-compatible server at --base-url")

@@ -57,7 +57,10 @@ async def wait_ready(client: AsyncTandemClient | OpenAIBackend, timeout: float) 
 
 
 async def server_stats(client: AsyncTandemClient | OpenAIBackend) -> api_pb2.ServerStats | None:
-    """The server's GetStats, or None where it cannot be had (an old server, no permission)."""
+    """The server's GetStats, or None where it cannot be had (an old server, no permission) or means
+    nothing (a client balancing over replicas: each call reaches one of them)."""
+    if isinstance(client, AsyncTandemClient) and client.target.balanced:
+        return None
     try:
         return await client.server_stats(timeout=10.0)
     except TandemError:
