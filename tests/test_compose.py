@@ -17,12 +17,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
-PROFILES = ("gpu", "cpu", "bench", "monitoring")
+PROFILES = ("gpu", "cpu", "bench", "monitoring", "cpu-replica2", "gpu-replica2")
 
 
 def _resolved(text: str) -> str:
     """${VAR:-default} -> default, as compose does with VAR unset."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", text)
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text)
 
 
 def _parse(argv: list[str]) -> None:
@@ -65,7 +65,8 @@ def test_every_command_the_stack_runs_is_accepted_by_our_cli():
         if test:
             assert test[0] == "CMD", f"{name}: healthcheck without a shell, please"
             _parse(test[1:])
-    assert checked == 4  # scheduler, worker, worker-cpu, bench (prometheus is not ours)
+    # scheduler, worker, worker-cpu, the second replica's three, bench (prometheus is not ours)
+    assert checked == 7
 
 
 def test_dockerfiles_copy_what_exists():
@@ -87,7 +88,7 @@ def test_stop_order_lets_the_scheduler_drain():
     spec = yaml.safe_load(_resolved(COMPOSE.read_text()))
     services = spec["services"]
     drain = float(services["scheduler"]["command"][services["scheduler"]["command"].index("--drain-timeout") + 1])
-    for name in ("worker", "worker-cpu"):
+    for name in ("worker", "worker-cpu", "worker-2", "worker-cpu-2"):
         svc = services[name]
         assert "depends_on" not in svc, f"{name} must not depend on the scheduler (it would be stopped first)"
         # A signal Python leaves at its default, which is to ignore it: the worker's SIGTERM handler
@@ -96,6 +97,23 @@ def test_stop_order_lets_the_scheduler_drain():
         assert float(svc["stop_grace_period"].removesuffix("s")) > drain + 5, f"{name}: grace shorter than the drain"
         assert svc["restart"] == "unless-stopped", name
     assert float(services["scheduler"]["stop_grace_period"].removesuffix("s")) > drain
+
+
+def test_a_second_replica_is_a_scheduler_and_worker_pair_of_its_own():
+    """Each worker needs its own scheduler: replica 2's pair shares a link volume that replica 1's does
+    not, publishes another port, and is off unless its profile is asked for."""
+    services = yaml.safe_load(_resolved(COMPOSE.read_text()))["services"]
+
+    def link(name: str) -> str:
+        return next(v.split(":")[0] for v in services[name]["volumes"] if v.endswith(":/run/tandem"))
+
+    assert link("scheduler") == link("worker") == link("worker-cpu") == "engine-link"
+    assert link("scheduler-2") == link("worker-2") == link("worker-cpu-2") == "engine-link-2"
+    assert services["scheduler-2"]["ports"] != services["scheduler"]["ports"]
+    assert services["scheduler-2"]["command"] == services["scheduler"]["command"]
+    assert "profiles" not in services["scheduler"]
+    for name in ("scheduler-2", "worker-2", "worker-cpu-2"):
+        assert set(services[name]["profiles"]) <= {"cpu-replica2", "gpu-replica2"}, name
 
 
 def _docker_answers() -> bool:
