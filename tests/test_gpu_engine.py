@@ -62,7 +62,8 @@ def test_graphs_and_eager_give_the_same_tokens():
     # The graphed engine also runs the placeholder debug mode: sentinels in, a device assert after carry-over.
     graphed = Engine(loaded, EngineConfig(num_blocks=4096, max_num_rows=64, cuda_graphs=True,
                                           debug_placeholders=True), "cuda")
-    assert graphed.graphs is not None and len(graphed.graphs.captured) == 4 * len(graphed.graphs.buckets)
+    # Per bucket: two I/O slots x (sorted filters or not) x (penalized or not).
+    assert graphed.graphs is not None and len(graphed.graphs.captured) == 8 * len(graphed.graphs.buckets)
     for temperature in (0.0, 0.8):
         for depth in (1, 2):
             a = _drive(eager, _requests(3, 40, temperature), depth)
