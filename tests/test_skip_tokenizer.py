@@ -9,6 +9,7 @@ import asyncio
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import torch
 
@@ -38,7 +39,7 @@ def test_token_ids_only_server(tmp_path: Path, tiny):
             return await asyncio.gather(*(c.generate(token_ids=p, max_new_tokens=12, temperature=0, ignore_eos=True)
                                           for p in PROMPTS))
 
-    with TandemServer(model=str(tmp_path), worker_args=[*TINY_WORKER_ARGS, "--skip-tokenizer"]) as bare:
+    with TandemServer(model=str(tmp_path), worker_args=[*TINY_WORKER_ARGS, "--skip-tokenizer"], http=True) as bare:
         got = asyncio.run(generate(bare.address))
         # The same weights behind a tokenizer (the `tiny` server) give the same tokens, with text.
         want = asyncio.run(generate(tiny.address))
@@ -58,5 +59,14 @@ def test_token_ids_only_server(tmp_path: Path, tiny):
                 assert (await c.model_info()).vocab_size > 0
 
         asyncio.run(refusals())
+        # The HTTP API likewise: token ids in (logprobs name no token strings), chat refused naming it.
+        oa = openai.OpenAI(base_url=bare.base_url, api_key="unused")
+        model = oa.models.list().data[0].id
+        r = oa.completions.create(model=model, prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=1,
+                                  extra_body={"ignore_eos": True})
+        assert r.choices[0].text == "" and r.usage.completion_tokens == 12
+        with pytest.raises(openai.BadRequestError) as bad:
+            oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert "--skip-tokenizer" in str(bad.value) and bad.value.body["param"] == "messages", bad.value.body
         st = bare.wait_idle(5)
         assert st.kv_blocks_free == st.kv_blocks_total

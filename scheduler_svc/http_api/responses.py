@@ -41,11 +41,11 @@ def usage(dones: list[Done]) -> s.Usage:
 class TokenText:
     """Token ids -> the text pieces logprobs name them by (each decoded alone, special tokens kept)."""
 
-    def __init__(self, tokenizer: TandemTokenizer) -> None:
-        self._tok = tokenizer
+    def __init__(self, tokenizer: TandemTokenizer | None) -> None:
+        self._tok = tokenizer  # None: a server without a tokenizer (--skip-tokenizer) names no tokens
 
     def __call__(self, token_id: int) -> str:
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        return self._tok.decode([token_id], skip_special_tokens=False) if self._tok is not None else ""
 
 
 def completion_logprobs(items: Logprobs, text: TokenText, offset: int) -> tuple[s.CompletionLogprobs, int]:
