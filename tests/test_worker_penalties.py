@@ -266,7 +266,11 @@ def test_cuda_penalized_decode_replays_its_graph_and_equals_eager_and_cpu() -> N
         assert engine.step_counts["penalized"] == 0, name
         assert [r.out for r in got] == [r.out for r in want], name
         assert torch.equal(graphed.penalties.counts[:8], engine.penalties.counts[:8]), name
-    cpu = _depth_two(_engine(_tiny("cpu")))
+    # The same weights on the CPU (random weights drawn on each device differ: CUDA's generator is not
+    # the CPU's), so that only the device's arithmetic differs.
+    on_cpu = _tiny("cpu")
+    on_cpu.model.load_state_dict({k: v.cpu() for k, v in loaded.model.state_dict().items()})
+    cpu = _depth_two(_engine(on_cpu))
     assert [r.out for r in got] == [r.out for r in cpu], "CUDA graph vs CPU (a near-tie would show here)"
     # An unpenalized decode step still replays the plain graph.
     from tests.test_worker_runner import Planner, Req
