@@ -1,5 +1,5 @@
-"""`python -m bench cpu|gpu|floor|sweep|graph-memory|plan-cost|host-e2e|prefix-cache|http-vs-grpc ...`: the committed
-benchmarks (see docs/benchmarks.md)."""
+"""`python -m bench cpu|gpu|floor|sweep|graph-memory|plan-cost|host-e2e|prefix-cache|http-vs-grpc|tp-step ...`:
+the committed benchmarks (see docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 
 def main() -> int:
-    names = ("cpu", "gpu", "floor", "sweep", "graph-memory", "plan-cost", "host-e2e", "prefix-cache", "http-vs-grpc")
+    names = ("cpu", "gpu", "floor", "sweep", "graph-memory", "plan-cost", "host-e2e", "prefix-cache", "http-vs-grpc",
+             "tp-step")
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(f"usage: python -m bench {{{','.join(names)}}} [options]"
               "  (add --help after the name for its options)")
@@ -29,6 +30,8 @@ def main() -> int:
         from bench.prefix_cache import main as run
     elif which == "http-vs-grpc":
         from bench.http_vs_grpc import main as run
+    elif which == "tp-step":
+        from bench.tp_step import main as run
     else:
         from bench.gpu_async import main as run
     return run(sys.argv[2:])
