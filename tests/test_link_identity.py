@@ -26,8 +26,9 @@ from tests.conftest import TINY_WORKER_ARGS
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TOKEN = "a1" * 16
-NEW_TOKENS = 300
-# The served worker is slowed (a fault hook) so that 300 tokens outlast the newcomer's start (seconds).
+NEW_TOKENS = 1000
+# The served worker is slowed (a fault hook) so that its streams outlast the newcomer's start (40 s of
+# steps: a CUDA newcomer captures its graphs first); the newcomer, not slowed, then finishes them quickly.
 SLOW_STEPS = "step_sleep_ms=40"
 
 
