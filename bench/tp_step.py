@@ -20,19 +20,18 @@ import sys
 import tempfile
 import time
 
-import grpc
-from tandem.v1 import api_pb2, api_pb2_grpc
+from tandem.v1 import api_pb2
 
 from bench.records import fmt, write_record
-from client import AsyncTandemClient
+from client import AsyncTandemClient, TandemClient
 from client.local_server import ROOT, free_port, health_status
 
 SERVING = 1
 
 
 def _stats(address: str) -> api_pb2.ServerStats:
-    with grpc.insecure_channel(address) as ch:
-        return api_pb2_grpc.TandemStub(ch).GetStats(api_pb2.GetStatsRequest(), timeout=30)
+    with TandemClient(address) as c:
+        return c.server_stats(timeout=30)
 
 
 async def _batch(address: str, batch: int, prompt_len: int, new_tokens: int) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -27,6 +26,7 @@ from tandem import exit_codes
 from tandem.envargs import EnvArgumentParser, default_engine_address, prepare_ipc_address
 
 from .connection_args import address_arg, connection_args, connection_kwargs
+from .local_server import free_port
 from .serve import ChildSpec, Supervisor
 from .sync_client import DEFAULT_ADDRESS, TandemClient
 from .targets import Target, parse_target, replica_targets
@@ -507,9 +507,7 @@ def worker_group(worker: list[str], env: dict[str, str], size: int) -> list[Chil
     spec = {"restart": True, "fatal_codes": (exit_codes.LOAD_ERROR,), "stay_down_codes": (exit_codes.REPLACED,)}
     if size <= 1:
         return [ChildSpec("worker", worker, env=env, **spec)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ranks = []
     for rank in range(size):
         rank_env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),

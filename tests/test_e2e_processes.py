@@ -22,28 +22,12 @@ from grpc_health.v1 import health_pb2
 
 from client import AsyncTandemClient, TandemClient, TandemError
 from client.local_server import ROOT, TandemServer, free_port, health_status
+from tests.procs import children as _children
+from tests.procs import cmdline as _cmdline
+from tests.procs import gone as _gone
 
 TANDEM = os.path.join(os.path.dirname(sys.executable), "tandem")
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode()
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] == "Z"
 
 
 class _Output:

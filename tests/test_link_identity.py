@@ -22,6 +22,9 @@ from grpc_health.v1 import health_pb2
 from client import AsyncTandemClient, TandemClient
 from client.local_server import ROOT, TandemServer, free_port, health_status
 from tests.conftest import TINY_WORKER_ARGS
+from tests.procs import children as _children
+from tests.procs import cmdline as _cmdline
+from tests.procs import gone as _gone
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -40,25 +43,6 @@ def _worker(engine_address: str, token: str | None, *extra: str) -> subprocess.P
         [sys.executable, "-m", "worker_svc", "--model", "random:tiny-llama", "--engine-address", engine_address,
          *TINY_WORKER_ARGS, *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode()
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] == "Z"
 
 
 def _wait_health(address: str, want: int, within: float) -> None:

@@ -17,14 +17,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from tandem.v1 import api_pb2, api_pb2_grpc
+from tandem.v1 import api_pb2
 
 from client import AsyncTandemClient, TandemClient
 from client.local_server import ROOT, free_port, health_status
 from tests.conftest import TINY_WORKER_ARGS, _reference
+from tests.procs import children as _children
 from tests.reference import NEAR_TIE, assert_matches, hf_generate
 
 TANDEM = os.path.join(os.path.dirname(sys.executable), "tandem")
@@ -74,8 +74,8 @@ async def _generate(address: str, cases, **kw) -> list:
 
 
 def _stats(address: str) -> api_pb2.ServerStats:
-    with grpc.insecure_channel(address) as ch:
-        return api_pb2_grpc.TandemStub(ch).GetStats(api_pb2.GetStatsRequest(), timeout=10)
+    with TandemClient(address) as c:
+        return c.server_stats(timeout=10)
 
 
 def _idle_and_whole(address: str) -> None:
@@ -122,11 +122,6 @@ def test_a_size_that_does_not_divide_the_heads_is_refused():
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout + out.stderr
     assert "--tensor-parallel-size 3 does not divide the model's heads: 4 attention heads, 2 KV heads" in text
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 def _rank_pid(serve_pid: int, rank: int) -> int:

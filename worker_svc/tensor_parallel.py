@@ -115,12 +115,12 @@ def shard_model(model: Any, rank: int, size: int) -> None:
         (_colwise if style == "colwise" else _rowwise)(module, rank, size)
         done += 1
     assert done > 0, "the tensor-parallel plan matched no layer"
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    # What the KV cache and the attention buffers read: this rank's heads.
-    config.head_dim = head_dim
-    config.num_attention_heads //= size
-    config.num_key_value_heads = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-                                  * size) // size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    # What the KV cache and the attention buffers read: this rank's heads (head_dim made explicit first,
+    # since a config without it derives it from the whole model's head count).
+    config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    config.num_attention_heads, config.num_key_value_heads = heads // size, kv_heads // size
     log.info("rank %d: %d layers split %d ways (%d attention heads, %d KV heads here)", rank, done, size,
              config.num_attention_heads, config.num_key_value_heads)
 
