@@ -12,6 +12,7 @@ request's own fields when it holds no slot.
 from __future__ import annotations
 
 import enum
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,28 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "ebnf", "lark")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: what every sampled token must keep the output within (the worker's grammar
+    engine compiles it, worker_svc/grammar.py). `spec` by kind: json_schema the schema's JSON text,
+    json_object "" (any JSON object), regex the pattern, choice a JSON list of the strings, ebnf / lark
+    the grammar's text."""
+
+    kind: str
+    spec: str
+
+    def __post_init__(self) -> None:
+        assert self.kind in CONSTRAINT_KINDS, f"unknown constraint kind {self.kind!r}"
+
+    @property
+    def key(self) -> str:
+        """What names its compiled form on both sides of the engine link: equal constraints compile once."""
+        return hashlib.sha256(f"{self.kind}\0{self.spec}".encode()).hexdigest()
+
+
 @dataclass(eq=False)
 class Request:
     req_id: str
@@ -83,6 +106,7 @@ class Request:
     # full blocks come from the prefix cache: one prefill for n samples.
     leader: Request | None = field(default=None, repr=False)
     prompt_sent_step: int = -1  # the step that computed its last prompt token (-1: not yet)
+    constraint: Constraint | None = None  # structured output; None = free
 
     # Scheduling state, owned by the Scheduler.
     status: RequestStatus = RequestStatus.WAITING

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tandem/v1/api.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa5\x06\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x07\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x12\n\ncache_salt\x18\x0f \x01(\t\x12\x0e\n\x01n\x18\x10 \x01(\rH\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\t\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x12 \x01(\x02H\n\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x13 \x01(\x02H\x0b\x88\x01\x01\x12=\n\nlogit_bias\x18\x14 \x03(\x0b\x32).tandem.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x15 \x01(\rH\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06promptB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x04\n\x02_nB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\";\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xbd\x01\n\nCompletion\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x02 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x03 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x05 \x01(\x0b\x32\x12.tandem.v1.TimingsB\t\n\x07matched\"\xda\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12)\n\ncompletion\x18\x05 \x01(\x0b\x32\x15.tandem.v1.Completion\x12\r\n\x05index\x18\x06 \x01(\r\x12,\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x1b.tandem.v1.GenerateResponse\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\x8d\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x11\n\tkv_blocks\x18\x07 \x01(\r\x12\x15\n\rkv_block_size\x18\x08 \x01(\r\x12\x16\n\x0epipeline_depth\x18\t \x01(\r\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x18\n\x10worker_connected\x18\x0b \x01(\x08\x12\x1e\n\x16max_new_tokens_default\x18\x0c \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_temperature\x18\r \x01(\x02\x12\x15\n\rdefault_top_p\x18\x0e \x01(\x02\x12\x15\n\rdefault_top_k\x18\x0f \x01(\x05\x12\x15\n\rdefault_min_p\x18\x10 \x01(\x02\x12\x1c\n\x14tensor_parallel_size\x18\x11 \x01(\r\"\x11\n\x0fGetStatsRequest\"\xd8\x02\n\x0bServerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x04\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x19\n\x11worker_busy_ratio\x18\x07 \x01(\x01\x12\x18\n\x10worker_connected\x18\x08 \x01(\x08\x12\x19\n\x11requests_finished\x18\t \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\n \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0b \x01(\x04\x12\x1c\n\x14prefix_cached_blocks\x18\x0c \x01(\r\x12\x1f\n\x17prefix_evictable_blocks\x18\r \x01(\r*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x02\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x03\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x04\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x05\x32\xe5\x02\n\x06Tandem\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfo\x12>\n\x08GetStats\x12\x1a.tandem.v1.GetStatsRequest\x1a\x16.tandem.v1.ServerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tandem/v1/api.proto\x12\ttandem.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc2\x07\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x07\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\x08\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x12\n\ncache_salt\x18\x0f \x01(\t\x12\x0e\n\x01n\x18\x10 \x01(\rH\t\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x11 \x01(\x02H\n\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x12 \x01(\x02H\x0b\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x13 \x01(\x02H\x0c\x88\x01\x01\x12=\n\nlogit_bias\x18\x14 \x03(\x0b\x32).tandem.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x15 \x01(\rH\r\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x16 \x01(\tH\x01\x12\x15\n\x0bjson_object\x18\x17 \x01(\x08H\x01\x12\x0f\n\x05regex\x18\x18 \x01(\tH\x01\x12\'\n\x06\x63hoice\x18\x19 \x01(\x0b\x32\x15.tandem.v1.ChoiceListH\x01\x12%\n\x07grammar\x18\x1a \x01(\x0b\x32\x12.tandem.v1.GrammarH\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06promptB\x0c\n\nconstraintB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x04\n\x02_nB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokens\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"`\n\x07Grammar\x12\x0c\n\x04text\x18\x01 \x01(\t\x12)\n\x06syntax\x18\x02 \x01(\x0e\x32\x19.tandem.v1.Grammar.Syntax\"\x1c\n\x06Syntax\x12\x08\n\x04\x45\x42NF\x10\x00\x12\x08\n\x04LARK\x10\x01\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\";\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xbd\x01\n\nCompletion\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x15\n\x0bstop_string\x18\x02 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x03 \x01(\x05H\x00\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x05 \x01(\x0b\x32\x12.tandem.v1.TimingsB\t\n\x07matched\"\xda\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12)\n\ncompletion\x18\x05 \x01(\x0b\x32\x15.tandem.v1.Completion\x12\r\n\x05index\x18\x06 \x01(\r\x12,\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x1b.tandem.v1.GenerateResponse\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xaf\x03\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x11\n\tkv_blocks\x18\x07 \x01(\r\x12\x15\n\rkv_block_size\x18\x08 \x01(\r\x12\x16\n\x0epipeline_depth\x18\t \x01(\r\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x18\n\x10worker_connected\x18\x0b \x01(\x08\x12\x1e\n\x16max_new_tokens_default\x18\x0c \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_temperature\x18\r \x01(\x02\x12\x15\n\rdefault_top_p\x18\x0e \x01(\x02\x12\x15\n\rdefault_top_k\x18\x0f \x01(\x05\x12\x15\n\rdefault_min_p\x18\x10 \x01(\x02\x12\x1c\n\x14tensor_parallel_size\x18\x11 \x01(\r\x12 \n\x18structured_output_engine\x18\x12 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xd8\x02\n\x0bServerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x04 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x04\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x19\n\x11worker_busy_ratio\x18\x07 \x01(\x01\x12\x18\n\x10worker_connected\x18\x08 \x01(\x08\x12\x19\n\x11requests_finished\x18\t \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\n \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x0b \x01(\x04\x12\x1c\n\x14prefix_cached_blocks\x18\x0c \x01(\r\x12\x1f\n\x17prefix_evictable_blocks\x18\r \x01(\r*\xb6\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x02\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x03\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x04\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x05\x32\xe5\x02\n\x06Tandem\x12\x43\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse\x12K\n\x0eGenerateStream\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfo\x12>\n\x08GetStats\x12\x1a.tandem.v1.GetStatsRequest\x1a\x16.tandem.v1.ServerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2594
-  _globals['_FINISHREASON']._serialized_end=2776
+  _globals['_FINISHREASON']._serialized_start=2914
+  _globals['_FINISHREASON']._serialized_end=3096
   _globals['_CHATMESSAGE']._serialized_start=34
   _globals['_CHATMESSAGE']._serialized_end=78
   _globals['_CHATMESSAGES']._serialized_start=80
@@ -42,33 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=138
   _globals['_TOKENIDS']._serialized_end=161
   _globals['_GENERATEREQUEST']._serialized_start=164
-  _globals['_GENERATEREQUEST']._serialized_end=969
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=737
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=785
-  _globals['_TOPLOGPROB']._serialized_start=971
-  _globals['_TOPLOGPROB']._serialized_end=1018
-  _globals['_TOKENLOGPROB']._serialized_start=1020
-  _globals['_TOKENLOGPROB']._serialized_end=1105
-  _globals['_USAGE']._serialized_start=1107
-  _globals['_USAGE']._serialized_end=1187
-  _globals['_TIMINGS']._serialized_start=1189
-  _globals['_TIMINGS']._serialized_end=1248
-  _globals['_COMPLETION']._serialized_start=1251
-  _globals['_COMPLETION']._serialized_end=1440
-  _globals['_GENERATERESPONSE']._serialized_start=1443
-  _globals['_GENERATERESPONSE']._serialized_end=1661
-  _globals['_TOKENIZEREQUEST']._serialized_start=1663
-  _globals['_TOKENIZEREQUEST']._serialized_end=1747
-  _globals['_TOKENIZERESPONSE']._serialized_start=1749
-  _globals['_TOKENIZERESPONSE']._serialized_end=1802
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1804
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1825
-  _globals['_MODELINFO']._serialized_start=1828
-  _globals['_MODELINFO']._serialized_end=2225
-  _globals['_GETSTATSREQUEST']._serialized_start=2227
-  _globals['_GETSTATSREQUEST']._serialized_end=2244
-  _globals['_SERVERSTATS']._serialized_start=2247
-  _globals['_SERVERSTATS']._serialized_end=2591
-  _globals['_TANDEM']._serialized_start=2779
-  _globals['_TANDEM']._serialized_end=3136
+  _globals['_GENERATEREQUEST']._serialized_end=1126
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=880
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=928
+  _globals['_CHOICELIST']._serialized_start=1128
+  _globals['_CHOICELIST']._serialized_end=1157
+  _globals['_GRAMMAR']._serialized_start=1159
+  _globals['_GRAMMAR']._serialized_end=1255
+  _globals['_GRAMMAR_SYNTAX']._serialized_start=1227
+  _globals['_GRAMMAR_SYNTAX']._serialized_end=1255
+  _globals['_TOPLOGPROB']._serialized_start=1257
+  _globals['_TOPLOGPROB']._serialized_end=1304
+  _globals['_TOKENLOGPROB']._serialized_start=1306
+  _globals['_TOKENLOGPROB']._serialized_end=1391
+  _globals['_USAGE']._serialized_start=1393
+  _globals['_USAGE']._serialized_end=1473
+  _globals['_TIMINGS']._serialized_start=1475
+  _globals['_TIMINGS']._serialized_end=1534
+  _globals['_COMPLETION']._serialized_start=1537
+  _globals['_COMPLETION']._serialized_end=1726
+  _globals['_GENERATERESPONSE']._serialized_start=1729
+  _globals['_GENERATERESPONSE']._serialized_end=1947
+  _globals['_TOKENIZEREQUEST']._serialized_start=1949
+  _globals['_TOKENIZEREQUEST']._serialized_end=2033
+  _globals['_TOKENIZERESPONSE']._serialized_start=2035
+  _globals['_TOKENIZERESPONSE']._serialized_end=2088
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2090
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2111
+  _globals['_MODELINFO']._serialized_start=2114
+  _globals['_MODELINFO']._serialized_end=2545
+  _globals['_GETSTATSREQUEST']._serialized_start=2547
+  _globals['_GETSTATSREQUEST']._serialized_end=2564
+  _globals['_SERVERSTATS']._serialized_start=2567
+  _globals['_SERVERSTATS']._serialized_end=2911
+  _globals['_TANDEM']._serialized_start=3099
+  _globals['_TANDEM']._serialized_end=3456
 # @@protoc_insertion_point(module_scope)

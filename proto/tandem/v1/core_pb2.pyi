@@ -14,13 +14,15 @@ class Refusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     QUEUE_FULL: _ClassVar[Refusal]
     NEVER_FITS: _ClassVar[Refusal]
     NO_WORKER: _ClassVar[Refusal]
+    GRAMMAR_INVALID: _ClassVar[Refusal]
 ACCEPTED: Refusal
 QUEUE_FULL: Refusal
 NEVER_FITS: Refusal
 NO_WORKER: Refusal
+GRAMMAR_INVALID: Refusal
 
 class Submit(_message.Message):
-    __slots__ = ("uid", "req_id", "client_id", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "num_logprobs", "stop_token_ids", "eos_token_ids", "ignore_eos", "arrival_time", "cache_salt", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens", "leader_uid")
+    __slots__ = ("uid", "req_id", "client_id", "prompt_ids", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "num_logprobs", "stop_token_ids", "eos_token_ids", "ignore_eos", "arrival_time", "cache_salt", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "min_tokens", "leader_uid", "constraint_kind", "constraint_spec")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +52,8 @@ class Submit(_message.Message):
     LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEADER_UID_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_KIND_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_SPEC_FIELD_NUMBER: _ClassVar[int]
     uid: int
     req_id: str
     client_id: str
@@ -72,7 +76,9 @@ class Submit(_message.Message):
     logit_bias: _containers.ScalarMap[int, float]
     min_tokens: int
     leader_uid: int
-    def __init__(self, uid: _Optional[int] = ..., req_id: _Optional[str] = ..., client_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_logprobs: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., arrival_time: _Optional[float] = ..., cache_salt: _Optional[str] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ..., leader_uid: _Optional[int] = ...) -> None: ...
+    constraint_kind: str
+    constraint_spec: str
+    def __init__(self, uid: _Optional[int] = ..., req_id: _Optional[str] = ..., client_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_logprobs: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., arrival_time: _Optional[float] = ..., cache_salt: _Optional[str] = ..., repetition_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ..., leader_uid: _Optional[int] = ..., constraint_kind: _Optional[str] = ..., constraint_spec: _Optional[str] = ...) -> None: ...
 
 class Admitted(_message.Message):
     __slots__ = ("uid", "refusal", "message")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/engine.proto\x12\x10tandem.v1.engine\"7\n\tArraySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xbb\x04\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x12\n\nnum_blocks\x18\n \x01(\r\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x16\n\x0emax_num_tokens\x18\x0c \x01(\r\x12\x14\n\x0cmax_num_rows\x18\r \x01(\r\x12\x1a\n\x12max_blocks_per_row\x18\x0e \x01(\r\x12\x16\n\x0etokenizer_json\x18\x0f \x01(\x0c\x12\x15\n\rchat_template\x18\x10 \x01(\t\x12\x11\n\tbos_token\x18\x11 \x01(\t\x12\x11\n\teos_token\x18\x12 \x01(\t\x12\x15\n\radd_bos_token\x18\x13 \x01(\x08\x12\x1b\n\x13\x64\x65\x66\x61ult_temperature\x18\x14 \x01(\x02\x12\x15\n\rdefault_top_p\x18\x15 \x01(\x02\x12\x15\n\rdefault_top_k\x18\x16 \x01(\x05\x12\x15\n\rdefault_min_p\x18\x17 \x01(\x02\x12\x16\n\x0einstance_token\x18\x18 \x01(\t\x12\x0f\n\x07replace\x18\x19 \x01(\x08\x12\x1c\n\x14tensor_parallel_size\x18\x1a \x01(\r\"\xa0\x01\n\x0eStepPlanHeader\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x61rry_from_step\x18\x02 \x01(\x03\x12\r\n\x05\x66lush\x18\x03 \x01(\x08\x12+\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1b.tandem.v1.engine.ArraySpec\x12\x13\n\x0brequest_ids\x18\x05 \x01(\t\x12\x13\n\x0b\x63heck_state\x18\x06 \x01(\x08\"\x07\n\x05\x46lush\"*\n\x07Refused\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x07\n\x05Reset\"\'\n\x03\x42ye\x12\x10\n\x08replaced\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\x8f\x01\n\x10StepResultHeader\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x13\n\x0bidle_gap_ms\x18\x03 \x01(\x01\x12+\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1b.tandem.v1.engine.ArraySpec\x12\x14\n\x0cstate_digest\x18\x05 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/engine.proto\x12\x10tandem.v1.engine\"7\n\tArraySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xd3\x04\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x13\n\x0bmax_context\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x12\n\nnum_blocks\x18\n \x01(\r\x12\x12\n\nblock_size\x18\x0b \x01(\r\x12\x16\n\x0emax_num_tokens\x18\x0c \x01(\r\x12\x14\n\x0cmax_num_rows\x18\r \x01(\r\x12\x1a\n\x12max_blocks_per_row\x18\x0e \x01(\r\x12\x16\n\x0etokenizer_json\x18\x0f \x01(\x0c\x12\x15\n\rchat_template\x18\x10 \x01(\t\x12\x11\n\tbos_token\x18\x11 \x01(\t\x12\x11\n\teos_token\x18\x12 \x01(\t\x12\x15\n\radd_bos_token\x18\x13 \x01(\x08\x12\x1b\n\x13\x64\x65\x66\x61ult_temperature\x18\x14 \x01(\x02\x12\x15\n\rdefault_top_p\x18\x15 \x01(\x02\x12\x15\n\rdefault_top_k\x18\x16 \x01(\x05\x12\x15\n\rdefault_min_p\x18\x17 \x01(\x02\x12\x16\n\x0einstance_token\x18\x18 \x01(\t\x12\x0f\n\x07replace\x18\x19 \x01(\x08\x12\x1c\n\x14tensor_parallel_size\x18\x1a \x01(\r\x12\x16\n\x0egrammar_engine\x18\x1b \x01(\t\":\n\x07\x43ompile\x12/\n\x08grammars\x18\x01 \x03(\x0b\x32\x1d.tandem.v1.engine.GrammarSpec\"6\n\x0bGrammarSpec\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04spec\x18\x03 \x01(\t\"H\n\x08\x43ompiled\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\ncompile_ms\x18\x04 \x01(\x01\"\x17\n\x07Release\x12\x0c\n\x04keys\x18\x01 \x03(\t\"\xb6\x01\n\x0eStepPlanHeader\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x61rry_from_step\x18\x02 \x01(\x03\x12\r\n\x05\x66lush\x18\x03 \x01(\x08\x12+\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1b.tandem.v1.engine.ArraySpec\x12\x13\n\x0brequest_ids\x18\x05 \x01(\t\x12\x13\n\x0b\x63heck_state\x18\x06 \x01(\x08\x12\x14\n\x0cgrammar_keys\x18\x07 \x03(\t\"\x07\n\x05\x46lush\"*\n\x07Refused\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x07\n\x05Reset\"\'\n\x03\x42ye\x12\x10\n\x08replaced\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\"\xa3\x01\n\x10StepResultHeader\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x13\n\x0bidle_gap_ms\x18\x03 \x01(\x01\x12+\n\x06\x61rrays\x18\x04 \x03(\x0b\x32\x1b.tandem.v1.engine.ArraySpec\x12\x14\n\x0cstate_digest\x18\x05 \x01(\x04\x12\x12\n\ngrammar_ms\x18\x06 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARRAYSPEC']._serialized_start=44
   _globals['_ARRAYSPEC']._serialized_end=99
   _globals['_HELLO']._serialized_start=102
-  _globals['_HELLO']._serialized_end=673
-  _globals['_STEPPLANHEADER']._serialized_start=676
-  _globals['_STEPPLANHEADER']._serialized_end=836
-  _globals['_FLUSH']._serialized_start=838
-  _globals['_FLUSH']._serialized_end=845
-  _globals['_REFUSED']._serialized_start=847
-  _globals['_REFUSED']._serialized_end=889
-  _globals['_RESET']._serialized_start=891
-  _globals['_RESET']._serialized_end=898
-  _globals['_BYE']._serialized_start=900
-  _globals['_BYE']._serialized_end=939
-  _globals['_REJECT']._serialized_start=941
-  _globals['_REJECT']._serialized_end=980
-  _globals['_STEPRESULTHEADER']._serialized_start=983
-  _globals['_STEPRESULTHEADER']._serialized_end=1126
+  _globals['_HELLO']._serialized_end=697
+  _globals['_COMPILE']._serialized_start=699
+  _globals['_COMPILE']._serialized_end=757
+  _globals['_GRAMMARSPEC']._serialized_start=759
+  _globals['_GRAMMARSPEC']._serialized_end=813
+  _globals['_COMPILED']._serialized_start=815
+  _globals['_COMPILED']._serialized_end=887
+  _globals['_RELEASE']._serialized_start=889
+  _globals['_RELEASE']._serialized_end=912
+  _globals['_STEPPLANHEADER']._serialized_start=915
+  _globals['_STEPPLANHEADER']._serialized_end=1097
+  _globals['_FLUSH']._serialized_start=1099
+  _globals['_FLUSH']._serialized_end=1106
+  _globals['_REFUSED']._serialized_start=1108
+  _globals['_REFUSED']._serialized_end=1150
+  _globals['_RESET']._serialized_start=1152
+  _globals['_RESET']._serialized_end=1159
+  _globals['_BYE']._serialized_start=1161
+  _globals['_BYE']._serialized_end=1200
+  _globals['_REJECT']._serialized_start=1202
+  _globals['_REJECT']._serialized_end=1241
+  _globals['_STEPRESULTHEADER']._serialized_start=1244
+  _globals['_STEPRESULTHEADER']._serialized_end=1407
 # @@protoc_insertion_point(module_scope)
