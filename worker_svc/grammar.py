@@ -1,0 +1,237 @@
+"""Structured output in the worker: constraints compiled off the step loop, one matcher per row slot.
+
+Owns the grammar engine side of docs/structured_output.md:
+- `GrammarEngine`: xgrammar's tokenizer info and compiler for the model's vocabulary, a compile
+  thread (xgrammar releases the GIL while it compiles, measured in the design doc) fed by COMPILE
+  and drained by the loop (`poll`), and the compiled grammars held by key until RELEASE;
+- `GrammarRows`: a matcher per constrained row slot, created when a plan starts the slot (replaying
+  the outputs it already has, after a preemption or a worker loss), advanced by each sampled token,
+  and asked for the next token's bitmask (32-bit words, bit v of word v // 32 set = token v allowed).
+
+Terminated matchers (the row sampled a stop token; at depth 2 it is usually in the next step
+already) are never filled or advanced (xgrammar raises): their row gets the all-ones mask, and the
+scheduler discards that overrun token as it does for any finished request. torch and xgrammar only;
+nothing here touches the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+import torch
+
+log = logging.getLogger("tandem.worker.grammar")
+
+ALL_ALLOWED = -1  # an int32 word with every bit set
+
+
+def engine_name() -> str:
+    """What HELLO announces ("xgrammar 0.2.9"); empty when xgrammar is not installed."""
+    try:
+        return f"xgrammar {metadata.version('xgrammar')}"
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    key: str
+    ok: bool
+    message: str = ""
+    compile_ms: float = 0.0
+
+
+class GrammarEngine:
+    """Compiles constraints for one tokenizer; see the module docstring."""
+
+    def __init__(self, tokenizer_json: bytes, vocab_size: int, eos_token_ids: list[int], threads: int = 2,
+                 cache_mb: int = 512) -> None:
+        import xgrammar as xgr
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        self.xgr = xgr
+        self.vocab_size = vocab_size
+        hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json.decode()))
+        # The logits' width, which may exceed the tokenizer's; each matcher overrides the stop tokens with
+        # its request's (EOS and stop_token_ids).
+        self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=eos_token_ids)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_enabled=True,
+                                            cache_limit_bytes=cache_mb << 20)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        self._done: queue.SimpleQueue[tuple[int, CompileResult, object]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._session = 0  # results of an earlier session (before RESET) are dropped
+        self._compiling: dict[str, Future] = {}
+        self._ready: dict[str, object] = {}
+
+    @property
+    def name(self) -> str:
+        return engine_name()
+
+    @property
+    def pending(self) -> int:
+        """Compiles submitted whose results `poll` has not returned yet (the loop polls fast meanwhile)."""
+        return len(self._compiling)
+
+    def compile_now(self, kind: str, spec: str) -> object:
+        """Compiles on the calling thread; raises ValueError with the compiler's message."""
+        c = self.compiler
+        try:
+            if kind == "json_schema":
+                # Compact JSON, no free whitespace: a model (above all a noise model) must not be able to
+                # emit whitespace forever; strict: no properties or items the schema does not name.
+                return c.compile_json_schema(spec, any_whitespace=False, separators=(",", ":"), strict_mode=True)
+            if kind == "json_object":
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=(",", ":"))
+            if kind == "regex":
+                return c.compile_regex(spec)
+            if kind == "choice":
+                return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in json.loads(spec)))
+            if kind == "ebnf":
+                return c.compile_grammar(spec)
+        except RuntimeError as exc:  # xgrammar's errors carry a C++ source location first: keep the message
+            message = str(exc).strip()
+            raise ValueError(message.split(": ", 1)[-1] if message.startswith("[") else message) from exc
+        raise ValueError(f"constraint kind {kind!r} is not supported by {self.name}")
+
+    def submit(self, key: str, kind: str, spec: str) -> None:
+        """Starts compiling `key` in the compile thread (a key held or compiling already answers at once)."""
+        with self._lock:
+            if key in self._compiling:
+                return
+            session = self._session
+            if key in self._ready:
+                self._done.put((session, CompileResult(key, True), self._ready[key]))
+                return
+            self._compiling[key] = self._pool.submit(self._compile, session, key, kind, spec)
+
+    def _compile(self, session: int, key: str, kind: str, spec: str) -> object:
+        t0 = time.perf_counter()
+        try:
+            compiled = self.compile_now(kind, spec)
+            result = CompileResult(key, True, compile_ms=(time.perf_counter() - t0) * 1000)
+        except ValueError as exc:
+            compiled, result = None, CompileResult(key, False, str(exc)[:2000], (time.perf_counter() - t0) * 1000)
+        self._done.put((session, result, compiled))
+        return compiled
+
+    def poll(self) -> list[CompileResult]:
+        """The compiles finished since the last call (never blocks); their grammars are held by key."""
+        out = []
+        while True:
+            try:
+                session, result, compiled = self._done.get_nowait()
+            except queue.Empty:
+                return out
+            with self._lock:
+                if session != self._session:
+                    continue
+                self._compiling.pop(result.key, None)
+                if result.ok:
+                    self._ready[result.key] = compiled
+            out.append(result)
+
+    def get(self, key: str) -> object | None:
+        """The compiled grammar of `key`; one still compiling is waited for (a tensor-parallel follower
+        can see the plan naming it before its own compile has finished). None: not held."""
+        with self._lock:
+            compiled = self._ready.get(key)
+            future = self._compiling.get(key)
+        if compiled is None and future is not None:
+            compiled = future.result()
+            if compiled is not None:
+                with self._lock:
+                    self._ready[key] = compiled
+        return compiled
+
+    def release(self, keys: list[str]) -> None:
+        """No request uses these any more (xgrammar's cache still makes a recompile cheap)."""
+        with self._lock:
+            for key in keys:
+                self._ready.pop(key, None)
+
+    def reset(self) -> None:
+        """A new scheduler session (RESET): it sends COMPILE again for what it needs."""
+        with self._lock:
+            self._session += 1
+            self._ready.clear()
+            self._compiling.clear()
+
+    def matcher(self, compiled: object, stop_ids: list[int]) -> object:
+        return self.xgr.GrammarMatcher(compiled, override_stop_tokens=stop_ids)
+
+
+class GrammarRows:
+    """A matcher per constrained row slot; see the module docstring."""
+
+    def __init__(self, engine: GrammarEngine, num_slots: int) -> None:
+        self.engine = engine
+        self.words = -(-engine.vocab_size // 32)
+        self.matchers: list[object | None] = [None] * num_slots
+        self.stop_ids: list[np.ndarray] = [np.zeros(0, np.int64)] * num_slots
+        self.min_tokens = np.zeros(num_slots, np.int64)
+        self.accepted = np.zeros(num_slots, np.int64)  # output tokens each slot's matcher has taken
+
+    def start(self, slot: int, key: str, stop_ids: list[int], min_tokens: int, outputs: np.ndarray) -> bool:
+        """A constrained request starts in `slot`, its matcher replaying the outputs it has; False when
+        the key is not held or the replay is refused (the plan is then refused)."""
+        compiled = self.engine.get(key)
+        if compiled is None:
+            return False
+        m = self.engine.matcher(compiled, stop_ids)
+        for tok in outputs.tolist():
+            if m.is_terminated() or not m.accept_token(int(tok)):
+                return False
+        self.matchers[slot] = m
+        self.stop_ids[slot] = np.asarray(stop_ids, np.int64)
+        self.min_tokens[slot] = min_tokens
+        self.accepted[slot] = len(outputs)
+        return True
+
+    def free(self, slot: int) -> None:
+        self.matchers[slot] = None
+
+    def constrained(self, slots: np.ndarray) -> np.ndarray:
+        """bool per slot: whether it runs under a constraint."""
+        return np.fromiter((self.matchers[s] is not None for s in slots.tolist()), bool, len(slots))
+
+    def accept(self, slots: list[int], matchers: list[object], tokens: np.ndarray) -> list[int]:
+        """Advances each matcher (as it was when its step launched) by its row's token; returns the
+        indices whose token the matcher refused (only a row with broken logits can sample one)."""
+        refused = []
+        for i, (slot, m) in enumerate(zip(slots, matchers, strict=True)):
+            if m.is_terminated():
+                continue  # an overrun row after its stop token: the scheduler discards the token
+            if m.accept_token(int(tokens[i])):
+                if self.matchers[slot] is m:
+                    self.accepted[slot] += 1
+            else:
+                refused.append(i)
+        return refused
+
+    def fill(self, slots: list[int], matchers: list[object], out: torch.Tensor) -> None:
+        """Row i of `out` ([len(slots), words] int32) becomes the bitmask of the next token of
+        matchers[i]; stop tokens are cleared while the slot is short of its min_tokens, unless
+        nothing else is allowed (the grammar then wins)."""
+        for i, (slot, m) in enumerate(zip(slots, matchers, strict=True)):
+            if m.is_terminated():
+                out[i].fill_(ALL_ALLOWED)
+                continue
+            m.fill_next_token_bitmask(out, i)
+            if self.accepted[slot] < self.min_tokens[slot] and self.stop_ids[slot].size:
+                stops = self.stop_ids[slot]
+                words, bits = stops // 32, stops % 32
+                row = out[i].numpy()
+                kept = row.copy()
+                np.bitwise_and.at(kept, words, ~(np.int32(1) << bits.astype(np.int32)))
+                if np.any(kept != 0):
+                    row[:] = kept
