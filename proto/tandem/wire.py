@@ -26,7 +26,12 @@ KIND_REFUSED = b"REFUSED"
 KIND_RESET = b"RESET"
 KIND_BYE = b"BYE"
 KIND_REJECT = b"REJECT"
-KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT, KIND_REFUSED, KIND_RESET, KIND_BYE, KIND_REJECT)
+# Structured output: constraints compiled by the worker off its step loop (engine.proto).
+KIND_COMPILE = b"COMPILE"
+KIND_COMPILED = b"COMPILED"
+KIND_RELEASE = b"RELEASE"
+KINDS = (KIND_HELLO, KIND_PLAN, KIND_FLUSH, KIND_RESULT, KIND_REFUSED, KIND_RESET, KIND_BYE, KIND_REJECT,
+         KIND_COMPILE, KIND_COMPILED, KIND_RELEASE)
 
 # Debug mode (`--debug-placeholders`): a carry-over placeholder is this sentinel instead of 0, so a
 # placeholder that reaches the embedding unresolved cannot pass for a real token.
@@ -106,6 +111,7 @@ class Hello:
     instance_token: str = ""
     replace: bool = False
     tensor_parallel_size: int = 1
+    grammar_engine: str = ""
     protocol_version: int = PROTOCOL_VERSION
 
     def encode(self) -> list[bytes]:
@@ -410,6 +416,45 @@ def decode_refused(header: bytes) -> tuple[int, str]:
     except Exception as exc:  # protobuf DecodeError
         raise WireError(f"undecodable REFUSED: {exc}") from exc
     return msg.step_id, msg.reason
+
+
+def compile_message(specs: list[tuple[str, str, str]]) -> list[bytes]:
+    """COMPILE for (key, kind, spec) triples."""
+    msg = pb.Compile(grammars=[pb.GrammarSpec(key=k, kind=kind, spec=spec) for k, kind, spec in specs])
+    return [KIND_COMPILE, msg.SerializeToString()]
+
+
+def decode_compile(header: bytes) -> list[tuple[str, str, str]]:
+    try:
+        msg = pb.Compile.FromString(header)
+    except Exception as exc:  # protobuf DecodeError
+        raise WireError(f"undecodable COMPILE: {exc}") from exc
+    return [(g.key, g.kind, g.spec) for g in msg.grammars]
+
+
+def compiled_message(key: str, ok: bool, message: str = "", compile_ms: float = 0.0) -> list[bytes]:
+    msg = pb.Compiled(key=key, ok=ok, message=message[:2000], compile_ms=compile_ms)
+    return [KIND_COMPILED, msg.SerializeToString()]
+
+
+def decode_compiled(header: bytes) -> tuple[str, bool, str, float]:
+    """(key, ok, the compiler's message, compile_ms)."""
+    try:
+        msg = pb.Compiled.FromString(header)
+    except Exception as exc:  # protobuf DecodeError
+        raise WireError(f"undecodable COMPILED: {exc}") from exc
+    return msg.key, msg.ok, msg.message, msg.compile_ms
+
+
+def release_message(keys: list[str]) -> list[bytes]:
+    return [KIND_RELEASE, pb.Release(keys=keys).SerializeToString()]
+
+
+def decode_release(header: bytes) -> list[str]:
+    try:
+        return list(pb.Release.FromString(header).keys)
+    except Exception as exc:  # protobuf DecodeError
+        raise WireError(f"undecodable RELEASE: {exc}") from exc
 
 
 def split(frames: list) -> tuple[bytes, bytes, list]:
