@@ -58,6 +58,9 @@ def build_parser() -> EnvArgumentParser:
                    "being refused; its requests resume on this one")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly on CUDA too (no decode or piecewise graphs)")
+    p.add_argument("--fuse", action="store_true",
+                   help="install the fused decoder forwards (worker_svc/fusion: merged QKV and gate/up GEMMs, "
+                   "fused RMSNorm, residual add, SiLU x up and RoPE kernels) on Llama-pattern models")
     p.add_argument("--debug-placeholders", action="store_true",
                    help="assert on the device that no carry-over placeholder sentinel reaches the model")
     p.add_argument("--hang-timeout", type=float, default=300.0,
@@ -111,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             log.error("cannot split --model %s: %s", args.model, exc)
             return exit_codes.LOAD_ERROR
+    if args.fuse:  # after sharding: the fused forwards take their head counts from the local weights
+        from worker_svc import fusion
+
+        fusion.apply(loaded.model)
     engine = Engine(loaded, EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         cuda_graphs=not args.no_cuda_graphs, debug_placeholders=args.debug_placeholders,

@@ -161,8 +161,9 @@ def load(spec: str, device: str = "cpu", dtype: Any = None, seed: int = 0, max_c
 
     dtype = dtype or torch.float32
     if spec.startswith(RANDOM_PREFIX):
-        model, tok_dir, name = _build_random(spec[len(RANDOM_PREFIX):], device, dtype, seed), \
-            embedded_model_dir(), spec
+        # No tokenizer wanted: the borrowed one is not looked up (its package need not be installed).
+        model, name = _build_random(spec[len(RANDOM_PREFIX):], device, dtype, seed), spec
+        tok_dir = None if skip_tokenizer else embedded_model_dir()
     else:
         model_dir, name = _model_dir(spec)
         model, tok_dir = _load_pretrained(model_dir, device, dtype, allow_pickle_weights), model_dir

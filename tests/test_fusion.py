@@ -1,0 +1,147 @@
+"""The fused decoder forwards (worker_svc/fusion) against the model as transformers wrote it.
+
+On the CPU, in float32: the fused forwards with the PyTorch formulas, and with the Triton kernels in
+Triton's interpreter (TRITON_INTERPRET=1, set by conftest where no GPU exists; on a GPU the kernels
+run for real), through transformers' own attention and through the paged attention with a packed
+multi-row step. Also: merging leaves parameters, their names and their bytes as they were, and the
+physical floor's byte accounting (bench/floor_parts.py) counts each weight once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from worker_svc import fusion  # noqa: E402
+from worker_svc.attention import STEP_KWARG, PagedStep, install  # noqa: E402
+from worker_svc.kv_cache import KVCacheConfig, PagedKVCache  # noqa: E402
+from worker_svc.models import load  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+SPECS = ("random:tiny-llama", "random:tiny-qwen2")
+
+
+def _pair(spec: str, kernels: bool):
+    plain = load(spec, device=DEVICE, skip_tokenizer=True)
+    fused = load(spec, device=DEVICE, skip_tokenizer=True)
+    assert fusion.apply(fused.model, kernels=kernels) == plain.config.num_hidden_layers
+    return plain, fused
+
+
+def _kernel_modes() -> list[bool]:
+    if not KERNELS_HERE:
+        return [False]
+    pytest.importorskip("triton")
+    return [False, True]
+
+
+@pytest.mark.parametrize("kernels", _kernel_modes())
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_matches_unfused_with_transformers_attention(spec: str, kernels: bool) -> None:
+    plain, fused = _pair(spec, kernels)
+    ids = torch.randint(3, 5000, (1, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        want = plain.model(input_ids=ids, use_cache=False).logits
+        got = fused.model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", _kernel_modes())
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_matches_unfused_through_paged_attention(spec: str, kernels: bool) -> None:
+    """Three rows packed in one step (a 5-token prefill, two single tokens over earlier context): q, k
+    and v reach the paged attention as strided views of the merged projection."""
+    plain, fused = _pair(spec, kernels)
+    cfg = plain.config
+    lens, queries = [5, 12, 7], [5, 1, 1]
+    block, blocks_per_row = 4, 4
+    tables = np.arange(len(lens) * blocks_per_row, dtype=np.int32).reshape(len(lens), blocks_per_row)
+    positions = np.concatenate([np.arange(lens[r] - queries[r], lens[r]) for r in range(len(lens))])
+    # Each row's blocks are contiguous: position p of row r sits at slot tables[r, 0] * block + p.
+    row_of = np.repeat(np.arange(len(lens)), queries)
+    slot_mapping = (tables[row_of, 0] * block + positions).astype(np.int32)
+    query_start = np.concatenate([[0], np.cumsum(queries)]).astype(np.int32)
+    ids = torch.randint(3, 5000, (1, int(query_start[-1])), generator=torch.Generator().manual_seed(2))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_cfg = KVCacheConfig(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, block, 16, torch.float32, DEVICE)
+    cache = PagedKVCache(kv_cfg)
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    for layer in range(cfg.num_hidden_layers):  # earlier context: the same random K/V for both models
+        cache.k[layer].normal_(generator=gen)
+        cache.v[layer].normal_(generator=gen)
+    logits = []
+    for loaded in (plain, fused):
+        install(loaded.model)
+        own = PagedKVCache(kv_cfg)
+        for layer in range(cfg.num_hidden_layers):
+            own.k[layer].copy_(cache.k[layer])
+            own.v[layer].copy_(cache.v[layer])
+        step = PagedStep.from_arrays(own, slot_mapping, tables, query_start, np.array(lens, np.int32))
+        with torch.no_grad():
+            out = loaded.model(input_ids=ids.to(DEVICE), position_ids=torch.as_tensor(positions)[None].to(DEVICE),
+                               use_cache=False, **{STEP_KWARG: step})
+        logits.append(out.logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not KERNELS_HERE, reason="needs a GPU or Triton's interpreter")
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_kernels_match_the_formulas(tokens: int) -> None:
+    pytest.importorskip("triton")
+    from worker_svc.fusion import kernels, ops
+
+    gen = torch.Generator(device=DEVICE).manual_seed(tokens)
+    x = torch.randn(tokens, 96, generator=gen, device=DEVICE)
+    res = torch.randn(tokens, 96, generator=gen, device=DEVICE)
+    w = torch.randn(96, generator=gen, device=DEVICE)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), ops.ref_rms_norm(x, w, 1e-5))
+    normed, total = kernels.add_rms_norm(x, res, w, 1e-5)
+    torch.testing.assert_close(total, x + res)
+    torch.testing.assert_close(normed, ops.ref_rms_norm(x + res, w, 1e-5))
+    gu = torch.randn(tokens, 2 * 1500, generator=gen, device=DEVICE)  # more than one block of columns
+    torch.testing.assert_close(kernels.silu_mul(gu), ops.silu_mul(gu, kernels=False))
+    heads, kv_heads, dim = 4, 2, 32
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen, device=DEVICE)
+    cos, sin = torch.randn(tokens, dim, generator=gen, device=DEVICE), torch.randn(tokens, dim, generator=gen,
+                                                                                   device=DEVICE)
+    want = qkv.clone()
+    ops.rope_qk_(want, cos, sin, heads, kv_heads, dim, kernels=False)
+    kernels.rope_qk_(qkv, cos, sin, heads, kv_heads, dim)
+    torch.testing.assert_close(qkv, want)
+
+
+def test_merging_keeps_parameters_and_bytes() -> None:
+    from bench.floor_parts import weight_bytes_per_step
+
+    plain, fused = _pair("random:tiny-llama", kernels=False)
+    want, got = plain.model.state_dict(), fused.model.state_dict()
+    assert want.keys() == got.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    cfg = plain.config
+    embedding = cfg.vocab_size * cfg.hidden_size * 4
+    total = sum(p.numel() * 4 for p in plain.model.parameters())
+    assert weight_bytes_per_step(plain.model, 3) == total - embedding + 3 * cfg.hidden_size * 4
+    assert weight_bytes_per_step(fused.model, 3) == weight_bytes_per_step(plain.model, 3)
+    layers = cfg.num_hidden_layers
+    assert len(fusion.matmul_weights(plain.model)) == 7 * layers + 1
+    merged = fusion.matmul_weights(fused.model)
+    assert len(merged) == 4 * layers + 1
+    assert sum(w.numel() for w in merged) == sum(w.numel() for w in fusion.matmul_weights(plain.model))
+
+
+def test_unknown_layers_stay_unfused() -> None:
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn, self.mlp = torch.nn.Identity(), torch.nn.Identity()
+
+    model = torch.nn.Sequential(Layer(), torch.nn.Linear(2, 2))
+    forward = model[0].forward
+    assert fusion.apply(model, kernels=False) == 0
+    assert model[0].forward == forward
