@@ -52,10 +52,15 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, block_n: int = 64, block_k: 
     return acc.to(x.dtype)
 
 
+_STREAM: list[torch.cuda.Stream] = []
+
+
 def _time(fn, reps: int = 50) -> float:
     from bench.floor_parts import graph_ms
 
-    return graph_ms(fn, torch.cuda.current_stream(), reps)
+    if not _STREAM:
+        _STREAM.append(torch.cuda.Stream())  # graphs are captured on a side stream
+    return graph_ms(fn, _STREAM[0], reps)
 
 
 # The 8B shape's decode GEMMs, merged: (N, K).
@@ -68,6 +73,11 @@ def _measure(w: torch.Tensor, m: int, search: bool) -> dict:
     x = torch.randn(m, w.shape[1], dtype=torch.bfloat16, device="cuda")
     gb = w.numel() * 2 / 1e6
     cublas = _time(lambda: torch.nn.functional.linear(x, w))
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        lt = _time(lambda: torch.nn.functional.linear(x, w))
+    finally:
+        torch.backends.cuda.preferred_blas_library("cublas")
     ref = torch.nn.functional.linear(x, w).float()
     best: tuple[float, tuple | None] = (float("inf"), None)
     for cfg in CONFIGS if search else []:
@@ -81,7 +91,7 @@ def _measure(w: torch.Tensor, m: int, search: bool) -> dict:
         except Exception:  # a config that does not compile or fit: skipped
             continue
         best = min(best, (ms, cfg), key=lambda t: t[0])
-    return {"cublas_gb_s": gb / cublas, "cublas_ms": cublas,
+    return {"cublas_gb_s": gb / cublas, "cublas_ms": cublas, "cublaslt_gb_s": gb / lt,
             "skinny_gb_s": gb / best[0] if best[1] else None, "skinny_config": best[1]}
 
 
