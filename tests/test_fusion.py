@@ -97,8 +97,9 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 7])
 def test_kernels_match_the_formulas(tokens: int, dtype: torch.dtype) -> None:
-    """In bf16 the kernels round where the formulas round: equal up to one unit in the last place
-    (RMSNorm's mean is summed in another order)."""
+    """In bf16 the kernels round where the formulas round: equal up to a unit or two in the last place
+    (RMSNorm's mean is summed in another order and Triton's exp, rsqrt and division are not
+    torch's, so a rounded intermediate can differ by one unit, and the product it feeds by two)."""
     pytest.importorskip("triton")
     from worker_svc.fusion import kernels, ops
 
@@ -108,18 +109,40 @@ def test_kernels_match_the_formulas(tokens: int, dtype: torch.dtype) -> None:
         return torch.randn(*shape, generator=gen, device=DEVICE).to(dtype)
 
     x, res, w = randn(tokens, 96), randn(tokens, 96), randn(96)
-    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), ops.ref_rms_norm(x, w, 1e-5))
+    tol = {"rtol": 2**-5, "atol": 1e-5} if dtype == torch.bfloat16 else {}
+
+    def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{what}: {m}")
+    close(kernels.rms_norm(x, w, 1e-5), ops.ref_rms_norm(x, w, 1e-5), "rms_norm")
     normed, total = kernels.add_rms_norm(x, res, w, 1e-5)
-    torch.testing.assert_close(total, x + res)
-    torch.testing.assert_close(normed, ops.ref_rms_norm(x + res, w, 1e-5))
+    torch.testing.assert_close(total, x + res, rtol=0, atol=0)
+    close(normed, ops.ref_rms_norm(x + res, w, 1e-5), "add_rms_norm")
     gu = randn(tokens, 2 * 1500)  # more than one block of columns
-    torch.testing.assert_close(kernels.silu_mul(gu), ops.silu_mul(gu, kernels=False))
+    close(kernels.silu_mul(gu), ops.silu_mul(gu, kernels=False), "silu_mul")
     heads, kv_heads, dim = 4, 2, 32
     qkv, cos, sin = randn(tokens, (heads + 2 * kv_heads) * dim), randn(tokens, dim), randn(tokens, dim)
     want = qkv.clone()
     ops.rope_qk_(want, cos, sin, heads, kv_heads, dim, kernels=False)
+    qkv_in, exact = qkv.clone(), qkv.clone().float()
+    ops.rope_qk_(exact, cos.float(), sin.float(), heads, kv_heads, dim, kernels=False)
     kernels.rope_qk_(qkv, cos, sin, heads, kv_heads, dim)
-    torch.testing.assert_close(qkv, want)
+    if dtype == torch.bfloat16:
+        # Near a cancellation the kernel and eager differ by a unit of RoPE's products, not of the
+        # result (measured on an H200): both must be within eager's own error bound, a unit of each
+        # product plus half a unit of the sum, from the exact rotation of the same bf16 inputs.
+        half = dim // 2
+        mag = exact.new_zeros(exact.shape).unflatten(-1, (-1, dim))
+        x = qkv_in.float().unflatten(-1, (-1, dim))
+        c, s_ = cos.float()[:, None, :], sin.float()[:, None, :]
+        mag[..., :half] = (x[..., :half] * c[..., :half]).abs() + (x[..., half:] * s_[..., :half]).abs()
+        mag[..., half:] = (x[..., half:] * c[..., half:]).abs() + (x[..., :half] * s_[..., half:]).abs()
+        bound = 2**-7 * mag.flatten(-2) + 2**-8 * exact.abs() + 1e-6
+        rot = slice(0, (heads + kv_heads) * dim)  # the value heads are untouched: compared exactly below
+        assert ((want.float() - exact).abs()[:, rot] <= bound[:, rot]).all(), "eager rope outside its bound"
+        assert ((qkv.float() - exact).abs()[:, rot] <= bound[:, rot]).all(), "rope"
+        assert torch.equal(qkv[:, rot.stop :], qkv_in[:, rot.stop :]), "rope touched the value heads"
+    else:
+        close(qkv, want, "rope")
 
 
 def test_merging_keeps_parameters_and_bytes() -> None:

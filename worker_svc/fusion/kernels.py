@@ -103,7 +103,9 @@ def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_ct, stride_st, HALF
     s1 = tl.load(sin_ptr + tok * stride_st + d).to(tl.float32)
     s2 = tl.load(sin_ptr + tok * stride_st + HALF + d).to(tl.float32)
     ty = qkv_ptr.dtype.element_ty
-    # Eager: x * cos + rotate_half(x) * sin, each product rounded to the dtype, then the sum.
+    # Eager: x * cos + rotate_half(x) * sin, each product rounded to the dtype, then the sum. Measured
+    # on an H200 in bf16, the result near a cancellation still differs from eager's by up to a unit of
+    # the products (why is not established); tests/test_fusion.py bounds both against the exact value.
     o1 = (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)
     o2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
     tl.store(base + d, o1.to(ty))
