@@ -410,11 +410,16 @@ def decode_reject(header: bytes) -> tuple[str, bool]:
     return msg.reason, msg.final
 
 
-def decode_refused(header: bytes) -> tuple[int, str]:
+def _parse(message_type, header: bytes, kind: bytes):
+    """`header` as a `message_type`; a header that is not one is a WireError, never a crash."""
     try:
-        msg = pb.Refused.FromString(header)
+        return message_type.FromString(header)
     except Exception as exc:  # protobuf DecodeError
-        raise WireError(f"undecodable REFUSED: {exc}") from exc
+        raise WireError(f"undecodable {kind.decode()}: {exc}") from exc
+
+
+def decode_refused(header: bytes) -> tuple[int, str]:
+    msg = _parse(pb.Refused, header, KIND_REFUSED)
     return msg.step_id, msg.reason
 
 
@@ -425,11 +430,7 @@ def compile_message(specs: list[tuple[str, str, str]]) -> list[bytes]:
 
 
 def decode_compile(header: bytes) -> list[tuple[str, str, str]]:
-    try:
-        msg = pb.Compile.FromString(header)
-    except Exception as exc:  # protobuf DecodeError
-        raise WireError(f"undecodable COMPILE: {exc}") from exc
-    return [(g.key, g.kind, g.spec) for g in msg.grammars]
+    return [(g.key, g.kind, g.spec) for g in _parse(pb.Compile, header, KIND_COMPILE).grammars]
 
 
 def compiled_message(key: str, ok: bool, message: str = "", compile_ms: float = 0.0) -> list[bytes]:
@@ -439,10 +440,7 @@ def compiled_message(key: str, ok: bool, message: str = "", compile_ms: float = 
 
 def decode_compiled(header: bytes) -> tuple[str, bool, str, float]:
     """(key, ok, the compiler's message, compile_ms)."""
-    try:
-        msg = pb.Compiled.FromString(header)
-    except Exception as exc:  # protobuf DecodeError
-        raise WireError(f"undecodable COMPILED: {exc}") from exc
+    msg = _parse(pb.Compiled, header, KIND_COMPILED)
     return msg.key, msg.ok, msg.message, msg.compile_ms
 
 
@@ -451,10 +449,7 @@ def release_message(keys: list[str]) -> list[bytes]:
 
 
 def decode_release(header: bytes) -> list[str]:
-    try:
-        return list(pb.Release.FromString(header).keys)
-    except Exception as exc:  # protobuf DecodeError
-        raise WireError(f"undecodable RELEASE: {exc}") from exc
+    return list(_parse(pb.Release, header, KIND_RELEASE).keys)
 
 
 def split(frames: list) -> tuple[bytes, bytes, list]:

@@ -1,11 +1,11 @@
 """A skinny GEMM for decode steps (few rows, large weights) in Triton, and a probe that times it
 against cuBLAS on the decode step's weight shapes.
 
-Owns an experiment, not (yet) a path of the forward: a decode GEMM with 32 to 256 rows is bound
-by streaming the weight, and whether a hand-tiled kernel streams it faster than cuBLAS's choice
-is measured here (`python -c "from worker_svc.fusion.gemm import probe; probe()"` on a GPU) before
-anything is wired into install.py. Split-K programs add fp32 partial sums atomically into a
-workspace, then one cast writes the output.
+Owns an experiment, not a path of the forward (so it lives with the benchmarks, not in worker_svc):
+a decode GEMM with 32 to 256 rows is bound by streaming the weight, and whether a hand-tiled kernel
+streams it faster than cuBLAS's choice is measured here (`python -m bench.gemm_probe --json F` on a
+GPU) before anything is wired into worker_svc/fusion/install.py. Split-K programs add fp32 partial
+sums atomically into a workspace, then one cast writes the output.
 """
 
 from __future__ import annotations
@@ -110,3 +110,11 @@ def probe(rows: tuple[int, ...] = (32, 128, 256), search_rows: int = 32, out: st
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
     return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", default=None, help="write the record here")
+    probe(out=parser.parse_args().json)
