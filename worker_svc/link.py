@@ -63,17 +63,23 @@ class WorkerLink:
             self.peer_lost = True
 
     def recv(self, timeout_ms: int) -> list | None:
-        """The next message (multipart frames), or None after `timeout_ms` or when the peer is lost."""
+        """The next message (multipart frames), or None after `timeout_ms`. Once the peer is lost, the
+        messages that arrived before the drop are still returned (the BYE of an orderly shutdown
+        comes right before the scheduler closes its socket, often in the same poll); then None."""
         if self.peer_lost:
-            return None
+            return self._received()
         events = dict(self._poller.poll(timeout_ms))
         if self._monitor in events:
             self._drain_monitor()
-        if self.peer_lost:
-            return None
         if self._sock in events:
             return self._sock.recv_multipart(copy=False)
         return None
+
+    def _received(self) -> list | None:
+        try:
+            return self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
 
     def _drain_monitor(self) -> None:
         while True:

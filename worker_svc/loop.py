@@ -153,7 +153,7 @@ class WorkerLoop:
         waited = 0.0
         while not self.stop_requested:
             frames = self.link.recv(POLL_MS)
-            if self.link.peer_lost:
+            if frames is None and self.link.peer_lost:  # what came before the drop (a BYE) is handled first
                 log.error("scheduler lost after %d steps; exiting", self.steps)
                 return 1
             if frames is None:
