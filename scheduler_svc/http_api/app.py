@@ -138,7 +138,8 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
         try:
             group = await frontend.admit_samples(engine, limits, msg, client_id)
         except Refusal as refusal:
-            err = from_refusal(refusal, spec.prompt_param, spec.max_tokens_param, spec.logprobs_param)
+            err = from_refusal(refusal, spec.prompt_param, spec.max_tokens_param, spec.logprobs_param,
+                               spec.constraint_param)
             err.counted = True
             raise err from None
         rid = ("chatcmpl-" if spec.chat else "cmpl-") + client_id

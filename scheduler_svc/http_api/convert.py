@@ -8,10 +8,18 @@ negative max_tokens, a seed past 64 bits) too.
 
 The sampling controls map onto the GenerateRequest fields of the same names (n, the penalties,
 min_tokens; logit_bias's keys, token-id strings, become ints).
+
+Structured output, on both endpoints, onto the GenerateRequest's `constraint` oneof: OpenAI's
+`response_format` ({"type": "text"} = none, {"type": "json_object"}, {"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}}) and vLLM's `structured_outputs` ({"json": schema or its
+JSON text, "json_object": true, "regex", "choice": [...], "grammar"}). One constraint per request;
+`Spec.constraint_param` is the parameter it came from, which errors about it name.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +27,13 @@ from typing import Any
 from tandem.v1 import api_pb2
 
 from scheduler_svc.http_api.errors import bad_request
-from scheduler_svc.http_api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingBody
+from scheduler_svc.http_api.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingBody,
+    StructuredOutputs,
+)
 
 UINT32 = 1 << 32
 UINT64 = 1 << 64
@@ -37,6 +51,7 @@ class Spec:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    constraint_param: str = ""  # "" = no constraint; else e.g. response_format.json_schema.schema
 
 
 def _put(setter: Callable[[], Any], param: str, value: object) -> None:
@@ -92,6 +107,81 @@ def _sampling(body: SamplingBody, msg: api_pb2.GenerateRequest, max_tokens: int 
         msg.cache_salt = body.cache_salt
 
 
+# A Lark rule or terminal definition at the start of a line: `start: ...`, `?expr: ...`, `NUMBER.2: ...`.
+_LARK_RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_]*(\.-?\d+)?[ \t]*:", re.MULTILINE)
+
+
+def grammar_syntax(text: str) -> int:
+    """Grammar.Syntax of a structured_outputs.grammar text: EBNF (GBNF) defines its rules with `::=`;
+    a text with no `::=` and at least one rule written `name: ...` (Lark's form) is Lark. Anything
+    else is taken for EBNF, whose compiler then says what is wrong with it."""
+    if "::=" not in text and _LARK_RULE.search(text):
+        return api_pb2.Grammar.LARK
+    return api_pb2.Grammar.EBNF
+
+
+def _schema_text(schema: object) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
+def _structured_outputs(so: StructuredOutputs) -> list[tuple[str, Callable[[api_pb2.GenerateRequest], None]]]:
+    for key, value in (so.model_extra or {}).items():
+        if value not in (None, False):  # vLLM's other options (structural_tag, whitespace_pattern, ...)
+            raise bad_request(f"structured_outputs.{key}", f"structured_outputs.{key}: not supported")
+    given: list[tuple[str, Callable[[api_pb2.GenerateRequest], None]]] = []
+    if so.json_ is not None:
+        text = _schema_text(so.json_)
+        given.append(("structured_outputs.json", lambda m: setattr(m, "json_schema", text)))
+    if so.json_object:
+        given.append(("structured_outputs.json_object", lambda m: setattr(m, "json_object", True)))
+    if so.regex is not None:
+        regex = so.regex
+        given.append(("structured_outputs.regex", lambda m: setattr(m, "regex", regex)))
+    if so.choice is not None:
+        choices = so.choice
+
+        def put_choice(m: api_pb2.GenerateRequest) -> None:
+            m.choice.SetInParent()  # an empty list is still the choice constraint (and refused as empty)
+            m.choice.choices.extend(choices)
+        given.append(("structured_outputs.choice", put_choice))
+    if so.grammar is not None:
+        grammar = api_pb2.Grammar(text=so.grammar, syntax=grammar_syntax(so.grammar))
+        given.append(("structured_outputs.grammar", lambda m: m.grammar.CopyFrom(grammar)))
+    return given
+
+
+def _constraint(body: SamplingBody, msg: api_pb2.GenerateRequest) -> str:
+    """response_format / structured_outputs onto the constraint oneof; the parameter it came from."""
+    # vLLM's older guided_* fields: ignored (as unknown fields are), they would quietly mean free output.
+    for key, value in (body.model_extra or {}).items():
+        if key.startswith("guided_") and value not in (None, False):
+            raise bad_request(key, f"{key}: not supported; use structured_outputs (json, json_object, regex, "
+                                   "choice, grammar) or response_format")
+    given: list[tuple[str, Callable[[api_pb2.GenerateRequest], None]]] = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        given.append(("response_format", lambda m: setattr(m, "json_object", True)))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise bad_request("response_format.json_schema",
+                              "response_format.json_schema: required with type json_schema")
+        if rf.json_schema.schema_ is None:
+            raise bad_request("response_format.json_schema.schema",
+                              "response_format.json_schema.schema: required (a JSON Schema object)")
+        text = _schema_text(rf.json_schema.schema_)
+        given.append(("response_format.json_schema.schema", lambda m: setattr(m, "json_schema", text)))
+    if body.structured_outputs is not None:
+        given += _structured_outputs(body.structured_outputs)
+    if not given:
+        return ""
+    if len(given) > 1:
+        names = [param for param, _ in given]
+        raise bad_request(names[1], f"{' and '.join(names)}: at most one constraint per request")
+    param, put = given[0]
+    put(msg)
+    return param
+
+
 def _set_logprobs(msg: api_pb2.GenerateRequest, k: int, param: str) -> None:
     if k < 0:
         raise bad_request(param, f"{param}: must be >= 0")
@@ -120,7 +210,8 @@ def completion_request(body: CompletionRequest) -> tuple[api_pb2.GenerateRequest
     _sampling(body, msg, body.max_tokens, "max_tokens")
     if body.logprobs is not None:
         _set_logprobs(msg, body.logprobs, "logprobs")
-    return msg, _spec(body, False, "prompt", "max_tokens", "logprobs", body.logprobs)
+    constraint_param = _constraint(body, msg)
+    return msg, _spec(body, False, "prompt", "max_tokens", "logprobs", body.logprobs, constraint_param)
 
 
 def _content(m: ChatMessage, i: int) -> str:
@@ -143,8 +234,6 @@ def chat_request(body: ChatCompletionRequest) -> tuple[api_pb2.GenerateRequest, 
         msg.chat.messages.add(role=role, content=_content(m, i))
     if body.tools:
         raise bad_request("tools", "tools: not supported")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_request("response_format", "response_format: only {\"type\": \"text\"} is supported")
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     _sampling(body, msg, max_tokens, max_param)
@@ -154,16 +243,17 @@ def chat_request(body: ChatCompletionRequest) -> tuple[api_pb2.GenerateRequest, 
     if body.logprobs:
         k = body.top_logprobs or 0
         _set_logprobs(msg, k, "top_logprobs")
-    return msg, _spec(body, True, "messages", max_param, "top_logprobs", k)
+    constraint_param = _constraint(body, msg)
+    return msg, _spec(body, True, "messages", max_param, "top_logprobs", k, constraint_param)
 
 
 def _spec(body: SamplingBody, chat: bool, prompt_param: str, max_param: str, logprobs_param: str,
-          logprobs: int | None) -> Spec:
+          logprobs: int | None, constraint_param: str) -> Spec:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options", "stream_options: only with stream: true")
     return Spec(chat, prompt_param, max_param, logprobs_param, logprobs, body.stream, include_usage,
-                body.return_token_ids)
+                body.return_token_ids, constraint_param)
 
 
 def tokenize_request(prompt: str | None, messages: list[ChatMessage] | None) -> api_pb2.TokenizeRequest:

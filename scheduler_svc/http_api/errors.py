@@ -61,13 +61,21 @@ def from_status(code: grpc.StatusCode, message: str) -> ApiError:
     return ApiError(status, message, type_, None, err_code, retry)
 
 
-def openai_param(field: str, prompt_param: str, max_tokens_param: str, logprobs_param: str) -> str:
+_CONSTRAINT_FIELDS = frozenset({"json_schema", "json_object", "regex", "choice", "grammar"})
+
+
+def openai_param(field: str, prompt_param: str, max_tokens_param: str, logprobs_param: str,
+                 constraint_param: str = "") -> str:
     """The OpenAI parameter behind a GenerateRequest field named by validation: the prompt's fields
     become `prompt_param` ("prompt" or "messages", with the message index kept), max_new_tokens the
     max-tokens parameter the client used, logprobs `logprobs` or `top_logprobs`, stop[i] `stop`,
-    logit_bias[id] `logit_bias`; the sampling fields have the same names in both APIs (temperature,
-    top_p, seed, stop_token_ids, presence_penalty, min_tokens, ...)."""
+    logit_bias[id] `logit_bias`, the constraint's fields `constraint_param` (the response_format or
+    structured_outputs parameter it came from, a choice's index kept); the sampling fields have the
+    same names in both APIs (temperature, top_p, seed, stop_token_ids, presence_penalty, min_tokens, ...)."""
     base = re.split(r"[.\[]", field, maxsplit=1)[0]
+    if base in _CONSTRAINT_FIELDS and constraint_param:
+        index = re.fullmatch(r"choice\.choices(\[\d+\])", field)
+        return constraint_param + (index.group(1) if index else "")
     if base in ("text", "token_ids", "chat", "prompt"):
         if field.startswith("chat.messages"):
             return "messages" + field[len("chat.messages"):]
@@ -82,11 +90,11 @@ def openai_param(field: str, prompt_param: str, max_tokens_param: str, logprobs_
 
 
 def from_refusal(refusal: Refusal, prompt_param: str = "prompt", max_tokens_param: str = "max_tokens",
-                 logprobs_param: str = "logprobs") -> ApiError:
+                 logprobs_param: str = "logprobs", constraint_param: str = "") -> ApiError:
     if refusal.field is None:
         err = from_status(refusal.code, refusal.message)
         if refusal.retry_after_s is not None:
             err.retry_after_s = refusal.retry_after_s
         return err
-    param = openai_param(refusal.field, prompt_param, max_tokens_param, logprobs_param)
+    param = openai_param(refusal.field, prompt_param, max_tokens_param, logprobs_param, constraint_param)
     return bad_request(param, f"{param}: {refusal.description}")

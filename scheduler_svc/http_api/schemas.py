@@ -21,6 +21,35 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    """OpenAI's response_format.json_schema. `strict` is accepted either way: the output always follows
+    the schema (no properties or items it does not name)."""
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text (free), json_object (any JSON object) or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs extra: at most one of these. `json` is a JSON Schema (an object, or
+    its JSON text); `grammar` an EBNF (GBNF, `root ::= ...`) grammar, or a Lark one (convert.py
+    `grammar_syntax` says how it tells them apart)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class SamplingBody(_Body):
     """What completions and chat completions share."""
 
@@ -46,6 +75,9 @@ class SamplingBody(_Body):
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = None
     return_token_ids: bool = False  # each choice (and stream chunk) also carries its `token_ids`
+    structured_outputs: StructuredOutputs | None = None
+    # OpenAI's is a chat parameter; vLLM takes it on completions too.
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingBody):
@@ -73,7 +105,6 @@ class ChatCompletionRequest(SamplingBody):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Body):
