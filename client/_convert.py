@@ -8,6 +8,7 @@ aio: both expose code/details/trailing_metadata synchronously once failed) into 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -94,6 +95,45 @@ class GenerateParams(TypedDict, total=False):
     frequency_penalty: float | None
     logit_bias: Mapping[int, float] | None
     min_tokens: int | None
+    json_schema: str | Mapping[str, Any] | None
+    json_object: bool
+    regex: str | None
+    choice: Sequence[str] | None
+    grammar: str | None
+    grammar_syntax: str
+
+
+_SYNTAXES = {"ebnf": api_pb2.Grammar.EBNF, "lark": api_pb2.Grammar.LARK}
+
+
+def _set_constraint(
+    req: api_pb2.GenerateRequest, json_schema: str | Mapping[str, Any] | None, json_object: bool, regex: str | None,
+    choice: Sequence[str] | None, grammar: str | None, grammar_syntax: str,
+) -> None:
+    """Structured output: at most one of json_schema (a JSON Schema as a dict or its JSON text),
+    json_object, regex, choice, grammar (EBNF, or Lark with grammar_syntax="lark")."""
+    given = [name for name, value in (("json_schema", json_schema), ("json_object", json_object or None),
+                                      ("regex", regex), ("choice", choice), ("grammar", grammar))
+             if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one constraint (got {', '.join(given)})")
+    if grammar_syntax not in _SYNTAXES:
+        raise ValueError(f"grammar_syntax: expected one of {sorted(_SYNTAXES)}, not {grammar_syntax!r}")
+    if json_schema is not None:
+        req.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif json_object:
+        req.json_object = True
+    elif regex is not None:
+        req.regex = regex
+    elif choice is not None:
+        if isinstance(choice, str):
+            raise ValueError("choice: a sequence of strings, not one string")
+        req.choice.SetInParent()
+        req.choice.choices.extend(choice)
+    elif grammar is not None:
+        req.grammar.text = grammar
+        req.grammar.syntax = _SYNTAXES[grammar_syntax]
+        req.grammar.SetInParent()
 
 
 def build_generate_request(
@@ -119,6 +159,12 @@ def build_generate_request(
     frequency_penalty: float | None = None,
     logit_bias: Mapping[int, float] | None = None,
     min_tokens: int | None = None,
+    json_schema: str | Mapping[str, Any] | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
+    grammar_syntax: str = "ebnf",
 ) -> api_pb2.GenerateRequest:
     form = _one_prompt(prompt=prompt, token_ids=token_ids, messages=messages)
     req = api_pb2.GenerateRequest()
@@ -167,6 +213,7 @@ def build_generate_request(
                 req.logit_bias[int(tok)] = float(bias)
         except (TypeError, ValueError) as e:
             raise ValueError(f"logit_bias: {e}") from None
+    _set_constraint(req, json_schema, json_object, regex, choice, grammar, grammar_syntax)
     return req
 
 

@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logit-bias", type=_logit_bias, action="append", default=None, metavar="TOKEN=BIAS",
                    help="add BIAS (in [-100, 100]) to token id TOKEN's logit (repeatable)")
     g.add_argument("--min-tokens", type=int, default=None, help="no EOS or stop token before this many tokens")
+    # Structured output: at most one of these (the server refuses constraints when it has no engine).
+    g.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
+                   help="the output follows this JSON Schema (JSON text starting with '{', or a file holding it)")
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    g.add_argument("--regex", default=None, help="the whole output matches this regular expression")
+    g.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    g.add_argument("--grammar", default=None, metavar="FILE", help="the output follows the grammar in FILE")
+    g.add_argument("--grammar-syntax", choices=("ebnf", "lark"), default="ebnf",
+                   help="the syntax of --grammar: EBNF (GBNF, start rule `root`) or Lark (start rule `start`)")
     g.add_argument("--json", action="store_true", help="print JSON (one object per chunk with --stream)")
     _client_args(g)
     g.set_defaults(func=cmd_generate, subparser=g)
@@ -240,6 +249,36 @@ def _read_prompt(args: argparse.Namespace) -> None:
         args.prompt = sys.stdin.read()
 
 
+def _read_text(path: str, flag: str, parser: argparse.ArgumentParser) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        parser.error(f"{flag}: cannot read {path!r}: {e.strerror}")
+
+
+def _constraint_kwargs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """--json-schema / --json-object / --regex / --choice / --grammar as generate's keyword arguments."""
+    given = [flag for flag, value in (("--json-schema", args.json_schema), ("--json-object", args.json_object or None),
+                                      ("--regex", args.regex), ("--choice", args.choice),
+                                      ("--grammar", args.grammar)) if value is not None]
+    if len(given) > 1:
+        parser.error(f"give at most one constraint, not {' and '.join(given)}")
+    if args.json_schema is not None:
+        text = args.json_schema
+        schema = text if text.lstrip().startswith("{") else _read_text(text, "--json-schema", parser)
+        return {"json_schema": schema}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice is not None:
+        return {"choice": args.choice}
+    if args.grammar is not None:
+        return {"grammar": _read_text(args.grammar, "--grammar", parser), "grammar_syntax": args.grammar_syntax}
+    return {}
+
+
 def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _read_prompt(args)
     if args.prompt is None and args.token_ids is None:
@@ -271,6 +310,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         frequency_penalty=args.frequency_penalty,
         logit_bias=dict(args.logit_bias) if args.logit_bias else None,
         min_tokens=args.min_tokens,
+        **_constraint_kwargs(args, parser),
     )
     if args.n is not None and args.n > 1 and args.stream and not args.json:
         parser.error("--n > 1 with --stream needs --json (the samples' chunks interleave, each with its index)")

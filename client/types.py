@@ -122,6 +122,7 @@ class ModelInfo:
     default_top_k: int = 0
     default_min_p: float = 0.0
     tensor_parallel_size: int = 1
+    structured_output_engine: str = ""  # e.g. "xgrammar 0.2.9"; empty: constraints are refused
 
 
 class TandemError(Exception):

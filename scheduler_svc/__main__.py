@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-stop-strings", type=int, default=16)
     p.add_argument("--max-stop-length", type=int, default=256)
     p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--max-grammar-bytes", type=int, default=64 << 10,
+                   help="Largest structured-output constraint (JSON schema, regex, choices, grammar) in bytes "
+                        "(INVALID_ARGUMENT past it).")
     p.add_argument("--debug-placeholders", action="store_true",
                    help="Send carry-over placeholders as a sentinel (not 0); a worker started with the same "
                         "flag asserts on the device that none survives carry-over.")
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             max_stop_strings=args.max_stop_strings,
             max_stop_length=args.max_stop_length,
             max_logprobs=args.max_logprobs,
+            max_grammar_bytes=args.max_grammar_bytes,
         ),
     )
 

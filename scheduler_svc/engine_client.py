@@ -55,6 +55,10 @@ class Unavailable(Exception):
     """No worker is connected (or it just went away), or the server is shutting down."""
 
 
+class GrammarInvalid(Exception):
+    """The worker's grammar engine could not compile the request's constraint: the compiler's message."""
+
+
 class CoreExited(RuntimeError):
     """The core process ended: this scheduler cannot serve any more."""
 
@@ -121,7 +125,9 @@ class EngineClient:
         return self._hello
 
     async def submit(self, handle: RequestHandle) -> None:
-        """Admits a request; raises Unavailable, QueueFull or NeverFits (nothing is kept then)."""
+        """Admits a request; raises Unavailable, QueueFull, NeverFits or GrammarInvalid (nothing is kept
+        then). A constrained request is answered once the worker has compiled its constraint (tens of ms
+        for a new schema); a caller that gives up meanwhile has its request aborted in the core."""
         if self.draining:
             raise Unavailable("shutting down")
         if self._hello is None:
@@ -139,6 +145,8 @@ class EngineClient:
             logit_bias=sp.logit_bias, min_tokens=sp.min_tokens,
             leader_uid=req.leader.uid if req.leader is not None else 0,
         )
+        if req.constraint is not None:
+            msg.constraint_kind, msg.constraint_spec = req.constraint.kind, req.constraint.spec
         answer = asyncio.get_running_loop().create_future()
         self._admits[req.uid] = answer
         self.handles[req.uid] = handle  # before the core can send its first token
@@ -146,12 +154,16 @@ class EngineClient:
         try:
             refusal, why = await answer
         except BaseException:
+            # Cancelled (the caller's deadline, a disconnect) while the core decides: the core has the
+            # SUBMIT and may admit it, so end it there too (ABORT is idempotent), or it runs for nobody.
             self._admits.pop(req.uid, None)
             self._forget(handle)
+            self._send_abort([req.uid], FinishReason.ABORTED)
             raise
         if refusal != cpb.ACCEPTED:
             self._forget(handle)
-            raise {cpb.QUEUE_FULL: QueueFull, cpb.NEVER_FITS: NeverFits}.get(refusal, Unavailable)(why)
+            raise {cpb.QUEUE_FULL: QueueFull, cpb.NEVER_FITS: NeverFits,
+                   cpb.GRAMMAR_INVALID: GrammarInvalid}.get(refusal, Unavailable)(why)
         self.metrics.admitted(len(req.prompt_ids))
 
     def abort(self, handle: RequestHandle) -> None:

@@ -22,7 +22,7 @@ from tandem.v1 import api_pb2
 
 from scheduler_svc import sample_group
 from scheduler_svc.detokenizer import OutputText
-from scheduler_svc.engine_client import EngineClient, Unavailable
+from scheduler_svc.engine_client import EngineClient, GrammarInvalid, Unavailable
 from scheduler_svc.handle import Delta, RequestHandle
 from scheduler_svc.scheduler import NeverFits, QueueFull
 from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request, prompt_ids
@@ -98,6 +98,9 @@ async def admit_samples(engine: EngineClient, limits: RequestLimits, msg: api_pb
         refusal = invalid(exc.field, exc.description)
     except NeverFits as exc:
         refusal = invalid("max_new_tokens", str(exc))
+    except GrammarInvalid as exc:
+        # The compiler's message, under the constraint's field (json_schema, regex, choice, grammar, ...).
+        refusal = invalid(msg.WhichOneof("constraint") or "constraint", f"does not compile: {exc}")
     except QueueFull as exc:
         refusal = Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, f"queue full: {exc}", retry_after_s=RETRY_AFTER_S)
     except Unavailable as exc:

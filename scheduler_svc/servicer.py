@@ -185,6 +185,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                 info.default_temperature, info.default_top_p = h.default_temperature, h.default_top_p
                 info.default_top_k, info.default_min_p = h.default_top_k, h.default_min_p
                 info.tensor_parallel_size = max(1, h.tensor_parallel_size)
+                info.structured_output_engine = h.grammar_engine
             return info
 
 

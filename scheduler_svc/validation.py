@@ -7,6 +7,7 @@ context length) use the facts of the connected worker's handshake.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from tandem import wire
 from tandem.v1 import api_pb2
 
-from scheduler_svc.request import Request, SamplingParams
+from scheduler_svc.request import Constraint, Request, SamplingParams
 from scheduler_svc.tokenizer import TandemTokenizer
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -39,6 +40,7 @@ class RequestLimits:
     max_cache_salt_length: int = 256
     max_samples: int = 16  # n
     max_logit_bias: int = 300  # logit_bias entries (OpenAI's limit)
+    max_grammar_bytes: int = 64 << 10  # a constraint's spec (schema, regex, choices, grammar), UTF-8
 
 
 def _check(cond: bool, field: str, description: str) -> None:
@@ -135,6 +137,10 @@ def build_request(
         _check(1 <= msg.n <= limits.max_samples, "n", f"must be in [1, {limits.max_samples}]")
         n = msg.n
 
+    constraint = _constraint(msg, tokenizer, hello, limits)
+    _check(constraint is None or not msg.ignore_eos, "ignore_eos",
+           "not with a constraint: past the end of the constrained output only stop tokens are allowed")
+
     request = Request(
         req_id=req_id,
         prompt_ids=ids,
@@ -146,6 +152,7 @@ def build_request(
         ignore_eos=msg.ignore_eos,
         cache_salt=msg.cache_salt,
         num_samples=n,
+        constraint=constraint,
     )
     _check(len(msg.cache_salt) <= limits.max_cache_salt_length, "cache_salt",
            f"at most {limits.max_cache_salt_length} characters")
@@ -175,3 +182,64 @@ def _penalties(msg: api_pb2.GenerateRequest, vocab_size: int, max_new: int, limi
         _check(msg.min_tokens <= max_new, "min_tokens", f"{msg.min_tokens} exceeds max_new_tokens ({max_new})")
         out["min_tokens"] = msg.min_tokens
     return out
+
+
+_GRAMMAR_SYNTAX = {api_pb2.Grammar.EBNF: "ebnf", api_pb2.Grammar.LARK: "lark"}
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _constraint(msg: api_pb2.GenerateRequest, tokenizer: TandemTokenizer | None, hello: wire.Hello,
+                limits: RequestLimits) -> Constraint | None:
+    """The `constraint` oneof as a Constraint (None: free output). Only cheap structural checks: whether
+    the constraint compiles is the worker's grammar engine's to say (ADMITTED GRAMMAR_INVALID)."""
+    which = msg.WhichOneof("constraint")
+    if which is None:
+        return None
+    _check(tokenizer is not None, which,
+           "this server has no structured-output engine (its worker runs --skip-tokenizer, and constraints need "
+           "the tokenizer)")
+    _check(bool(hello.grammar_engine), which,
+           "this server has no structured-output engine (its worker announced none: a worker without xgrammar, "
+           "or one that does not support structured output yet)")
+    cap = limits.max_grammar_bytes
+
+    def fits(text: str, field: str) -> None:
+        _check(len(text.encode()) <= cap, field, f"longer than {cap} bytes (the server's --max-grammar-bytes)")
+
+    if which == "json_schema":
+        text = msg.json_schema
+        _check(text.strip() != "", "json_schema", "must not be empty (a JSON Schema document as JSON text)")
+        fits(text, "json_schema")
+        try:
+            schema = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise InvalidArgument("json_schema", f"not valid JSON: {exc}") from None
+        _check(isinstance(schema, dict) or schema is True, "json_schema",
+               f"must be a JSON object (a JSON Schema document) or true, not {type(schema).__name__}")
+        # Compact and in the order written (a schema's property order is its output's): equal schemas
+        # written with different whitespace share one compiled grammar. `true` is the schema `{}`.
+        return Constraint("json_schema", json.dumps(schema if schema is not True else {}, separators=(",", ":")))
+    if which == "json_object":
+        _check(msg.json_object, "json_object", "must be true (any JSON object); leave it unset for free output")
+        return Constraint("json_object", "")  # the worker compiles {"type": "object"}
+    if which == "regex":
+        _check(msg.regex != "", "regex", "must not be empty")
+        fits(msg.regex, "regex")
+        return Constraint("regex", msg.regex)
+    if which == "choice":
+        choices = list(msg.choice.choices)
+        _check(len(choices) > 0, "choice.choices", "must not be empty")
+        for i, c in enumerate(choices):
+            _check(c != "", f"choice.choices[{i}]", "must not be empty")
+        spec = json.dumps(choices)
+        fits(spec, "choice.choices")
+        return Constraint("choice", spec)
+    assert which == "grammar", which
+    _check(msg.grammar.text.strip() != "", "grammar.text", "must not be empty")
+    fits(msg.grammar.text, "grammar.text")
+    kind = _GRAMMAR_SYNTAX.get(msg.grammar.syntax)
+    _check(kind is not None, "grammar.syntax", f"unknown syntax {msg.grammar.syntax}; expected EBNF or LARK")
+    return Constraint(kind, msg.grammar.text)
