@@ -7,6 +7,13 @@ outputs match the reference to the last bit except where a reduction's order dif
 mean): the sum of the residual add is rounded to the model's dtype before it is normalised, the
 normalised value is rounded before the weight multiplies it, SiLU is rounded before the up product,
 and RoPE's two products are rounded before their sum, as the eager ops do one tensor at a time.
+Every launch passes `enable_fp_fusion=False`: with it on (Triton's default), LLVM narrows the f32
+arithmetic on bf16 values to bf16 instructions and contracts RoPE's `x1 * c1` with the following
+add into one `fma.rn.bf16`, so that product is never rounded and the result near a cancellation
+differs from eager's by a unit of the product (seen on an H200, and in the PTX, compiled here for
+sm_90). Without contraction every operation rounds as eager's do, and the kernel equals eager bit
+for bit (f32 holds more than twice bf16's precision plus two bits, so eager's f32-then-bf16 double
+rounding of each operation equals the kernel's single bf16 rounding).
 
 Nothing here reads a device value on the host and every shape that matters is a grid dimension or
 a constexpr of the model (hidden size, head dim), so the kernels are graph-capturable and compile
@@ -18,6 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+_EXACT = {"enable_fp_fusion": False}  # no FMA contraction: each operation rounds where eager's does
 
 
 @triton.jit
@@ -52,7 +61,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty_like(x2)
     n = x2.shape[1]
     _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), 0, n, eps,
-                                     HAS_RES=False, BLOCK=triton.next_power_of_2(n))
+                                     HAS_RES=False, BLOCK=triton.next_power_of_2(n), **_EXACT)
     return out.view(x.shape)
 
 
@@ -63,7 +72,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     out, total = torch.empty_like(x2), torch.empty_like(x2)
     n = x2.shape[1]
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, total, x2.stride(0), r2.stride(0), out.stride(0),
-                                     total.stride(0), n, eps, HAS_RES=True, BLOCK=triton.next_power_of_2(n))
+                                     total.stride(0), n, eps, HAS_RES=True, BLOCK=triton.next_power_of_2(n), **_EXACT)
     return out.view(x.shape), total.view(x.shape)
 
 
@@ -85,7 +94,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gu.new_empty((gu.shape[0], inter))
     block = 1024
     _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, out, gu.stride(0), out.stride(0), inter,
-                                                                 BLOCK=block)
+                                                                 BLOCK=block, **_EXACT)
     return out.view(*gate_up.shape[:-1], inter)
 
 
@@ -103,9 +112,8 @@ def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_ct, stride_st, HALF
     s1 = tl.load(sin_ptr + tok * stride_st + d).to(tl.float32)
     s2 = tl.load(sin_ptr + tok * stride_st + HALF + d).to(tl.float32)
     ty = qkv_ptr.dtype.element_ty
-    # Eager: x * cos + rotate_half(x) * sin, each product rounded to the dtype, then the sum. Measured
-    # on an H200 in bf16, the result near a cancellation still differs from eager's by up to a unit of
-    # the products (why is not established); tests/test_fusion.py bounds both against the exact value.
+    # Eager: x * cos + rotate_half(x) * sin, each product rounded to the dtype, then the sum; the
+    # launch disables FMA contraction, which would skip the first product's rounding (module docstring).
     o1 = (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)
     o2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
     tl.store(base + d, o1.to(ty))
@@ -119,4 +127,4 @@ def rope_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
     assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1
     assert head_dim % 2 == 0 and triton.next_power_of_2(head_dim) == head_dim, "head_dim: a power of two"
     _rope_kernel[(qkv.shape[0], heads + kv_heads)](qkv, cos, sin, qkv.stride(0), cos.stride(0), sin.stride(0),
-                                                   HALF=head_dim // 2, HEAD_DIM=head_dim)
+                                                   HALF=head_dim // 2, HEAD_DIM=head_dim, **_EXACT)
