@@ -137,9 +137,11 @@ def build_request(
         _check(1 <= msg.n <= limits.max_samples, "n", f"must be in [1, {limits.max_samples}]")
         n = msg.n
 
-    constraint = _constraint(msg, tokenizer, hello, limits)
-    _check(constraint is None or not msg.ignore_eos, "ignore_eos",
-           "not with a constraint: past the end of the constrained output only stop tokens are allowed")
+    constraint = _constraint(msg, limits)
+    if constraint is not None:
+        _check(not msg.ignore_eos, "ignore_eos",
+               "not with a constraint: past the end of the constrained output only stop tokens are allowed")
+        _constraint_served(msg.WhichOneof("constraint"), tokenizer, hello)
 
     request = Request(
         req_id=req_id,
@@ -191,19 +193,23 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
-def _constraint(msg: api_pb2.GenerateRequest, tokenizer: TandemTokenizer | None, hello: wire.Hello,
-                limits: RequestLimits) -> Constraint | None:
-    """The `constraint` oneof as a Constraint (None: free output). Only cheap structural checks: whether
-    the constraint compiles is the worker's grammar engine's to say (ADMITTED GRAMMAR_INVALID)."""
-    which = msg.WhichOneof("constraint")
-    if which is None:
-        return None
+def _constraint_served(which: str, tokenizer: TandemTokenizer | None, hello: wire.Hello) -> None:
+    """Refuses a (well-formed) constraint when this server cannot enforce one."""
     _check(tokenizer is not None, which,
            "this server has no structured-output engine (its worker runs --skip-tokenizer, and constraints need "
            "the tokenizer)")
     _check(bool(hello.grammar_engine), which,
            "this server has no structured-output engine (its worker announced none: a worker without xgrammar, "
            "or one that does not support structured output yet)")
+
+
+def _constraint(msg: api_pb2.GenerateRequest, limits: RequestLimits) -> Constraint | None:
+    """The `constraint` oneof as a Constraint (None: free output). Only cheap structural checks, the
+    same whether or not this server can enforce it (`_constraint_served`, checked after): whether the
+    constraint compiles is the worker's grammar engine's to say (ADMITTED GRAMMAR_INVALID)."""
+    which = msg.WhichOneof("constraint")
+    if which is None:
+        return None
     cap = limits.max_grammar_bytes
 
     def fits(text: str, field: str) -> None:

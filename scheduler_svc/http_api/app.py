@@ -201,7 +201,8 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
     async def models() -> Response:
         name = served_model(None)
         hello = engine.hello()
-        card = s.ModelCard(id=name, created=started, max_model_len=hello.max_context, vocab_size=hello.vocab_size)
+        card = s.ModelCard(id=name, created=started, max_model_len=hello.max_context, vocab_size=hello.vocab_size,
+                           structured_output_engine=hello.grammar_engine)
         return Response(s.ModelList(data=[card]).model_dump_json(), media_type="application/json")
 
     @app.get("/health")

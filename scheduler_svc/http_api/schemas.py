@@ -220,6 +220,9 @@ class ModelCard(BaseModel):
     owned_by: str = "tandem"
     max_model_len: int
     vocab_size: int  # not OpenAI's: lets a load generator draw random token-id prompts (tandem bench)
+    # Not OpenAI's: the grammar engine that enforces response_format / structured_outputs, e.g.
+    # "xgrammar 0.2.9" (GetModelInfo's structured_output_engine); empty: constraints are refused.
+    structured_output_engine: str = ""
 
 
 class ModelList(BaseModel):
