@@ -1,27 +1,32 @@
-"""Structured output at the API layer, without a worker: the constraint oneof becomes the Request's
-Constraint (or INVALID_ARGUMENT naming the field), the Submit carries it, a GRAMMAR_INVALID answer is
-INVALID_ARGUMENT under the constraint's field with the compiler's message, and a caller that gives up
-while the core is still compiling has its request aborted in the core."""
+"""Structured output at the gRPC API layer.
+
+- Validation, as a function of the request and the worker handshake's facts: the constraint oneof
+  becomes the Request's Constraint (compact schema text, so equal schemas share one key), or
+  INVALID_ARGUMENT naming the field; a server with no grammar engine (or no tokenizer) refuses every
+  well-formed constraint, saying so.
+- The real server (the session's tiny scheduler + worker): malformed constraints refused naming the
+  field (unary and streaming); without an engine, every constraint refused; with one (skipped until
+  the worker announces it), a constraint that does not compile is INVALID_ARGUMENT with the compiler's
+  message, outputs under each kind of constraint are valid (the client's and `tandem generate`'s
+  arguments reach the worker's grammar engine), and a caller that gives up while its constraint
+  compiles leaves nothing running.
+- The client library's and the CLI's constraint arguments, as the request they build.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
+import re
+import time
+import uuid
 
 import grpc
 import pytest
 from tandem import wire
-from tandem.v1 import api_pb2
-from tandem.v1 import core_pb2 as cpb
+from tandem.v1 import api_pb2, api_pb2_grpc
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from scheduler_svc import core_link as cl
-from scheduler_svc import frontend
-from scheduler_svc.detokenizer import OutputText
-from scheduler_svc.engine_client import EngineClient, GrammarInvalid, Unavailable
-from scheduler_svc.handle import RequestHandle
-from scheduler_svc.metrics import Metrics
+from client import TandemClient, TandemError, _convert
 from scheduler_svc.request import Constraint
 from scheduler_svc.tokenizer import TandemTokenizer
 from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request
@@ -104,8 +109,86 @@ def test_each_sample_of_n_shares_the_constraint():
     assert [r.constraint for r in sample_group.expand(req)] == [Constraint("regex", "a+")] * 3
 
 
-# ----- malformed ones: INVALID_ARGUMENT naming the field --------------------------------------------
-@pytest.mark.parametrize("fields, field, words", [
+def test_the_size_cap_counts_bytes():
+    small = RequestLimits(max_grammar_bytes=10)
+    assert _build(_msg(regex="é" * 5), limits=small).constraint.spec == "é" * 5  # 10 bytes
+    for fields, field in (({"regex": "é" * 6}, "regex"),
+                          ({"json_schema": '{"type": "object"}'}, "json_schema"),
+                          ({"choice": api_pb2.ChoiceList(choices=["aaaa", "bbbb"])}, "choice.choices"),
+                          ({"grammar": api_pb2.Grammar(text='root ::= "abc"')}, "grammar.text")):
+        err = _refused(_msg(**fields), limits=small)
+        assert err.field == field and "longer than 10 bytes" in err.description
+
+
+def test_a_server_without_an_engine_refuses_every_constraint():
+    """The handshake's facts as validation sees them: a worker that announced no grammar engine, or one
+    without a tokenizer (--skip-tokenizer). A malformed constraint is still refused for what is wrong
+    with it, first; free output is still served."""
+    for fields, field in (({"json_schema": "{}"}, "json_schema"), ({"json_object": True}, "json_object"),
+                          ({"regex": "a"}, "regex"), ({"choice": api_pb2.ChoiceList(choices=["a"])}, "choice"),
+                          ({"grammar": api_pb2.Grammar(text="root ::= x")}, "grammar")):
+        err = _refused(_msg(**fields), hello=_hello(engine=""))
+        assert err.field == field and "no structured-output engine" in err.description
+        err = _refused(_msg(**fields), tokenizer=None)
+        assert err.field == field and "--skip-tokenizer" in err.description
+    for fields, field, words in (({"json_schema": "{not json"}, "json_schema", "not valid JSON"),
+                                 ({"choice": api_pb2.ChoiceList(choices=["a", ""])}, "choice.choices[1]", "empty"),
+                                 ({"regex": "a", "ignore_eos": True}, "ignore_eos", "only stop tokens")):
+        for kw in ({"hello": _hello(engine="")}, {"tokenizer": None}):
+            err = _refused(_msg(**fields), **kw)
+            assert err.field == field and words in err.description, (kw, err)
+    assert _build(_msg(), hello=_hello(engine="")).constraint is None
+
+
+# ----- the real server: gRPC ------------------------------------------------------------------------
+# The session's tiny server (random:tiny-llama, depth 2): random weights produce noise, so only the
+# constraint makes an output valid; every constraint here is bounded so the noise must finish.
+PROMPT = [2, 3, 4]
+
+
+def _call(server, msg: api_pb2.GenerateRequest, stream: bool = False, timeout: float = 60):
+    """One Generate (or GenerateStream, read to its end) with the raw message: the answer, or the
+    TandemError the client library makes of the refusal."""
+    with grpc.insecure_channel(server.address) as ch:
+        stub = api_pb2_grpc.TandemStub(ch)
+        try:
+            if stream:
+                return list(stub.GenerateStream(msg, timeout=timeout))
+            return stub.Generate(msg, timeout=timeout)
+        except grpc.RpcError as err:
+            return _convert.error_from_rpc(err)
+
+
+def _refusal(server, msg: api_pb2.GenerateRequest, stream: bool = False) -> TandemError:
+    err = _call(server, msg, stream)
+    assert isinstance(err, TandemError), err
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert len(err.field_violations) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def engine(tiny) -> str:
+    with TandemClient(tiny.address) as c:
+        return c.model_info().structured_output_engine
+
+
+@pytest.fixture
+def with_engine(engine):
+    if not engine:
+        pytest.skip("the server has no structured-output engine (GetModelInfo.structured_output_engine is empty: "
+                    "the worker's Hello.grammar_engine is empty until the core and worker wiring of constraints "
+                    "lands), so every constraint is refused")
+    return engine
+
+
+@pytest.fixture
+def without_engine(engine):
+    if engine:
+        pytest.skip(f"the server's worker has a structured-output engine ({engine})")
+
+
+MALFORMED = [
     ({"json_schema": ""}, "json_schema", "must not be empty"),
     ({"json_schema": "{not json"}, "json_schema", "not valid JSON"),
     ({"json_schema": '{"maximum": NaN}'}, "json_schema", "not valid JSON"),
@@ -119,165 +202,142 @@ def test_each_sample_of_n_shares_the_constraint():
     ({"grammar": api_pb2.Grammar(text=" \n")}, "grammar.text", "must not be empty"),
     ({"grammar": api_pb2.Grammar(text="root ::= x", syntax=7)}, "grammar.syntax", "unknown syntax"),
     ({"regex": "a+", "ignore_eos": True}, "ignore_eos", "only stop tokens"),
-])
-def test_malformed_constraints(fields, field, words):
-    err = _refused(_msg(**fields))
-    assert err.field == field and words in err.description, err
+    # --max-grammar-bytes (default 64 KiB) counts bytes: 32769 two-byte characters are 65538 bytes.
+    ({"regex": "é" * 32769}, "regex", "longer than 65536 bytes"),
+    ({"choice": api_pb2.ChoiceList(choices=["x" * 40000, "y" * 40000])}, "choice.choices", "longer than 65536"),
+]
 
 
-def test_the_size_cap_counts_bytes():
-    small = RequestLimits(max_grammar_bytes=10)
-    assert _build(_msg(regex="é" * 5), limits=small).constraint.spec == "é" * 5  # 10 bytes
-    for fields, field in (({"regex": "é" * 6}, "regex"),
-                          ({"json_schema": '{"type": "object"}'}, "json_schema"),
-                          ({"choice": api_pb2.ChoiceList(choices=["aaaa", "bbbb"])}, "choice.choices"),
-                          ({"grammar": api_pb2.Grammar(text='root ::= "abc"')}, "grammar.text")):
-        err = _refused(_msg(**fields), limits=small)
-        assert err.field == field and "longer than 10 bytes" in err.description
+@pytest.mark.parametrize("fields, field, words", MALFORMED, ids=[f"{m[1]}-{i}" for i, m in enumerate(MALFORMED)])
+def test_malformed_constraints_are_invalid_argument_naming_the_field(tiny, fields, field, words):
+    """Whether or not the server has a grammar engine: refused before anything is queued."""
+    msg = _msg(**fields)
+    for stream in (False, True):
+        err = _refusal(tiny, msg, stream)
+        assert err.field_violations[0][0] == field and words in err.field_violations[0][1], err
+        assert err.message.startswith(f"{field}: "), err
 
 
-def test_a_server_without_an_engine_refuses_every_constraint():
+def test_without_an_engine_every_constraint_is_refused(tiny, without_engine):
     for fields, field in (({"json_schema": "{}"}, "json_schema"), ({"json_object": True}, "json_object"),
                           ({"regex": "a"}, "regex"), ({"choice": api_pb2.ChoiceList(choices=["a"])}, "choice"),
-                          ({"grammar": api_pb2.Grammar(text="root ::= x")}, "grammar")):
-        err = _refused(_msg(**fields), hello=_hello(engine=""))
-        assert err.field == field and "no structured-output engine" in err.description
-        err = _refused(_msg(**fields), tokenizer=None)
-        assert err.field == field and "--skip-tokenizer" in err.description
-    assert _build(_msg(), hello=_hello(engine="")).constraint is None  # free output still served
+                          ({"grammar": api_pb2.Grammar(text='root ::= "a"')}, "grammar")):
+        err = _refusal(tiny, _msg(**fields))
+        assert err.field_violations[0] == (field, err.field_violations[0][1])
+        assert "no structured-output engine" in err.field_violations[0][1], err
+    with TandemClient(tiny.address) as c:  # free output is still served
+        assert len(c.generate(token_ids=PROMPT, max_new_tokens=3).token_ids) >= 1
 
 
-# ----- the core link: Submit, GRAMMAR_INVALID, a caller gone while compiling ------------------------
-class _Front:
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, bytes]] = []
+def _compiler_message(kind: str, spec: str) -> str:
+    """What xgrammar itself says of `spec` (its C++ source location dropped)."""
+    import xgrammar as xgr
 
-    def send(self, kind: bytes, header: bytes) -> None:
-        self.sent.append((kind, header))
-
-
-class _Core:
-    def poll(self):
-        return None
+    make = {"json_schema": xgr.Grammar.from_json_schema, "regex": xgr.Grammar.from_regex,
+            "ebnf": xgr.Grammar.from_ebnf}[kind]
+    with pytest.raises(RuntimeError) as info:
+        make(spec)
+    return str(info.value).strip().split(": ", 1)[-1]
 
 
-def _engine() -> EngineClient:
-    """An EngineClient with its core link replaced by a recorder (no core process)."""
-    ec = EngineClient.__new__(EngineClient)
-    ec.draining, ec._hello, ec._tokenizer = False, _hello(), TOKENIZER
-    ec._uids, ec._admits, ec.handles, ec.metrics = itertools.count(1), {}, {}, Metrics()
-    ec.front, ec.core = _Front(), _Core()
-    return ec
-
-
-def _admitted(ec: EngineClient, uid: int, refusal: int, message: str = "") -> None:
-    ec._dispatch(cl.KIND_ADMITTED, cpb.Admitted(uid=uid, refusal=refusal, message=message).SerializeToString(), [])
-
-
-def _handle(msg: api_pb2.GenerateRequest) -> RequestHandle:
-    req = _build(msg)
-    return RequestHandle(req, "client-1", OutputText(TOKENIZER, []))
-
-
-def test_submit_carries_the_constraint_and_grammar_invalid_is_raised():
-    async def go():
-        ec = _engine()
-        handle = _handle(_msg(json_schema='{"type": "strin"}'))
-        task = asyncio.ensure_future(ec.submit(handle))
-        await asyncio.sleep(0)
-        kind, header = ec.front.sent[-1]
-        sub = cpb.Submit.FromString(header)
-        assert kind == cl.KIND_SUBMIT and (sub.constraint_kind, sub.constraint_spec) == ("json_schema",
-                                                                                         '{"type":"strin"}')
-        _admitted(ec, sub.uid, cpb.GRAMMAR_INVALID, 'Unsupported type "strin"')
-        with pytest.raises(GrammarInvalid, match='Unsupported type "strin"'):
-            await task
-        assert ec.handles == {} and ec._admits == {}
-
-        free = _handle(_msg())
-        task = asyncio.ensure_future(ec.submit(free))
-        await asyncio.sleep(0)
-        sub = cpb.Submit.FromString(ec.front.sent[-1][1])
-        assert sub.constraint_kind == "" and sub.constraint_spec == ""
-        _admitted(ec, sub.uid, cpb.ACCEPTED)
-        await task
-        assert ec.handles == {sub.uid: free}
-    asyncio.run(go())
-
-
-def test_a_caller_cancelled_while_the_core_compiles_aborts_its_request():
-    async def go():
-        ec = _engine()
-        task = asyncio.ensure_future(ec.submit(_handle(_msg(regex="a+"))))
-        await asyncio.sleep(0)
-        uid = cpb.Submit.FromString(ec.front.sent[-1][1]).uid
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        kind, header = ec.front.sent[-1]
-        assert kind == cl.KIND_ABORT and list(cpb.Abort.FromString(header).uids) == [uid]
-        assert ec.handles == {} and ec._admits == {}
-        _admitted(ec, uid, cpb.ACCEPTED)  # the core's late answer is dropped
-        assert ec.handles == {}
-    asyncio.run(go())
-
-
-class _FakeEngine:
-    """What frontend.admit_samples uses of an EngineClient; every submit answers `answer`."""
-
-    def __init__(self, answer: Exception | None) -> None:
-        self.metrics, self.answer, self.submitted, self.aborted = Metrics(), answer, [], []
-
-    def tokenizer(self):
-        return TOKENIZER
-
-    def hello(self):
-        return _hello()
-
-    async def submit(self, handle):
-        self.submitted.append(handle)
-        if self.answer is not None:
-            raise self.answer
-
-    def abort(self, handle):
-        self.aborted.append(handle)
-
-
-@pytest.mark.parametrize("fields, field", [
-    ({"json_schema": '{"type": "strin"}'}, "json_schema"),
-    ({"regex": "(a"}, "regex"),
-    ({"choice": api_pb2.ChoiceList(choices=["a"])}, "choice"),
-    ({"grammar": api_pb2.Grammar(text="root ::= undefined_rule")}, "grammar"),
-    ({"json_object": True}, "json_object"),
+@pytest.mark.parametrize("fields, field, kind, spec", [
+    ({"json_schema": '{"type": "strin"}'}, "json_schema", "json_schema", '{"type": "strin"}'),
+    ({"regex": "(a"}, "regex", "regex", "(a"),
+    ({"grammar": api_pb2.Grammar(text="root ::= undefined_rule")}, "grammar", "ebnf", "root ::= undefined_rule"),
 ])
-def test_grammar_invalid_is_invalid_argument_naming_the_constraint(fields, field):
-    engine = _FakeEngine(GrammarInvalid("the compiler's message"))
-    with pytest.raises(frontend.Refusal) as info:
-        asyncio.run(frontend.admit_samples(engine, LIMITS, _msg(**fields), "c"))  # type: ignore[arg-type]
-    r = info.value
-    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.field == field
-    assert "the compiler's message" in r.description and r.message.startswith(f"{field}: ")
-    assert engine.metrics.failure["INVALID_ARGUMENT"] == 1
+def test_a_constraint_that_does_not_compile_is_invalid_argument_with_the_compilers_message(
+        tiny, with_engine, fields, field, kind, spec):
+    message = _compiler_message(kind, spec)
+    assert message and "cc:" not in message
+    for stream, n in ((False, 1), (True, 1), (False, 3)):
+        err = _refusal(tiny, _msg(n=n, **fields), stream)
+        assert err.field_violations[0][0] == field, err
+        assert err.field_violations[0][1].startswith("does not compile: ") and message in err.field_violations[0][1]
+    st = tiny.wait_idle()  # nothing of the refused requests (n samples included) is left in the core
+    assert st.num_running == 0 and st.num_waiting == 0 and st.kv_blocks_free == st.kv_blocks_total
 
 
-def test_grammar_invalid_for_a_later_sample_aborts_the_earlier_ones():
-    class Second(_FakeEngine):
-        async def submit(self, handle):
-            self.submitted.append(handle)
-            if len(self.submitted) == 2:
-                raise GrammarInvalid("no")
-
-    engine = Second(None)
-    with pytest.raises(frontend.Refusal):
-        asyncio.run(frontend.admit_samples(engine, LIMITS, _msg(regex="a", n=3), "c"))  # type: ignore[arg-type]
-    assert engine.aborted == engine.submitted[:1]
+def _close_bias(server) -> dict[int, float]:
+    """Makes a random model close strings and objects as soon as the grammar lets it, so that any-object
+    JSON ends within max_new_tokens (the same bias unconstrained makes a stream of `}` and `"`)."""
+    with TandemClient(server.address) as c:
+        ids = [c.tokenize(t).token_ids for t in ("}", '"')]
+    assert all(len(i) == 1 for i in ids), ids
+    return {i[0]: 50.0 for i in ids}
 
 
-def test_unavailable_is_still_unavailable():
-    engine = _FakeEngine(Unavailable("no worker connected"))
-    with pytest.raises(frontend.Refusal) as info:
-        asyncio.run(frontend.admit_samples(engine, LIMITS, _msg(regex="a"), "c"))  # type: ignore[arg-type]
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "n": {"type": "integer", "minimum": -5, "maximum": 500},
+                                           "ok": {"type": "boolean"}},
+          "required": ["name", "n", "ok"], "additionalProperties": False}
+
+
+def test_constrained_outputs_are_valid(tiny, with_engine):
+    """The client's constraint arguments reach the worker's grammar engine: each output, at temperature 1,
+    ends EOS and is valid; streamed text likewise."""
+    import jsonschema
+
+    bias = _close_bias(tiny)
+    with TandemClient(tiny.address) as c:
+        for seed in range(3):
+            common = {"token_ids": PROMPT, "max_new_tokens": 96, "temperature": 1.0, "seed": seed}
+            r = c.generate(json_schema=SCHEMA, **common)
+            assert r.finish_reason == "eos", r
+            jsonschema.validate(json.loads(r.text), SCHEMA)
+            r = c.generate(json_object=True, logit_bias=bias, **common)
+            assert r.finish_reason == "eos" and isinstance(json.loads(r.text), dict), r
+            r = c.generate(regex=r"[a-e]{1,4}@[0-9]{2}", **common)
+            assert r.finish_reason == "eos" and re.fullmatch(r"[a-e]{1,4}@[0-9]{2}", r.text), r
+            r = c.generate(choice=["sun", "moon", "naïve"], **common)
+            assert r.finish_reason == "eos" and r.text in ("sun", "moon", "naïve"), r
+            r = c.generate(grammar='root ::= "(" [0-9] ("+" [0-9])? ")"', **common)
+            assert r.finish_reason == "eos" and re.fullmatch(r"\([0-9](\+[0-9])?\)", r.text), r
+            chunks = list(c.generate_stream(regex=r"[xyz]{3}", **common))
+            assert chunks[-1].completion.finish_reason == "eos", chunks[-1]
+            assert re.fullmatch("[xyz]{3}", "".join(x.text for x in chunks)), chunks
+
+
+def test_cli_constraint_against_the_server(tiny, with_engine, capsys):
+    from client.cli import main
+
+    args = ["generate", "a b", "--address", tiny.address, "--max-new-tokens", "16", "--temperature", "1",
+            "--seed", "5"]
+    assert main([*args, "--regex", "[0-9]{3}"]) == 0
+    out = capsys.readouterr()
+    assert re.fullmatch(r"[0-9]{3}\n", out.out) and "eos" in out.err, out
+    assert main([*args, "--choice", "left", "--choice", "right"]) == 0
+    assert capsys.readouterr().out in ("left\n", "right\n")
+    assert main([*args, "--regex", "(a"]) == 1
+    out = capsys.readouterr()
+    assert "INVALID_ARGUMENT" in out.err and "regex" in out.err and "does not compile" in out.err, out
+
+
+def _slow_schema() -> dict:
+    """A schema that takes xgrammar about a second to compile (800 optional properties, new each call so
+    that no cache holds it), whose output starts with 1500 digits (one token each in this vocabulary)."""
+    tag = uuid.uuid4().hex[:8]
+    props = {"z": {"type": "string", "pattern": "^[0-9]{1500}$"}}
+    props.update({f"p{i}_{tag}": {"type": "string", "maxLength": 4} for i in range(800)})
+    schema = {"type": "object", "properties": props, "required": ["z"], "title": tag}
+    assert len(json.dumps(schema)) < 64 << 10
+    return schema
+
+
+def test_a_caller_gone_while_its_constraint_compiles_leaves_nothing_running(tiny, with_engine):
+    """A deadline that expires while the worker compiles: the request is aborted in the core too, so it
+    never runs once the compile is done (it would take 1500+ steps). A second request with the same
+    schema waits for the same compile; when it has finished, nothing may be running."""
+    schema = json.dumps(_slow_schema())
+    with TandemClient(tiny.address) as c:
+        t0 = time.monotonic()
+        with pytest.raises(TandemError) as info:
+            c.generate(token_ids=PROMPT, json_schema=schema, max_new_tokens=1900, temperature=1.0, timeout=0.2)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+        r = c.generate(token_ids=PROMPT, json_schema=schema, max_new_tokens=8, temperature=1.0, timeout=120)
+        assert r.finish_reason == "length" and r.text.startswith('{"z":"'), r
+        assert time.monotonic() - t0 > 0.3  # it did wait for the compile
+    st = tiny.wait_idle(timeout=1.0)
+    assert st.num_running == 0 and st.num_waiting == 0 and st.kv_blocks_free == st.kv_blocks_total, st
 
 
 # ----- the client library and `tandem generate` ------------------------------------------------------

@@ -1,45 +1,58 @@
 """Structured output on the OpenAI-compatible HTTP API: `response_format` and vLLM's `structured_outputs`
-become the GenerateRequest's constraint (hence the Request's Constraint), two at once are refused
-naming both, and every error names the OpenAI parameter the client sent.
+on both endpoints, against one real scheduler + worker (random:tiny-llama, depth 2) serving HTTP,
+driven with the `openai` package.
 
-Most of it needs no worker: the conversion functions directly, and the real FastAPI app served by
-uvicorn in this process in front of a stand-in engine that records what it was asked and answers with
-a fixed completion (or the compiler's refusal), driven with the `openai` package. The end-to-end
-checks against a real scheduler + worker (outputs that parse and validate) wait for the worker's
-grammar engine: they run with TANDEM_STRUCTURED_E2E=1.
+- The conversion functions directly: which constraint each parameter becomes, the grammar syntax
+  heuristic, the field -> OpenAI parameter mapping (pure functions, no server).
+- What the server refuses and how, whether or not it has a grammar engine: 400 `invalid_argument`
+  naming the OpenAI parameter (two constraints, malformed ones, options not served, ignore_eos).
+- Without a grammar engine (the worker's Hello announces none): every constraint is 400 naming its
+  parameter and saying so; free output is still served. Skipped once the worker has one.
+- With one (skipped until the worker announces it; the reason says so): outputs under a JSON schema
+  parse and validate (`jsonschema`), under json_object are objects, under a regex match fully, under
+  a choice or grammar are one of its strings, on both endpoints, streamed and with n; each asserted
+  only with finish_reason "stop" (random weights produce noise, so only the constraint makes the
+  output valid; every schema here is bounded so that the noise must finish within max_tokens); an
+  output cut by max_tokens ends "length"; a constraint that does not compile is 400 with the
+  compiler's message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import threading
-import time
+import uuid
 
 import openai
 import pytest
-from tandem import wire
 from tandem.v1 import api_pb2
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from scheduler_svc.engine_client import GrammarInvalid
+from client import TandemClient
+from client.local_server import TandemServer
 from scheduler_svc.http_api import convert
-from scheduler_svc.http_api.app import create_app
-from scheduler_svc.http_api.errors import ApiError, openai_param
+from scheduler_svc.http_api.errors import openai_param
 from scheduler_svc.http_api.schemas import ChatCompletionRequest, CompletionRequest
-from scheduler_svc.http_api.serve import HttpConfig, HttpServer
-from scheduler_svc.metrics import Metrics
-from scheduler_svc.request import Constraint, FinishReason
-from scheduler_svc.tokenizer import TandemTokenizer
-from scheduler_svc.validation import RequestLimits
+from tests.conftest import TINY_WORKER_ARGS
 
+MODEL = "random:tiny-llama"
+PROMPT = "a b"
 CHAT = [{"role": "user", "content": "a b"}]
-SCHEMA = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string", "maxLength": 4}},
-          "required": ["a", "b"], "additionalProperties": False}
+# Bounded everywhere (string lengths, integer ranges, item counts), so that even a random-weight model's
+# noise must finish well within max_tokens under it.
+SCHEMA = {"type": "object", "properties": {"b": {"type": "integer", "minimum": 0, "maximum": 999},
+                                           "a": {"type": "string", "maxLength": 4}},
+          "required": ["b", "a"], "additionalProperties": False}
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 8},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
+REGEX = r"[0-9]{2}-[a-c]{1,3}"
+COLOURS = ["red", "green", "blue"]
 EBNF = 'root ::= "yes" | "no"'
 LARK = 'start: answer\nanswer: "yes" | "no"\n'
+ENDPOINTS = ["completions", "chat"]
 
 
 def _chat(**fields) -> tuple[api_pb2.GenerateRequest, convert.Spec]:
@@ -47,16 +60,10 @@ def _chat(**fields) -> tuple[api_pb2.GenerateRequest, convert.Spec]:
 
 
 def _completion(**fields) -> tuple[api_pb2.GenerateRequest, convert.Spec]:
-    return convert.completion_request(CompletionRequest.model_validate({"prompt": "a b", **fields}))
+    return convert.completion_request(CompletionRequest.model_validate({"prompt": PROMPT, **fields}))
 
 
-def _api_error(make, **fields) -> ApiError:
-    with pytest.raises(ApiError) as info:
-        make(**fields)
-    return info.value
-
-
-# ----- conversion ---------------------------------------------------------------------------------
+# ----- conversion (pure functions) ------------------------------------------------------------------
 def test_response_format_text_is_free_output():
     msg, spec = _chat(response_format={"type": "text"})
     assert msg.WhichOneof("constraint") is None and spec.constraint_param == ""
@@ -119,29 +126,6 @@ def test_grammar_syntax_heuristic(text, syntax):
     assert convert.grammar_syntax(text) == syntax
 
 
-def test_two_constraints_are_refused_naming_both():
-    err = _api_error(_chat, response_format={"type": "json_object"}, structured_outputs={"regex": "a"})
-    assert err.status == 400 and "response_format" in err.message and "structured_outputs.regex" in err.message
-    err = _api_error(_completion, structured_outputs={"regex": "a", "choice": ["a"]})
-    assert err.status == 400 and "structured_outputs.regex and structured_outputs.choice" in err.message
-    assert err.param == "structured_outputs.choice"
-
-
-def test_response_format_json_schema_needs_a_schema():
-    err = _api_error(_chat, response_format={"type": "json_schema"})
-    assert err.param == "response_format.json_schema"
-    err = _api_error(_chat, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
-    assert err.param == "response_format.json_schema.schema"
-
-
-def test_options_tandem_does_not_serve_are_refused_by_name():
-    err = _api_error(_chat, structured_outputs={"structural_tag": "{}"})
-    assert err.param == "structured_outputs.structural_tag" and "not supported" in err.message
-    err = _api_error(_completion, guided_json=SCHEMA)
-    assert err.param == "guided_json" and "structured_outputs" in err.message
-    _chat(structured_outputs={"regex": "a", "disable_fallback": False})  # a false option asks for nothing
-
-
 def test_field_mapping_names_the_openai_parameter():
     def param(field: str, constraint_param: str) -> str:
         return openai_param(field, "messages", "max_tokens", "top_logprobs", constraint_param)
@@ -156,236 +140,311 @@ def test_field_mapping_names_the_openai_parameter():
     assert param("temperature", "structured_outputs.regex") == "temperature"
 
 
-# ----- the app, in front of a stand-in engine -----------------------------------------------------
-VOCAB = ["<unk>", "<eos>", "a", "b", "yes", "no", "{", "}"]
-
-
-def _tokenizer() -> TandemTokenizer:
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece()  # joins the words with spaces
-    return TandemTokenizer(tok.to_str(), chat_template="{% for m in messages %}{{ m.content }} {% endfor %}",
-                           eos_token="<eos>")
-
-
-class FakeEngine:
-    """What the HTTP app uses of an EngineClient. Every admitted request gets the tokens "yes" + EOS;
-    a constraint whose spec names the type `"strin"` fails to compile, as xgrammar says it."""
-
-    def __init__(self) -> None:
-        self.metrics = Metrics()
-        self.serving, self.draining = True, False
-        self.requests: list = []
-        self._tokenizer = _tokenizer()
-        self._hello = wire.Hello(worker_id="w", pid=1, model_name="fake", vocab_size=len(VOCAB), eos_token_ids=[1],
-                                 max_context=64, dtype="float32", device="cpu", num_blocks=16, block_size=4,
-                                 max_num_tokens=32, max_num_rows=4, max_blocks_per_row=16, tokenizer_json=b"",
-                                 grammar_engine="fake 1")
-
-    def hello(self) -> wire.Hello:
-        return self._hello
-
-    def tokenizer(self) -> TandemTokenizer:
-        return self._tokenizer
-
-    async def submit(self, handle) -> None:
-        req = handle.request
-        self.requests.append(req)
-        if req.constraint is not None and '"strin"' in req.constraint.spec:
-            raise GrammarInvalid('Unsupported type "strin"')
-        for token, finish in ((4, None), (1, FinishReason.EOS)):
-            req.output_ids.append(token)
-            handle.on_token(token, None, None, finish)
-        handle.complete(FinishReason.EOS)
-
-    def abort(self, handle) -> None:
-        pass
-
-
+# ----- the real server ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def app_server():
-    engine = FakeEngine()
-    loop = asyncio.new_event_loop()
-    http = HttpServer(create_app(engine, RequestLimits(max_grammar_bytes=256)), HttpConfig("127.0.0.1", 0))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(http.start(), loop).result(10)
-    try:
-        yield engine, openai.OpenAI(base_url=f"http://127.0.0.1:{http.port}/v1", api_key="unused", max_retries=0)
-    finally:
-        asyncio.run_coroutine_threadsafe(http.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-
-
-def _bad(call) -> openai.BadRequestError:
-    with pytest.raises(openai.BadRequestError) as info:
-        call()
-    return info.value
-
-
-def test_http_round_trips_build_the_constraint(app_server):
-    engine, oa = app_server
-    r = oa.chat.completions.create(model="fake", messages=CHAT, response_format={
-        "type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}})
-    assert r.choices[0].message.content == "yes" and r.choices[0].finish_reason == "stop"
-    c = engine.requests[-1].constraint
-    assert c.kind == "json_schema" and json.loads(c.spec) == SCHEMA
-
-    oa.chat.completions.create(model="fake", messages=CHAT, response_format={"type": "json_object"})
-    assert engine.requests[-1].constraint == Constraint("json_object", "")
-    oa.chat.completions.create(model="fake", messages=CHAT, response_format={"type": "text"})
-    assert engine.requests[-1].constraint is None
-
-    cases = [({"json": SCHEMA}, "json_schema"), ({"json_object": True}, "json_object"), ({"regex": "yes|no"}, "regex"),
-             ({"choice": ["yes", "no"]}, "choice"), ({"grammar": EBNF}, "ebnf"), ({"grammar": LARK}, "lark")]
-    for so, kind in cases:
-        r = oa.completions.create(model="fake", prompt="a b", extra_body={"structured_outputs": so})
-        assert r.choices[0].text == "yes"
-        assert engine.requests[-1].constraint.kind == kind
-        oa.chat.completions.create(model="fake", messages=CHAT, extra_body={"structured_outputs": so})
-        assert engine.requests[-1].constraint.kind == kind
-    assert engine.requests[-1].constraint == Constraint("lark", LARK)
-
-    # n samples: each sample is its own request under the one constraint.
-    r = oa.chat.completions.create(model="fake", messages=CHAT, n=2, extra_body={"structured_outputs": {"regex": "y"}})
-    assert len(r.choices) == 2 and [q.constraint for q in engine.requests[-2:]] == [Constraint("regex", "y")] * 2
-
-
-def test_http_stream_with_a_constraint(app_server):
-    engine, oa = app_server
-    chunks = list(oa.chat.completions.create(model="fake", messages=CHAT, stream=True,
-                                             response_format={"type": "json_object"}))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "yes"
-    assert engine.requests[-1].constraint == Constraint("json_object", "")
-
-
-def test_http_errors_name_the_openai_parameter(app_server):
-    engine, oa = app_server
-    n = len(engine.requests)
-    err = _bad(lambda: oa.chat.completions.create(model="fake", messages=CHAT, response_format={
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}))
-    assert err.body["param"] == "response_format.json_schema.schema"
-    assert err.body["message"] == 'response_format.json_schema.schema: does not compile: Unsupported type "strin"'
-    err = _bad(lambda: oa.completions.create(model="fake", prompt="a b",
-                                             extra_body={"structured_outputs": {"json": "{not json"}}))
-    assert err.body["param"] == "structured_outputs.json" and "not valid JSON" in err.body["message"]
-    err = _bad(lambda: oa.completions.create(model="fake", prompt="a b",
-                                             extra_body={"structured_outputs": {"choice": ["a", ""]}}))
-    assert err.body["param"] == "structured_outputs.choice[1]"
-    err = _bad(lambda: oa.completions.create(model="fake", prompt="a b",
-                                             extra_body={"structured_outputs": {"regex": "a" * 257}}))
-    assert err.body["param"] == "structured_outputs.regex" and "longer than 256 bytes" in err.body["message"]
-    err = _bad(lambda: oa.chat.completions.create(model="fake", messages=CHAT, extra_body={
-        "structured_outputs": {"regex": "a"}, "ignore_eos": True}))
-    assert err.body["param"] == "ignore_eos"
-    err = _bad(lambda: oa.chat.completions.create(model="fake", messages=CHAT, response_format={"type": "json_object"},
-                                                  extra_body={"structured_outputs": {"choice": ["a"]}}))
-    assert "response_format and structured_outputs.choice" in err.body["message"]
-    err = _bad(lambda: oa.chat.completions.create(model="fake", messages=CHAT, response_format={"type": "xml"}))
-    assert err.body["param"] == "response_format" and "type" in err.body["message"]
-    assert len(engine.requests) == n + 1  # only the one that reached the compiler was submitted
-
-
-def test_http_without_an_engine(app_server):
-    engine, oa = app_server
-    engine._hello.grammar_engine = ""
-    try:
-        err = _bad(lambda: oa.chat.completions.create(model="fake", messages=CHAT,
-                                                      response_format={"type": "json_object"}))
-        assert err.body["param"] == "response_format" and "no structured-output engine" in err.body["message"]
-        assert oa.chat.completions.create(model="fake", messages=CHAT).choices[0].message.content == "yes"
-    finally:
-        engine._hello.grammar_engine = "fake 1"
-
-
-# ----- end to end: a real scheduler + worker ------------------------------------------------------
-E2E = os.environ.get("TANDEM_STRUCTURED_E2E") == "1"
-MODEL = "random:tiny-llama"
-# Bounded everywhere, so that even a random-weight model's noise must finish within max_tokens.
-E2E_SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 8},
-    "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3}},
-    "required": ["name", "age", "tags"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def e2e_server():
-    from client.local_server import TandemServer
-    from tests.conftest import TINY_WORKER_ARGS
-
+def server():
     with TandemServer(MODEL, http=True, worker_args=TINY_WORKER_ARGS,
                       scheduler_args=["--pipeline-depth", "2", "--debug-check-state"]) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def e2e(e2e_server):
-    from client import TandemClient
-
-    with TandemClient(e2e_server.address) as grpc_client:
-        info = grpc_client.model_info()
-        yield e2e_server, grpc_client, info, openai.OpenAI(base_url=e2e_server.base_url, api_key="unused",
-                                                          max_retries=0)
+def oa(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
 
 
-def test_e2e_without_an_engine_constraints_are_refused(e2e):
-    """Until the worker announces its grammar engine (or with a worker that has none)."""
-    server, grpc_client, info, oa = e2e
-    if info.structured_output_engine:
-        pytest.skip(f"the worker has a grammar engine ({info.structured_output_engine})")
-    err = _bad(lambda: oa.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, response_format={
-        "type": "json_schema", "json_schema": {"name": "x", "schema": E2E_SCHEMA}}))
-    assert err.body["param"] == "response_format.json_schema.schema"
-    assert "no structured-output engine" in err.body["message"]
-    from client import TandemError
-
-    with pytest.raises(TandemError) as info_err:
-        grpc_client.generate("a b", max_new_tokens=8, regex="a+")
-    assert info_err.value.field_violations[0][0] == "regex"
+@pytest.fixture(scope="module")
+def engine(server) -> str:
+    """The server's structured-output engine ("xgrammar 0.2.9"), as GetModelInfo reports it ("": none)."""
+    with TandemClient(server.address) as c:
+        return c.model_info().structured_output_engine
 
 
-@pytest.mark.skipif(not E2E, reason="needs the worker's grammar engine: TANDEM_STRUCTURED_E2E=1")
-def test_e2e_constrained_outputs_are_valid(e2e):
-    jsonschema = pytest.importorskip("jsonschema")
-    server, grpc_client, info, oa = e2e
-    assert info.structured_output_engine
-    for seed in range(4):
-        r = oa.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=96, temperature=1.0, seed=seed,
-                                       response_format={"type": "json_schema",
-                                                        "json_schema": {"name": "p", "schema": E2E_SCHEMA}})
+@pytest.fixture
+def with_engine(engine):
+    if not engine:
+        pytest.skip("the server has no structured-output engine (GetModelInfo.structured_output_engine and "
+                    "/v1/models say none: the worker's Hello.grammar_engine is empty until the core and worker "
+                    "wiring of constraints lands), so every constraint is refused")
+    return engine
+
+
+@pytest.fixture
+def without_engine(engine):
+    if engine:
+        pytest.skip(f"the server's worker has a structured-output engine ({engine})")
+
+
+def _create(oa: openai.OpenAI, endpoint: str, stream: bool = False, **body):
+    """One request on `endpoint` ("completions" or "chat"); body fields the SDK has no argument for
+    (response_format on completions, structured_outputs, ignore_eos, guided_*) go in extra_body."""
+    known = {"max_tokens", "temperature", "seed", "n", "stop", "logit_bias"}
+    if endpoint == "chat":
+        known.add("response_format")
+    kwargs = {k: v for k, v in body.items() if k in known}
+    extra = {k: v for k, v in body.items() if k not in known}
+    if endpoint == "chat":
+        return oa.chat.completions.create(model=MODEL, messages=CHAT, stream=stream, extra_body=extra, **kwargs)
+    return oa.completions.create(model=MODEL, prompt=PROMPT, stream=stream, extra_body=extra, **kwargs)
+
+
+def _text(choice) -> str:
+    return choice.message.content if hasattr(choice, "message") else choice.text
+
+
+def _bad(call) -> openai.BadRequestError:
+    with pytest.raises(openai.BadRequestError) as info:
+        call()
+    err = info.value
+    assert err.status_code == 400 and err.body["type"] == "invalid_request_error"
+    assert err.body["code"] == "invalid_argument", err.body
+    return err
+
+
+def test_models_lists_the_engine(server, oa, engine):
+    card = oa.models.list().data[0].to_dict()
+    assert card["id"] == MODEL and card["structured_output_engine"] == engine
+
+
+# What the server refuses whatever its engine: (body, the parameter named, words of the message).
+REFUSALS = [
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+     "structured_outputs.regex", "response_format and structured_outputs.regex: at most one constraint"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}},
+     "structured_outputs.choice", "structured_outputs.regex and structured_outputs.choice: at most one"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "required with type json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema", "required (a JSON Schema object)"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}},
+     "response_format.json_schema.schema", "must be a JSON object"),
+    ({"response_format": {"type": "xml"}}, "response_format", "response_format.type: Input should be"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "not supported"),
+    ({"guided_json": SCHEMA}, "guided_json", "not supported; use structured_outputs"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json", "not valid JSON"),
+    ({"structured_outputs": {"json": "[1, 2]"}}, "structured_outputs.json", "must be a JSON object"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "must not be empty"),
+    ({"structured_outputs": {"choice": ["a", ""]}}, "structured_outputs.choice[1]", "must not be empty"),
+    ({"structured_outputs": {"regex": ""}}, "structured_outputs.regex", "must not be empty"),
+    ({"structured_outputs": {"grammar": " \n"}}, "structured_outputs.grammar", "must not be empty"),
+    # Bytes, not characters: 32769 two-byte characters are 65538 bytes.
+    ({"structured_outputs": {"regex": "é" * 32769}}, "structured_outputs.regex",
+     "longer than 65536 bytes (the server's --max-grammar-bytes)"),
+    ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "ignore_eos", "only stop tokens are allowed"),
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "not with a constraint"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("body, param, words", REFUSALS, ids=[r[1] + f"-{i}" for i, r in enumerate(REFUSALS)])
+def test_refusals_name_the_openai_parameter(oa, endpoint, body, param, words):
+    err = _bad(lambda: _create(oa, endpoint, max_tokens=8, **body))
+    assert err.body["param"] == param and words in err.body["message"], err.body
+
+
+def test_options_that_ask_for_nothing_are_free_output(oa):
+    """A false vLLM option or `response_format: text` is not refused: the request is served unconstrained."""
+    for endpoint in ENDPOINTS:
+        for body in ({"structured_outputs": {"disable_fallback": False}}, {"response_format": {"type": "text"}},
+                     {"structured_outputs": {"json_object": False, "regex": None}}):
+            r = _create(oa, endpoint, max_tokens=3, **body)
+            assert r.choices[0].finish_reason in ("stop", "length"), body
+
+
+# ----- without a grammar engine ---------------------------------------------------------------------
+# Each form of constraint and the parameter its refusal names.
+FORMS = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"structured_outputs": {"json": SCHEMA}}, "structured_outputs.json"),
+    ({"structured_outputs": {"json_object": True}}, "structured_outputs.json_object"),
+    ({"structured_outputs": {"regex": REGEX}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": COLOURS}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"grammar": EBNF}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"grammar": LARK}}, "structured_outputs.grammar"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_without_an_engine_every_constraint_is_refused(oa, without_engine, endpoint):
+    for body, param in FORMS:
+        for stream in (False, True):  # refused before a stream starts: a 400, not an error event
+            err = _bad(lambda b=body, s=stream: _create(oa, endpoint, stream=s, max_tokens=8, **b))
+            assert err.body["param"] == param, err.body
+            assert err.body["message"].startswith(f"{param}: this server has no structured-output engine"), err.body
+    r = _create(oa, endpoint, max_tokens=4, temperature=0)  # free output is still served
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+
+
+# ----- with one: the outputs -----------------------------------------------------------------------
+def _token_id(server, text: str) -> int:
+    with TandemClient(server.address) as c:
+        ids = c.tokenize(text).token_ids
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+@pytest.fixture(scope="module")
+def close_bias(server) -> dict[str, float]:
+    """A logit bias that makes a random model close strings and objects as soon as the grammar lets it,
+    so that free-form JSON (json_object: any object) ends within max_tokens; without the constraint the
+    same bias makes a stream of `}` and `"`, not JSON."""
+    return {str(_token_id(server, t)): 50.0 for t in ("}", '"')}
+
+
+def _valid_person(text: str) -> None:
+    import jsonschema
+
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def _valid_schema(text: str) -> None:
+    import jsonschema
+
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def _an_object(text: str) -> None:
+    assert isinstance(json.loads(text), dict), text
+
+
+def _matches(text: str) -> None:
+    assert re.fullmatch(REGEX, text), text
+
+
+def _a_colour(text: str) -> None:
+    assert text in COLOURS, text
+
+
+def _yes_or_no(text: str) -> None:
+    assert text in ("yes", "no"), text
+
+
+# (id, body, check of a complete output, needs the closing bias)
+CONSTRAINED = [
+    ("response_format.json_schema", {"response_format": {
+        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}}, _valid_person,
+     False),
+    ("structured_outputs.json", {"structured_outputs": {"json": SCHEMA}}, _valid_schema, False),
+    ("structured_outputs.json-text", {"structured_outputs": {"json": json.dumps(PERSON)}}, _valid_person, False),
+    ("response_format.json_object", {"response_format": {"type": "json_object"}}, _an_object, True),
+    ("structured_outputs.json_object", {"structured_outputs": {"json_object": True}}, _an_object, True),
+    ("structured_outputs.regex", {"structured_outputs": {"regex": REGEX}}, _matches, False),
+    ("structured_outputs.choice", {"structured_outputs": {"choice": COLOURS}}, _a_colour, False),
+    ("structured_outputs.grammar", {"structured_outputs": {"grammar": EBNF}}, _yes_or_no, False),
+]
+SEEDS = range(3)
+
+
+async def _gather(server, calls: list[tuple[str, dict]]) -> list:
+    """Requests sent at once (so constrained and free rows share batches), answers in order."""
+    async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120) as aoa:
+        async def one(endpoint: str, body: dict):
+            if endpoint == "chat":
+                kw = {k: body[k] for k in ("response_format",) if k in body}
+                rest = {k: v for k, v in body.items() if k not in kw}
+                return await aoa.chat.completions.create(model=MODEL, messages=CHAT, **kw, **_sdk(rest))
+            return await aoa.completions.create(model=MODEL, prompt=PROMPT, **_sdk(body))
+        return await asyncio.gather(*(one(e, b) for e, b in calls))
+
+
+def _sdk(body: dict) -> dict:
+    known = {"max_tokens", "temperature", "seed", "n", "stop", "logit_bias", "stream"}
+    return {**{k: v for k, v in body.items() if k in known},
+            "extra_body": {k: v for k, v in body.items() if k not in known}}
+
+
+@pytest.mark.parametrize("name, body, check, bias", CONSTRAINED, ids=[c[0] for c in CONSTRAINED])
+def test_constrained_outputs_are_valid(server, with_engine, close_bias, name, body, check, bias):
+    """Both endpoints, several seeds at temperature 1 (noise), unconstrained requests in the same batches."""
+    extra = {"logit_bias": close_bias} if bias else {}
+    calls = [(endpoint, {**body, **extra, "max_tokens": 128, "temperature": 1.0, "seed": seed})
+             for endpoint in ENDPOINTS for seed in SEEDS]
+    free = [(endpoint, {"max_tokens": 16, "temperature": 1.0, "seed": seed})
+            for endpoint in ENDPOINTS for seed in SEEDS]
+    answers = asyncio.run(_gather(server, calls + free))
+    for (endpoint, sent), r in zip(calls, answers, strict=False):
         choice = r.choices[0]
-        if choice.finish_reason == "stop":
-            jsonschema.validate(json.loads(choice.message.content), E2E_SCHEMA)
-        r = oa.completions.create(model=MODEL, prompt="a b", max_tokens=16, temperature=1.0, seed=seed,
-                                  extra_body={"structured_outputs": {"regex": r"[0-9]{2}-[a-c]{1,3}"}})
-        if r.choices[0].finish_reason == "stop":
-            assert re.fullmatch(r"[0-9]{2}-[a-c]{1,3}", r.choices[0].text)
-        r = oa.completions.create(model=MODEL, prompt="a b", max_tokens=16, temperature=1.0, seed=seed,
-                                  extra_body={"structured_outputs": {"choice": ["red", "green", "blue"]}})
-        assert r.choices[0].finish_reason == "stop" and r.choices[0].text in ("red", "green", "blue")
-        r = oa.completions.create(model=MODEL, prompt="a b", max_tokens=16, temperature=1.0, seed=seed,
-                                  extra_body={"structured_outputs": {"grammar": EBNF}})
-        assert r.choices[0].finish_reason == "stop" and r.choices[0].text in ("yes", "no")
-        g = grpc_client.generate("a b", max_new_tokens=32, temperature=1.0, seed=seed, json_object=True)
-        if g.finish_reason == "eos":
-            assert isinstance(json.loads(g.text), dict)
+        assert choice.finish_reason == "stop", (endpoint, sent["seed"], choice)
+        check(_text(choice))
+    for r in answers[len(calls):]:
+        assert r.choices[0].finish_reason in ("stop", "length")
 
 
-@pytest.mark.skipif(not E2E, reason="needs the worker's grammar engine: TANDEM_STRUCTURED_E2E=1")
-def test_e2e_compile_errors_are_400_with_the_compilers_message(e2e):
-    server, grpc_client, info, oa = e2e
-    err = _bad(lambda: oa.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, response_format={
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}))
-    assert err.body["param"] == "response_format.json_schema.schema" and "strin" in err.body["message"]
-    err = _bad(lambda: oa.completions.create(model=MODEL, prompt="a b", max_tokens=8,
-                                             extra_body={"structured_outputs": {"regex": "(a"}}))
-    assert err.body["param"] == "structured_outputs.regex"
-    err = _bad(lambda: oa.completions.create(model=MODEL, prompt="a b", max_tokens=8,
-                                             extra_body={"structured_outputs": {"grammar": "root ::= undefined_rule"}}))
-    assert err.body["param"] == "structured_outputs.grammar"
-    # The server still serves afterwards, constrained or not.
-    t = time.monotonic()
-    assert oa.completions.create(model=MODEL, prompt="a b", max_tokens=4).choices[0].text is not None
-    assert time.monotonic() - t < 30
+def test_n_samples_and_streams_are_valid(server, oa, with_engine):
+    import jsonschema
+
+    body = {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}}
+    for endpoint in ENDPOINTS:
+        r = _create(oa, endpoint, n=3, max_tokens=128, temperature=1.0, seed=7, **body)
+        assert len(r.choices) == 3
+        for choice in r.choices:
+            assert choice.finish_reason == "stop", choice
+            jsonschema.validate(json.loads(_text(choice)), PERSON)
+        chunks = list(_create(oa, endpoint, stream=True, max_tokens=128, temperature=1.0, seed=8, **body))
+        parts = [c.choices[0] for c in chunks if c.choices]
+        text = "".join((p.delta.content or "") if endpoint == "chat" else p.text for p in parts)
+        assert [p.finish_reason for p in parts if p.finish_reason] == ["stop"], parts
+        jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_an_output_cut_by_max_tokens_ends_length(oa, with_engine):
+    """max_tokens too small for the constraint: finish_reason "length", the text a prefix of a match
+    (digits are single tokens in this vocabulary), never "stop"."""
+    for endpoint in ENDPOINTS:
+        r = _create(oa, endpoint, max_tokens=6, temperature=1.0, seed=1,
+                    structured_outputs={"regex": "[0-9]{40}"})
+        choice = r.choices[0]
+        assert choice.finish_reason == "length" and re.fullmatch("[0-9]{6}", _text(choice)), choice
+
+
+def _compiler_message(kind: str, spec: str) -> str:
+    """What xgrammar itself says of `spec` (its C++ source location dropped)."""
+    import xgrammar as xgr
+
+    make = {"json_schema": xgr.Grammar.from_json_schema, "regex": xgr.Grammar.from_regex,
+            "ebnf": xgr.Grammar.from_ebnf}[kind]
+    with pytest.raises(RuntimeError) as info:
+        make(spec)
+    return str(info.value).strip().split(": ", 1)[-1]
+
+
+BAD = [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format.json_schema.schema", "json_schema", '{"type": "strin"}'),
+    ({"structured_outputs": {"json": {"type": "object", "properties": {"a": {"type": "strin"}}}}},
+     "structured_outputs.json", "json_schema", '{"type": "object", "properties": {"a": {"type": "strin"}}}'),
+    ({"structured_outputs": {"regex": "(a"}}, "structured_outputs.regex", "regex", "(a"),
+    ({"structured_outputs": {"grammar": "root ::= undefined_rule"}}, "structured_outputs.grammar", "ebnf",
+     "root ::= undefined_rule"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_a_constraint_that_does_not_compile_is_400_with_the_compilers_message(server, oa, with_engine, endpoint):
+    for body, param, kind, spec in BAD:
+        message = _compiler_message(kind, spec)
+        assert message and "cc:" not in message
+        for stream in (False, True):
+            err = _bad(lambda b=body, s=stream: _create(oa, endpoint, stream=s, max_tokens=8, **b))
+            assert err.body["param"] == param, err.body
+            assert err.body["message"].startswith(f"{param}: does not compile: "), err.body
+            assert message in err.body["message"], (message, err.body)
+    # The same bad schema again (the core may remember the failure): the same answer.
+    body, param, kind, spec = BAD[0]
+    assert _bad(lambda: _create(oa, endpoint, max_tokens=8, **body)).body["message"].endswith(
+        _compiler_message(kind, spec))
+    # A Lark grammar is routed as Lark: valid output, or refused as a Lark grammar (never parsed as EBNF).
+    try:
+        r = _create(oa, endpoint, max_tokens=8, temperature=1.0, structured_outputs={"grammar": LARK})
+        assert r.choices[0].finish_reason == "stop" and _text(r.choices[0]) in ("yes", "no")
+    except openai.BadRequestError as err:
+        assert err.body["param"] == "structured_outputs.grammar" and "lark" in err.body["message"], err.body
+        assert "EBNF" not in err.body["message"], err.body
+    # The server serves on, constrained and free; nothing is left running.
+    fresh = f"ok-{uuid.uuid4().hex[:6]}"
+    r = _create(oa, endpoint, max_tokens=16, structured_outputs={"choice": [fresh]})
+    assert r.choices[0].finish_reason == "stop" and _text(r.choices[0]) == fresh
+    assert _create(oa, endpoint, max_tokens=4).choices[0].finish_reason in ("stop", "length")
+    st = server.wait_idle()
+    assert st.num_running == 0 and st.num_waiting == 0 and st.kv_blocks_free == st.kv_blocks_total
