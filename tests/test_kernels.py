@@ -169,6 +169,32 @@ def test_paged_decode_matches_reference(block_size, group, head_dim, dtype, spli
     assert err <= TOLERANCE[dtype], err
 
 
+@pytest.mark.parametrize("merge_inline", [False, True])
+def test_paged_decode_merge_forms_agree_and_repeat(merge_inline):
+    """Both merges of split parts (the separate kernel, and the last part merging in place: the
+    launch option `merge_inline`) match the float64 reference, launch after launch on one buffer of
+    counters (each launch must leave them zero for the next)."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    seed = _seed("merge", merge_inline)
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    kv_heads, group, head_dim, block_size, splits = 2, 4, 64, 16, 4
+    kv_lens = _context_lengths(rng, 5)
+    num_blocks = sum(-(-n // block_size) for n in kv_lens) + 8
+    cache = _cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen)
+    tables = Tables(kv_lens, block_size, num_blocks, rng)
+    n, scale = len(kv_lens), head_dim**-0.5
+    for launch in range(3):
+        query = torch.randn(n, kv_heads * group, head_dim, generator=gen).to(dtype).to(DEVICE)
+        out = torch.full_like(query, float("nan"))
+        paged_decode(query, cache.k[0], cache.v[0], out, dev(tables.persistent), dev(tables.table_rows),
+                     dev(kv_lens), dev(np.arange(n)), dev(np.arange(n)), scale, num_splits=splits,
+                     launch={"merge_inline": merge_inline})
+        assert not out.isnan().any(), f"launch {launch}: an output element was not written"
+        ref = _reference(query, cache, tables.plain, np.arange(n + 1), kv_lens, scale)
+        err = _rel_err(out, ref)
+        assert err <= TOLERANCE[dtype], (launch, err)
+
+
 PREFILL_CASES = [
     (16, 4, 128, torch.bfloat16),
     (32, 8, 64, torch.bfloat16),

@@ -11,7 +11,8 @@ user, so every walk stops at the row's own kv_len and block ids are loaded under
 - `paged_decode`: one query token per row. A program owns (row, KV head, split): the query heads of
   a GQA group are stacked into the M side of one `tl.dot` (padded to 16, the tensor-core minimum),
   so K/V are read once per group. A row's context is cut into `num_splits` contiguous parts, each
-  a whole number of tiles; a second kernel merges the parts' (output, log-sum-exp). The split count
+  a whole number of tiles; the last part of a (row, KV head) to finish merges the parts' (output,
+  log-sum-exp) (or, with `merge_inline` off, a second kernel does). The split count
   depends only on the row count and the KV heads (`decode_splits`), never on context lengths, so a
   graph captured for a row bucket and the eager path of the same bucket compute identically.
 - `paged_prefill`: rows with several query tokens (prefill chunks, mixed steps). A program owns
@@ -37,6 +38,13 @@ DECODE_TILE = 64  # context tokens per decode loop iteration (several pages when
 PREFILL_BLOCK_M = 32
 PREFILL_TILE = 32
 MAX_SPLITS = 16
+# The decode kernel's launch: context tokens per loop iteration, warps, software-pipeline stages, and
+# whether the last part of a split row merges the parts itself (no separate merge launch). Measured
+# on an H200 (bench/attn_probe.py --quick, 8B shape, 32 rows, 4 parts): tiles of 128, 8 warps or 2
+# stages were no faster than these (at best equal, 43.4 us a layer at 1K); the inline merge took 38.2 / 128.0 /
+# 247.4 us a layer at 1K / 4K / 8K against 39.6 / 128.9 / 248.7 with the merge kernel at 2 parts
+# (at 4 parts it was slower: 46.1 against 43.9 us at 1K).
+DECODE_LAUNCH = {"tile": DECODE_TILE, "num_warps": 4, "num_stages": 3, "merge_inline": True}
 _MIN_DOT = 16  # tl.dot needs each dimension >= 16
 
 
@@ -50,14 +58,20 @@ def _num_sms(device_index: int) -> int:
 
 
 def decode_splits(num_rows: int, kv_heads: int, num_sms: int) -> int:
-    """How many parts each row's context is cut into: enough programs for ~4 per SM, at most 16.
+    """How many parts each row's context is cut into: the largest power of two that keeps the
+    programs at most ~4 per SM, at least 1, at most 16.
 
     Rows are rounded up to a power of two first, so every row count of a CUDA graph's row bucket gets
     the bucket's own split count (buckets are powers of two up to 16, then multiples of 16): the
     eager path and the graph of a bucket add the same partial sums in the same order.
+    Rounding the split count down, not up, was measured on an H200 (bench/attn_probe.py, 8B shape,
+    32 rows): 2 parts (512 programs on 132 SMs) took 39.6 / 128.9 / 248.7 us a layer at 1K / 4K / 8K
+    context against 43.9 / 133.3 / 251.8 us with the 4 parts rounding up gave; 8 and 16 were slower.
     """
-    want = math.ceil(4 * num_sms / (triton.next_power_of_2(max(1, num_rows)) * kv_heads))
-    return max(1, min(MAX_SPLITS, triton.next_power_of_2(want)))
+    want = 4 * num_sms / (triton.next_power_of_2(max(1, num_rows)) * kv_heads)
+    if want < 1:
+        return 1
+    return max(1, min(MAX_SPLITS, 1 << int(math.floor(math.log2(want)))))
 
 
 @triton.jit
@@ -88,7 +102,7 @@ def _attend_tile(q, m_i, l_i, acc, k_base, v_base, table, pos, ok, visible, d, s
 @triton.jit(do_not_specialize=["stride_table"])
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, tables_ptr, table_rows_ptr, kv_lens_ptr, rows_ptr,
-    toks_ptr,
+    toks_ptr, count_ptr,
     scale_log2,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -96,7 +110,7 @@ def _decode_kernel(
     stride_ot, stride_oh,
     stride_table,
     GROUP: tl.constexpr, M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+    TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, MERGE_INLINE: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -139,6 +153,31 @@ def _decode_kernel(
         tl.store(part_o_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + base, lse, mask=g_ok)
+        if MERGE_INLINE:
+            # The last part of (row, KV head) to finish merges the group's parts: every thread's stores
+            # above happen before the barrier, the counter's release/acquire orders them for the merger,
+            # which reads through L2 (.cg). The merger sets the counter back to 0 for the next launch.
+            tl.debug_barrier()
+            counter = count_ptr + s * tl.num_programs(1) + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                first = (s.to(tl.int64) * num_heads + heads) * SPLITS
+                i = tl.arange(0, SPLITS)
+                lses = tl.load(part_lse_ptr + first[:, None] + i[None, :], mask=g_ok[:, None], other=float("-inf"),
+                               cache_modifier=".cg")
+                top = tl.max(lses, axis=1)
+                top = tl.where(top == float("-inf"), 0.0, top)
+                w = tl.exp2(lses - top[:, None])  # 0 for empty parts
+                total = tl.sum(w, axis=1)
+                merged = tl.zeros([M, HEAD_DIM], tl.float32)
+                for j in tl.static_range(SPLITS):
+                    w_j = tl.sum(tl.where(i[None, :] == j, w, 0.0), axis=1)
+                    o_j = tl.load(part_o_ptr + (first + j)[:, None] * HEAD_DIM + d[None, :], mask=g_ok[:, None],
+                                  other=0.0, cache_modifier=".cg")
+                    merged += w_j[:, None] * o_j
+                merged = merged / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(o_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                         merged.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+                tl.store(counter, 0)
 
 
 @triton.jit
@@ -162,12 +201,14 @@ def _merge_kernel(part_o_ptr, part_lse_ptr, o_ptr, toks_ptr, stride_ot, stride_o
 
 def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                  block_tables: torch.Tensor, table_rows: torch.Tensor, kv_lens: torch.Tensor, rows: torch.Tensor,
-                 tokens: torch.Tensor, scale: float, num_splits: int | None = None) -> None:
+                 tokens: torch.Tensor, scale: float, num_splits: int | None = None,
+                 launch: dict | None = None) -> None:
     """Writes attention of `query[tokens[s]]` over row `rows[s]`'s paged context into `out[tokens[s]]`.
 
     query/out [T, H, D]; caches [num_blocks, block_size, KVH, D]; block_tables [row slots, B], row r's
     blocks in `block_tables[table_rows[r]]`; table_rows and kv_lens [R].
     `num_splits` defaults to `decode_splits` of the row count; graphs pass their bucket's.
+    `launch` overrides DECODE_LAUNCH's entries (bench/attn_probe.py sweeps them).
     """
     num = rows.shape[0]
     if num == 0:
@@ -176,14 +217,20 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
     _check(query, k_cache, v_cache, out)
+    opts = {**DECODE_LAUNCH, **(launch or {})}
     if num_splits is None:
         num_splits = decode_splits(num, kv_heads, _num_sms(query.device.index or 0))
-    part_o = part_lse = out  # unused placeholders when one part
+    part_o = part_lse = counts = out  # unused placeholders when one part
+    inline = False
     if num_splits > 1:
         part_o = torch.empty((num, heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
         part_lse = torch.empty((num, heads, num_splits), dtype=torch.float32, device=query.device)
+        if opts["merge_inline"]:
+            counts = _merge_counters(query.device, num * kv_heads)
+            inline = counts is not None
+            counts = out if counts is None else counts
     _decode_kernel[(num, kv_heads, num_splits)](
-        query, k_cache, v_cache, out, part_o, part_lse, block_tables, table_rows, kv_lens, rows, tokens,
+        query, k_cache, v_cache, out, part_o, part_lse, block_tables, table_rows, kv_lens, rows, tokens, counts,
         scale * LOG2E,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -191,11 +238,34 @@ def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, M=max(_MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE=DECODE_TILE, SPLITS=num_splits, PRECISION=_precision(query.dtype),
+        TILE=opts["tile"], SPLITS=num_splits, PRECISION=_precision(query.dtype), MERGE_INLINE=inline,
+        num_warps=opts["num_warps"], num_stages=opts["num_stages"],
     )
-    if num_splits > 1:
+    if num_splits > 1 and not inline:
         _merge_kernel[(num, heads)](part_o, part_lse, out, tokens, out.stride(0), out.stride(1),
                                     HEAD_DIM=head_dim, SPLITS=num_splits)
+
+
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _merge_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """Zeroed int32 counters, one per (row, KV head), for the inline merge; each launch leaves them
+    zero again. One buffer per (device, stream): decode launches on one stream run one after another,
+    and graphs replay on the stream they were captured on. None while a graph is being captured and
+    the buffer does not exist yet or is too small (allocating then would put it in the graph's pool):
+    that launch merges with the separate kernel. The engine's eager warm-up before each capture
+    allocates it."""
+    if device.type != "cuda":  # Triton's interpreter (tests on the CPU)
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    key = (str(device), torch.cuda.current_stream(device).stream_id)
+    have = _COUNTERS.get(key)
+    if have is not None and have.numel() >= n:
+        return have
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 @triton.jit(do_not_specialize=["stride_table"])
