@@ -40,8 +40,9 @@ from scheduler_svc.core_link import (
     CoreLink,
     OutputBatch,
 )
+from scheduler_svc.grammar_book import FAILED, READY, GrammarBook
 from scheduler_svc.link import EngineLink
-from scheduler_svc.request import FinishReason, Request, SamplingParams
+from scheduler_svc.request import Constraint, FinishReason, Request, SamplingParams
 from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, TokenEvent, check_fits
 
 log = logging.getLogger("tandem.engine")
@@ -91,6 +92,7 @@ class WorkerSession:
     scheduler: Scheduler
     flushed: bool = False  # a FLUSH went out since the last plan
     meter: BusyMeter = field(default_factory=BusyMeter)
+    grammars: GrammarBook = field(default_factory=GrammarBook)  # constraints the worker holds compiled
 
 
 class Engine:
@@ -184,6 +186,8 @@ class Engine:
                     self._on_result(msg.peer, wire.StepResult.decode(msg.header, msg.frames))
                 elif msg.kind == wire.KIND_REFUSED:
                     self._on_refused(msg.peer, *wire.decode_refused(msg.header))
+                elif msg.kind == wire.KIND_COMPILED:
+                    self._on_compiled(msg.peer, *wire.decode_compiled(msg.header))
                 else:
                     log.warning("unexpected %r from worker", msg.kind)
             except wire.WireError as exc:
@@ -225,24 +229,98 @@ class Engine:
                 stop_token_ids=frozenset(msg.stop_token_ids), eos_token_ids=frozenset(msg.eos_token_ids),
                 ignore_eos=msg.ignore_eos, arrival_time=msg.arrival_time, client_id=msg.client_id, uid=msg.uid,
                 cache_salt=msg.cache_salt,
+                constraint=Constraint(msg.constraint_kind, msg.constraint_spec) if msg.constraint_kind else None,
                 # Sample i > 0 of n waits for the first to compute the prompt (scheduler.py); a leader
                 # already gone (finished, aborted) leaves nothing to wait for.
                 leader=self._by_uid.get(msg.leader_uid) if msg.leader_uid else None,
             )
             try:
-                if s is not None:
-                    s.scheduler.add(req)
-                else:  # a worker was lost a moment ago: wait with the requests it held
-                    self._hold(req)
-                self._by_uid[msg.uid] = req
-                self.trace("submit", uid=msg.uid, arrival=msg.arrival_time, prompt=len(req.prompt_ids))
+                if s is not None and req.constraint is not None:
+                    check_fits(s.scheduler.limits, req)  # before compiling for a request that never fits
+                    state, why = s.grammars.admit(req)
+                    if state == FAILED:
+                        refusal = cpb.GRAMMAR_INVALID
+                    elif state != READY:  # ADMITTED once the worker has compiled it (_on_compiled)
+                        self._send_grammar_work(s)
+                        return
+                if refusal == cpb.ACCEPTED:
+                    self._accept(req)
             except QueueFull as exc:
                 refusal, why = cpb.QUEUE_FULL, str(exc)
             except NeverFits as exc:
                 refusal, why = cpb.NEVER_FITS, str(exc)
-        self.front.send(KIND_ADMITTED, cpb.Admitted(uid=msg.uid, refusal=refusal, message=why).SerializeToString())
+        self._admitted(msg.uid, refusal, why)
+
+    def _accept(self, req: Request) -> None:
+        """Queues an admissible request (QueueFull, NeverFits: nothing kept)."""
+        s = self.session
+        if s is not None:
+            try:
+                s.scheduler.add(req)
+            except (QueueFull, NeverFits):
+                s.grammars.done(req)
+                raise
+        else:  # a worker was lost a moment ago: wait with the requests it held
+            self._hold(req)
+        self._by_uid[req.uid] = req
+        self.trace("submit", uid=req.uid, arrival=req.arrival_time, prompt=len(req.prompt_ids))
+
+    def _admitted(self, uid: int, refusal: int, why: str) -> None:
+        self.front.send(KIND_ADMITTED, cpb.Admitted(uid=uid, refusal=refusal, message=why).SerializeToString())
         if refusal == cpb.ACCEPTED:
             self._pump()
+
+    def _on_compiled(self, peer: bytes, key: str, ok: bool, message: str, compile_ms: float) -> None:
+        """The worker compiled (or could not compile) a constraint: the requests waiting on it go on."""
+        s = self.session
+        if s is None or peer != s.peer:
+            return
+        waiting = s.grammars.compiled(key, ok, message)
+        log.info("constraint %s %s in %.1f ms (%d requests waited)%s", key[:12], "compiled" if ok else "refused",
+                 compile_ms, len(waiting), "" if ok else f": {message}")
+        resumed_lost = []
+        for w in waiting:
+            if w.admitted:  # held through a worker loss: resumes here, or ends (it cannot run any more)
+                try:
+                    if not ok:
+                        raise NeverFits(f"its constraint does not compile on this worker: {message}")
+                    s.scheduler.resume(w.req)
+                except NeverFits as exc:
+                    log.warning("request %s cannot resume: %s", w.req.client_id, exc)
+                    s.grammars.done(w.req)
+                    self._by_uid.pop(w.req.uid, None)
+                    resumed_lost.append(w.req.uid)
+                continue
+            refusal, why = cpb.ACCEPTED, ""
+            if not ok:
+                refusal, why = cpb.GRAMMAR_INVALID, message
+            else:
+                try:
+                    self._accept(w.req)
+                except QueueFull as exc:
+                    refusal, why = cpb.QUEUE_FULL, str(exc)
+                except NeverFits as exc:
+                    refusal, why = cpb.NEVER_FITS, str(exc)
+            self.front.send(KIND_ADMITTED, cpb.Admitted(uid=w.req.uid, refusal=refusal,
+                                                        message=why).SerializeToString())
+        if resumed_lost:
+            self.front.send(KIND_LOST, cpb.Lost(code=grpc.StatusCode.INTERNAL.value[0], uids=resumed_lost,
+                                                reason=f"held through a worker loss, its constraint does not "
+                                                       f"compile on the new worker: {message}").SerializeToString())
+        self._send_grammar_work(s)
+        self._pump()
+
+    def _send_grammar_work(self, s: WorkerSession) -> None:
+        """COMPILE and RELEASE what the ledger asks for, in order with the plans."""
+        compiles, releases = s.grammars.take_compiles(), s.grammars.take_releases()
+        try:
+            if compiles:
+                self.link.send(s.peer, wire.compile_message(compiles))
+            if releases:
+                self.link.send(s.peer, wire.release_message(releases))
+        except zmq.ZMQError as exc:
+            log.warning("worker unreachable (%s)", exc)
+            self._lose_worker("worker disconnected")
 
     def _hold(self, req: Request) -> None:
         """Queues a request that arrives while no worker is connected, within the reconnect window."""
@@ -259,11 +337,14 @@ class Engine:
         s = self.session
         for uid in uids:
             req = self._by_uid.pop(uid, None)
-            if req is not None and s is not None:
-                s.scheduler.abort(req.req_id, reason)
+            if s is not None:
+                if s.grammars.forget(uid) is None and req is not None:  # (forget: it waited on its compile)
+                    s.scheduler.abort(req.req_id, reason)
+                    s.grammars.done(req)
             elif req is not None and req in self._held:
                 self._held.remove(req)
         if s is not None:
+            self._send_grammar_work(s)
             self._pump()
             self._check_idle()
 
@@ -351,15 +432,24 @@ class Engine:
         """Hands the requests held through a loss to the new session's scheduler: (resumed, the uids of
         those that do not fit the new worker)."""
         held, self._held, self._held_since, self._held_limits = self._held, [], None, None
-        sch = self.session.scheduler
+        s = self.session
+        sch = s.scheduler
         misfits = []
         for req in held:
             try:
+                if req.constraint is not None:  # compiled on this worker first (_on_compiled resumes it)
+                    check_fits(sch.limits, req)
+                    state, why = s.grammars.admit(req, admitted=True)
+                    if state == FAILED:
+                        raise NeverFits(f"its constraint does not compile on this worker: {why}")
+                    if state != READY:
+                        continue
                 sch.resume(req)
             except NeverFits as exc:
                 log.warning("request %s cannot resume: %s", req.client_id, exc)
                 self._by_uid.pop(req.uid, None)
                 misfits.append(req.uid)
+        self._send_grammar_work(s)
         resumed = len(held) - len(misfits)
         self.resumed_total += resumed
         if held:
@@ -419,9 +509,12 @@ class Engine:
     def _outputs(self, result: wire.StepResult, events: list[TokenEvent], decode: bool) -> OutputBatch:
         n = len(events)
         reqs = [ev.request for ev in events]
+        book = self.session.grammars if self.session is not None else None
         for ev in events:
             if ev.finish is not None:
                 self._by_uid.pop(ev.request.uid, None)
+                if book is not None:
+                    book.done(ev.request)
         top_ids = top_lp = None
         if result.top_ids is not None and any(ev.top for ev in events):
             k = result.top_ids.shape[1]
@@ -483,6 +576,7 @@ class Engine:
         s = self.session
         if s is not None and s.scheduler.is_idle:
             s.scheduler.check_integrity()
+            s.grammars.check(set())  # no request in the scheduler: no key has a user
 
     async def _on_disconnect(self) -> None:
         """A connection dropped: find out whether it was our worker's (the probe raises if so)."""
@@ -504,6 +598,13 @@ class Engine:
         self.last_session_stats = self.stats()
         self.session = None
         lost = s.scheduler.drain()
+        for w in s.grammars.all_waiting():  # waiting on a compile the worker will never answer
+            if w.admitted:
+                lost.append(w.req)
+            else:
+                self.front.send(KIND_ADMITTED, cpb.Admitted(uid=w.req.uid, refusal=cpb.NO_WORKER,
+                                                            message=f"{reason} while its constraint compiled")
+                                .SerializeToString())
         # A worker that went away (not a fault of ours: INTERNAL) leaves its requests to the next one.
         hold = code == grpc.StatusCode.UNAVAILABLE and self.config.worker_reconnect_timeout_s > 0
         if hold:

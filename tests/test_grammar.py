@@ -131,3 +131,14 @@ def test_min_tokens_holds_stop_tokens_back_unless_nothing_else_is_allowed(engine
         assert rows.accept([1], [m], np.array([tok])) == []
     rows.fill([1], [m], mask)
     assert _allowed(mask[0]) == {EOS}
+
+
+def test_length_bounded_strings_refuse_raw_control_characters(engine):
+    """xgrammar 0.2.9 lets U+0000-U+001F into a string with maxLength (invalid JSON); ours refuses them,
+    keeps the bound, and still takes plain characters. Without the fix the first check fails."""
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "string", "maxLength": 6}}, "required": ["n"]})
+    m = engine.matcher(engine.compile_now("json_schema", schema), [2])
+    assert m.accept_string('{"n":"a')
+    assert not m.accept_string("\x17") and not m.accept_string("\t")
+    assert m.accept_string('bc"}') and m.is_completed()
+    assert not engine.matcher(engine.compile_now("json_schema", schema), [2]).accept_string('{"n":"abcdefg')

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
+    from worker_svc import grammar as grammar_mod
     from worker_svc import models, tensor_parallel
     from worker_svc.group_link import FollowerLink, LeaderLink
     from worker_svc.link import WorkerLink
@@ -118,11 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         from worker_svc import fusion
 
         fusion.apply(loaded.model)
+    grammar = None
+    if loaded.tokenizer_json and grammar_mod.engine_name():  # constraints need the tokenizer and xgrammar
+        grammar = grammar_mod.GrammarEngine(loaded.tokenizer_json, loaded.vocab_size, loaded.eos_token_ids)
+        log.info("structured output: %s", grammar.name)
+    else:
+        log.info("structured output off: %s", "no tokenizer (--skip-tokenizer)" if not loaded.tokenizer_json
+                 else "xgrammar is not installed")
     engine = Engine(loaded, EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         cuda_graphs=not args.no_cuda_graphs, debug_placeholders=args.debug_placeholders,
         max_num_tokens=args.max_num_tokens, max_num_rows=args.max_num_rows,
-    ), device)
+    ), device, grammar=grammar)
     group_blocks = tensor_parallel.group_min(engine.cache.cfg.num_blocks, control) if control is not None else None
     try:
         if group is not None and not group.leader:

@@ -31,6 +31,11 @@ import torch
 log = logging.getLogger("tandem.worker.grammar")
 
 ALL_ALLOWED = -1  # an int32 word with every bit set
+# xgrammar 0.2.9 writes the character of a string with minLength / maxLength as [^"\\\r\n], which lets
+# control characters (U+0000-U+001F) through unescaped: invalid JSON (RFC 8259, section 7), and a
+# noise model samples them (byte-level tokens). Its other strings use the right class; so do we.
+_BOUNDED_STRING_CHAR = '[^\\"\\\\\\r\\n]'
+_JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
 
 
 def engine_name() -> str:
@@ -86,12 +91,15 @@ class GrammarEngine:
         """Compiles on the calling thread; raises ValueError with the compiler's message."""
         c = self.compiler
         try:
-            if kind == "json_schema":
+            if kind in ("json_schema", "json_object"):
                 # Compact JSON, no free whitespace: a model (above all a noise model) must not be able to
                 # emit whitespace forever; strict: no properties or items the schema does not name.
-                return c.compile_json_schema(spec, any_whitespace=False, separators=(",", ":"), strict_mode=True)
-            if kind == "json_object":
-                return c.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=(",", ":"))
+                g = self.xgr.Grammar.from_json_schema(spec if kind == "json_schema" else '{"type": "object"}',
+                                                      any_whitespace=False, separators=(",", ":"),
+                                                      strict_mode=kind == "json_schema")
+                text = str(g)
+                fixed = text.replace(_BOUNDED_STRING_CHAR, _JSON_STRING_CHAR)
+                return c.compile_grammar(fixed if fixed != text else g)
             if kind == "regex":
                 return c.compile_regex(spec)
             if kind == "choice":

@@ -6,6 +6,8 @@ Owns the result ordering of docs/internals.md:
 - sync device (CPU): compute is done when launch returns, so pending results go out first, then
   step N is computed while the scheduler digests them;
 - a plan with `flush`, or a FLUSH message, sends everything pending right away.
+COMPILE starts compiles in the grammar engine's thread; the loop polls it (every millisecond while
+one is pending) and answers COMPILED for each; RELEASE drops held grammars; RESET drops them all.
 A malformed or unsafe message is logged and dropped (the protocol has no error reply); it never
 takes the worker down. Losing the scheduler ends the loop with exit status 1; a stop request
 (SIGTERM/SIGINT) ends it with 0; a message that keeps the loop busy past `hang_timeout_s`
@@ -49,6 +51,7 @@ def parse_faults(spec: str) -> dict[str, int]:
 rlog = structlog.get_logger("tandem.worker.requests")
 
 POLL_MS = 100  # how often an idle loop looks at the stop flag
+COMPILE_POLL_MS = 1  # ... and at finished compiles, while one is pending (a request's admission waits)
 # Exit statuses (tandem.exit_codes says what each tells a supervisor). A plain REJECT is not 2: a
 # replacement that came a moment too early, before the dead worker's connection timed out, is worth a
 # restart, and a supervisor's crash-loop guard stops a second worker that is refused every time.
@@ -111,6 +114,7 @@ def make_hello(engine: Engine, instance_token: str = "", replace: bool = False, 
         max_num_rows=engine.limits.max_num_rows,
         max_blocks_per_row=engine.limits.max_blocks_per_row,
         tokenizer_json=m.tokenizer_json,
+        grammar_engine=engine.grammar.engine.name if engine.grammar is not None else "",
         chat_template=m.chat_template,
         bos_token=m.bos_token,
         eos_token=m.eos_token,
@@ -151,8 +155,12 @@ class WorkerLoop:
         """Serves until the scheduler goes (returns 1) or a stop is requested (returns 0)."""
         self.link.send(self.hello().encode())
         waited = 0.0
+        grammar = self.engine.grammar.engine if self.engine.grammar is not None else None
         while not self.stop_requested:
-            frames = self.link.recv(POLL_MS)
+            frames = self.link.recv(COMPILE_POLL_MS if grammar is not None and grammar.pending else POLL_MS)
+            if grammar is not None:
+                for done in grammar.poll():
+                    self.link.send(wire.compiled_message(done.key, done.ok, done.message, done.compile_ms))
             if frames is None and self.link.peer_lost:  # what came before the drop (a BYE) is handled first
                 log.error("scheduler lost after %d steps; exiting", self.steps)
                 return 1
@@ -197,10 +205,18 @@ class WorkerLoop:
                 log.info("the scheduler is shutting down; exiting after %d steps", self.steps)
             self.stop_requested = True
             return
+        if kind in (wire.KIND_COMPILE, wire.KIND_RELEASE):
+            try:
+                self.on_grammar(kind, header)
+            except wire.WireError as exc:
+                log.warning("dropping malformed %r message: %s", kind, exc)
+            return
         if kind == wire.KIND_RESET:
             log.warning("scheduler asked for a reset after %d steps: in-flight steps dropped, row slots "
                         "emptied; a new session starts", self.steps)
             self.engine.reset_session()
+            if self.engine.grammar is not None:
+                self.engine.grammar.engine.reset()
             self.link.send(self.hello(replace=False).encode())  # the same worker: nothing to replace
             return
         if kind != wire.KIND_PLAN:
@@ -221,6 +237,19 @@ class WorkerLoop:
             self.on_plan(plan)
         except wire.WireError as exc:  # Engine.launch checks before touching any buffer
             self.refuse(plan.step_id, str(exc))
+
+    def on_grammar(self, kind: bytes, header: bytes) -> None:
+        g = self.engine.grammar
+        if kind == wire.KIND_COMPILE:
+            specs = wire.decode_compile(header)
+            if g is None:  # the scheduler saw no engine in HELLO and should not ask: answer anyway
+                for key, _kind, _spec in specs:
+                    self.link.send(wire.compiled_message(key, False, "this worker has no grammar engine"))
+                return
+            for key, ckind, spec in specs:
+                g.engine.submit(key, ckind, spec)
+        elif g is not None:
+            g.engine.release(wire.decode_release(header))
 
     def refuse(self, step_id: int, reason: str) -> None:
         """A plan not run: say so (the scheduler resets the session) instead of leaving it to time out."""

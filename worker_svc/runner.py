@@ -16,12 +16,20 @@ streams and events are no-ops and the same code runs synchronously.
 
 Plans are checked on the host before any state or buffer is touched (`check_plan`, RowState): an
 out-of-range index would be a device-side assert on CUDA, which kills the process.
+
+A step with constrained rows (structured output, grammar_step.py) runs the piecewise or eager forward
+and splits its launch: the forward is issued at once; the tail (bitmask, penalties, sampling, the
+outputs' copy) needs the matchers advanced by the previous step's tokens, so when that step is still
+in flight the tail is issued by `collect` of the previous step, right after its tokens are read,
+while this step's forward runs on the device. Only this step's sampling waits for the host; a launch
+that finds a tail still pending collects the step before it first (the result is kept for `collect`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,6 +39,8 @@ from tandem.wire import StepPlan, StepResult, WireError
 
 from worker_svc.attention import PagedStep, install, row_layout
 from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_batch
+from worker_svc.grammar import GrammarEngine
+from worker_svc.grammar_step import Constrained, StepGrammar
 from worker_svc.graph_capture import capture_graphs
 from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
 from worker_svc.kv_cache import PagedKVCache, config_for_model
@@ -77,6 +87,18 @@ class SamplingHints:
 
 
 @dataclass
+class _Tail:
+    """What a constrained step's sampling needs once its masks can be filled (after its forward)."""
+
+    inputs: object
+    logits: torch.Tensor
+    num_sampled: int
+    hints: SamplingHints
+    pflags: PenaltyFlags
+    constrained: Constrained
+
+
+@dataclass
 class _Launched:
     step_id: int
     slot: IOSlot
@@ -87,12 +109,16 @@ class _Launched:
     done: object
     prev_done: object | None
     state_digest: int = 0  # RowState.digest() after this plan, when it asked (check_state)
+    constrained: Constrained | None = None  # its constrained rows, with the matchers its launch saw
+    tail: _Tail | None = None  # sampling not issued yet: waits for the previous step's tokens
+    grammar_ms: float = 0.0
 
 
 class Engine:
     """Model + paged KV cache + two I/O slots; see the module docstring."""
 
-    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, device: str) -> None:
+    def __init__(self, loaded: LoadedModel, cfg: EngineConfig, device: str,
+                 grammar: GrammarEngine | None = None) -> None:
         self.loaded = loaded
         self.cfg = cfg
         self.device = device
@@ -117,6 +143,10 @@ class Engine:
         self.penalties = PenaltyState(cfg.max_num_rows, loaded.vocab_size, device, num_staging=len(self.slots))
         self._timing = [(self.sync.event(timing=True), self.sync.event(timing=True)) for _ in range(_TIMING_RING)]
         self._in_flight: deque[_Launched] = deque()
+        self._ready: deque[StepResult] = deque()  # collected early (a launch needed its tokens), oldest first
+        # Structured output: None when the worker has no grammar engine (no tokenizer, no xgrammar).
+        self.grammar = StepGrammar(grammar, cfg.max_num_rows, loaded.vocab_size, device, len(self.slots)) \
+            if grammar is not None else None
         self._last: _Launched | None = None
         self._launches = 0
         self.graphs: DecodeGraphs | None = None
@@ -126,7 +156,8 @@ class Engine:
         self.graph_memory_bytes = 0  # what capturing the graphs took from the device (reserved)
         # Steps by how they ran: "decode" / "penalized" (a decode graph without / with the penalty
         # transforms), "piecewise", "eager". Read by tests and logs; never by the launch path.
-        self.step_counts = {"decode": 0, "penalized": 0, "piecewise": 0, "eager": 0}
+        # "deferred": constrained steps whose sampling waited for the previous step's collect.
+        self.step_counts = {"decode": 0, "penalized": 0, "piecewise": 0, "eager": 0, "deferred": 0}
         if self.sync.cuda:
             torch.cuda.synchronize()  # weights and buffers were written on the default stream
             if cfg.cuda_graphs:
@@ -146,7 +177,8 @@ class Engine:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._in_flight)
+        """Steps launched whose results `collect` has not returned yet."""
+        return len(self._in_flight) + len(self._ready)
 
     @property
     def last_step_id(self) -> int:
@@ -157,11 +189,13 @@ class Engine:
         assert not self._in_flight, "reset_rows with steps in flight"
         self.rows.reset()
         self.penalties.reset()
+        if self.grammar is not None:
+            self.grammar.reset()
 
     def reset_session(self) -> None:
         """A new scheduler session on this connection (RESET): the steps in flight are computed and
         dropped, every row slot emptied, and step ids count from 0 again."""
-        while self._in_flight:
+        while self.num_in_flight:
             self.collect()
         self.reset_rows()
         self._last = None
@@ -170,6 +204,10 @@ class Engine:
     def check_plan(self, plan: StepPlan) -> StepBatch:
         """Checks `plan` and applies it to the row slots; WireError (state untouched) if this worker
         cannot run it safely or correctly."""
+        return self._check(plan)[1]
+
+    def _check(self, plan: StepPlan) -> tuple[StepPlan, StepBatch]:
+        """check_plan, also returning the plan as the penalties must see it (grammar_step.py)."""
         carry = plan.carry_index[plan.carry_index >= 0]
         if carry.size:
             prev = self._last
@@ -179,13 +217,24 @@ class Engine:
             if np.any(carry >= prev.num_rows) or not np.all(prev.sample[carry]):
                 raise WireError("carry_index points at a row that did not sample")
         PenaltyState.check(plan)
-        return self.rows.prepare(plan, self.limits.max_num_tokens, self.loaded.vocab_size)
+        starts = []
+        if self.grammar is not None:
+            plan, starts = self.grammar.prepare(plan, self.limits.max_num_tokens, self.limits.max_num_rows)
+        elif np.any(plan.new_grammar >= 0):
+            raise WireError("new_grammar: this worker has no grammar engine")
+        batch = self.rows.prepare(plan, self.limits.max_num_tokens, self.loaded.vocab_size)
+        if self.grammar is not None:
+            self.grammar.commit(plan, starts)
+        return plan, batch
 
     # ----- launch / collect ------------------------------------------------------------------------
     def launch(self, step_plan: StepPlan) -> None:
         """Issues `step_plan` (checked first; WireError leaves the engine untouched)."""
+        if self._last is not None and self._last.tail is not None:
+            # Its sampling waits for the step before it: collect that one now (kept for `collect`).
+            self._ready.append(self._collect_next())
         assert len(self._in_flight) < len(self.slots), "both slots in flight: collect first"
-        plan = self.check_plan(step_plan)
+        step_plan, plan = self._check(step_plan)
         digest = self.rows.digest() if step_plan.check_state else 0
         slot = self.slots[self._launches % 2]
         other = self.slots[(self._launches + 1) % 2]
@@ -207,12 +256,18 @@ class Engine:
                 self.sync.h2d_stream.wait_event(slot.compute_done)  # its last step no longer reads it
                 staged.issue_copy()
         pflags = self.penalties.flags(plan.rows[sampling])
+        constrained = self.grammar.constrained(plan.rows[sampling], np.flatnonzero(sampling)) \
+            if self.grammar is not None else None
+        # Its tail waits for the step in flight (its tokens advance the matchers) unless none is.
+        deferred = constrained is not None and bool(self._in_flight)
+        tail = None
 
         # A decode step with penalized rows replays the graph variant that holds the transforms and
         # the count update, unless a row does not sample (the graph samples, and would count, every
         # row) or those variants were not captured; otherwise it samples eagerly after the forward.
         penalized = pflags.any
         graphed = self.graphs is not None and (not penalized or (self.graphs.penalized and bool(plan.sample.all())))
+        graphed = graphed and constrained is None  # a decode graph samples inside: no room for the mask
         bucket = self.graphs.bucket_for(plan) if graphed else None
         tokens = None
         if bucket is None and self.piecewise:
@@ -252,16 +307,35 @@ class Engine:
                 else:
                     logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
                     self.step_counts["eager"] += 1
-                self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints, pflags)
-            done.record(compute)  # before compute_done: d2h_done then implies `done` completed
-            slot.compute_done.record(compute)
-        slot.issue_d2h(rows, num_top)
-
+                if constrained is None:
+                    self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints, pflags)
+                else:
+                    tail = _Tail(inputs, logits, num_sampled, hints, pflags, constrained)
         launched = _Launched(plan.step_id, slot, rows, plan.sample.copy(), num_top, start, done,
-                             prev.done if prev is not None else None, digest)
+                             prev.done if prev is not None else None, digest, constrained, tail)
+        if deferred:
+            self.step_counts["deferred"] += 1
+        else:
+            self._finish(launched)
         self._in_flight.append(launched)
         self._last = launched
         self._launches += 1
+
+    def _finish(self, f: _Launched) -> None:
+        """The end of a launch: a constrained step's tail (its masks filled now: the matchers have every
+        earlier token), then `done`, compute_done and the outputs' copy."""
+        compute = self.sync.compute_stream
+        with self.sync.on(compute), torch.inference_mode():
+            t = f.tail
+            if t is not None:
+                f.tail = None
+                assert self.grammar is not None
+                f.grammar_ms += self.grammar.fill(f.slot.index, t.constrained)
+                self._sample_eager(f.slot, t.inputs, t.logits, f.num_rows, t.num_sampled, f.num_top, t.hints,
+                                   t.pflags, t.constrained)
+            f.done.record(compute)  # before compute_done: d2h_done then implies `done` completed
+            f.slot.compute_done.record(compute)
+        f.slot.issue_d2h(f.num_rows, f.num_top)
 
     def _set_table_cells(self, plan: StepBatch) -> None:
         """Block-table cells of a plan too large for an I/O slot, set with their own copy, in stream order."""
@@ -283,10 +357,12 @@ class Engine:
             top_lp.copy_(vals.float() - step.lse[:rows, None])
 
     def _sample_eager(self, slot: IOSlot, inputs, logits: torch.Tensor, rows: int, num_sampled: int,
-                      num_top: int, hints: SamplingHints, pflags: PenaltyFlags = NONE) -> None:
+                      num_top: int, hints: SamplingHints, pflags: PenaltyFlags = NONE,
+                      constrained: Constrained | None = None) -> None:
         """Samples the rows that sample and writes every row's outputs (-1 / 0 for the others).
         With penalized rows, their transforms first and their tokens counted right after, on the
-        device, so the next step (maybe built before this one's tokens reach the host) sees them."""
+        device, so the next step (maybe built before this one's tokens reach the host) sees them.
+        Constrained rows: their bitmasks after the penalties (a masked token stays -inf)."""
         sampled = slot.out_sampled(rows)
         sampled.fill_(-1)
         logprob = slot.out_logprob(rows)
@@ -299,6 +375,10 @@ class Engine:
             if pflags.any:
                 slots = inputs.table_rows.index_select(0, where).to(torch.int64)
                 logits = self.penalties.apply(logits, slots, inputs.counter, pflags)
+            if constrained is not None:
+                assert self.grammar is not None
+                logits = logits if pflags.any else logits.to(torch.float32, copy=True)
+                self.grammar.apply(slot.index, constrained, logits)
             res = sample(logits, inputs.temperature, inputs.top_p, inputs.top_k,
                          inputs.min_p, inputs.seed, inputs.counter, num_top,
                          sort_filters=hints.sort_filters, any_random=hints.any_random)
@@ -312,12 +392,32 @@ class Engine:
 
     def collect(self) -> StepResult:
         """Waits for the oldest launched step and returns its result."""
+        if self._ready:
+            return self._ready.popleft()
+        return self._collect_next()
+
+    def _collect_next(self) -> StepResult:
+        """Waits for the oldest step in flight; its tokens advance the matchers, and the next step's
+        tail, if it waited for them, is issued before this returns."""
         f = self._in_flight.popleft()
+        assert f.tail is None, "collecting a step whose sampling was never issued"
         sampled, logprob, top_ids, top_lp = f.slot.read_outputs(f.num_rows, f.num_top)
         # A graphed step samples every row (fixed shapes); rows the plan did not ask for read as unsampled.
         idle = f.sample == 0
         if idle.any():
             sampled[idle], logprob[idle], top_ids[idle], top_lp[idle] = -1, 0.0, -1, 0.0
+        if f.constrained is not None:
+            assert self.grammar is not None
+            t0 = time.perf_counter()
+            refused = self.grammar.accept(f.constrained, sampled)
+            f.grammar_ms += (time.perf_counter() - t0) * 1000
+            if refused.size:  # a token outside the grammar: only broken logits sample one (NaN marks them)
+                log.error("step %d: %d constrained rows sampled a token their grammar refuses", f.step_id,
+                          refused.size)
+                logprob[refused] = np.nan
+        nxt = self._in_flight[0] if self._in_flight else None
+        if nxt is not None and nxt.tail is not None:
+            self._finish(nxt)  # its forward is running: the host fills its masks meanwhile
         f.done.synchronize()
         compute_ms = f.start.elapsed_time(f.done)
         idle_ms = max(0.0, f.prev_done.elapsed_time(f.start)) if f.prev_done is not None else 0.0
@@ -330,6 +430,7 @@ class Engine:
             logprob=logprob,  # always: NaN marks a row with broken logits (see sampler.py)
             top_ids=top_ids if f.num_top else None,
             top_logprobs=top_lp if f.num_top else None,
+            grammar_ms=f.grammar_ms,
         )
 
     def execute(self, plan: StepPlan) -> StepResult:

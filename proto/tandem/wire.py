@@ -147,6 +147,8 @@ PLAN_ARRAYS: dict[str, str] = {
     "new_bias_count": "int32",
     "new_mask_count": "int32",
     "new_history_len": "int32",
+    # Structured output: the new slot's constraint, an index into the header's grammar_keys (-1 = none).
+    "new_grammar": "int32",
     "bias_ids": "int32",
     "bias_values": "float32",
     "mask_ids": "int32",
@@ -165,6 +167,7 @@ _ROW_ARRAYS = ("rows", "carry_index", "sample")
 _PENALTY_DEFAULTS = {
     "new_repetition_penalty": 1.0, "new_presence_penalty": 0.0, "new_frequency_penalty": 0.0,
     "new_min_tokens": 0, "new_prompt_len": 0, "new_bias_count": 0, "new_mask_count": 0, "new_history_len": 0,
+    "new_grammar": -1,
 }
 
 def _none(dtype: str) -> np.ndarray:
@@ -204,6 +207,7 @@ class StepPlan:
     new_bias_count: np.ndarray = field(default_factory=lambda: _none("int32"))
     new_mask_count: np.ndarray = field(default_factory=lambda: _none("int32"))
     new_history_len: np.ndarray = field(default_factory=lambda: _none("int32"))
+    new_grammar: np.ndarray = field(default_factory=lambda: _none("int32"))
     bias_ids: np.ndarray = field(default_factory=lambda: _none("int32"))
     bias_values: np.ndarray = field(default_factory=lambda: _none("float32"))
     mask_ids: np.ndarray = field(default_factory=lambda: _none("int32"))
@@ -212,6 +216,7 @@ class StepPlan:
     append_blocks: np.ndarray = field(default_factory=lambda: _none("int32"))
     request_ids: str = ""  # new slot -> client request id, "\n"-joined (logs only; may be empty)
     check_state: bool = False  # debug: the worker returns its row-slot state digest
+    grammar_keys: list[str] = field(default_factory=list)  # the compiled constraints new_grammar names
 
     def __post_init__(self) -> None:
         # A plan built without the penalty arrays (tests, benchmarks) starts its slots with them off.
@@ -275,6 +280,9 @@ class StepPlan:
         if np.any((ids < 0) & ~placeholder) or np.any(ids >= vocab_size):
             raise WireError("input_ids: token id outside the vocabulary")
         self._validate_penalties(vocab_size)
+        g = self.new_grammar
+        if g.size and (g.min() < -1 or g.max() >= len(self.grammar_keys)):
+            raise WireError(f"new_grammar: index outside [-1, {len(self.grammar_keys)})")
         if np.any(self.carry_index >= 0) and self.carry_from_step < 0:
             raise WireError("carry_index set but carry_from_step is -1")
         if np.any((self.carry_index >= 0) & (np.diff(qs) != 1)):
@@ -305,7 +313,7 @@ class StepPlan:
         specs, frames = pack_arrays({name: getattr(self, name) for name in PLAN_ARRAYS})
         header = pb.StepPlanHeader(
             step_id=self.step_id, carry_from_step=self.carry_from_step, flush=self.flush, arrays=specs,
-            request_ids=self.request_ids, check_state=self.check_state,
+            request_ids=self.request_ids, check_state=self.check_state, grammar_keys=self.grammar_keys,
         )
         return [KIND_PLAN, header.SerializeToString(), *frames]
 
@@ -316,7 +324,7 @@ class StepPlan:
         if list(arrays) != list(PLAN_ARRAYS):
             raise WireError(f"plan arrays {list(arrays)} != {list(PLAN_ARRAYS)}")
         return cls(step_id=msg.step_id, carry_from_step=msg.carry_from_step, flush=msg.flush, **arrays,
-                   request_ids=msg.request_ids, check_state=msg.check_state)
+                   request_ids=msg.request_ids, check_state=msg.check_state, grammar_keys=list(msg.grammar_keys))
 
 
 def state_digest(slots: np.ndarray, context: np.ndarray, num_blocks: np.ndarray, blocks: np.ndarray) -> int:
@@ -340,6 +348,7 @@ class StepResult:
     logprob: np.ndarray | None = None  # float32 [R]
     top_ids: np.ndarray | None = None  # int32 [R, K]
     top_logprobs: np.ndarray | None = None  # float32 [R, K]
+    grammar_ms: float = 0.0  # host time advancing matchers and filling masks for this step
     extra: dict = field(default_factory=dict)
 
     def encode(self) -> list:
@@ -350,7 +359,7 @@ class StepResult:
         specs, frames = pack_arrays(arrays)
         header = pb.StepResultHeader(
             step_id=self.step_id, compute_ms=self.compute_ms, idle_gap_ms=self.idle_gap_ms, arrays=specs,
-            state_digest=self.state_digest,
+            state_digest=self.state_digest, grammar_ms=self.grammar_ms,
         )
         return [KIND_RESULT, header.SerializeToString(), *frames]
 
@@ -366,6 +375,7 @@ class StepResult:
             compute_ms=msg.compute_ms,
             idle_gap_ms=msg.idle_gap_ms,
             state_digest=msg.state_digest,
+            grammar_ms=msg.grammar_ms,
             logprob=arrays.get("logprob"),
             top_ids=arrays.get("top_ids"),
             top_logprobs=arrays.get("top_logprobs"),
