@@ -192,6 +192,22 @@ def test_constraints_with_n_penalties_stops_min_tokens_and_abort(tiny) -> None:
     asyncio.run(run())
 
 
+def test_ebnf_and_lark_grammars(tiny) -> None:
+    """The same language written in EBNF (xgrammar) and in Lark (llguidance): both outputs in it."""
+    ebnf = 'root ::= "(" [a-c]{1,5} ")" ("+" "(" [a-c]{1,5} ")"){0,3}'
+    lark = 'start: group ("+" group)~0..3\ngroup: "(" /[a-c]{1,5}/ ")"'
+    language = r"\([a-c]{1,5}\)(\+\([a-c]{1,5}\)){0,3}"
+
+    async def run() -> list:
+        async with AsyncTandemClient(tiny.address) as c:
+            return await asyncio.gather(*(c.generate(token_ids=[7 + i, 8], max_new_tokens=60, temperature=0.0,
+                                                     grammar=g, grammar_syntax=syntax)
+                                          for i in range(4) for g, syntax in ((ebnf, "ebnf"), (lark, "lark"))))
+
+    for r in asyncio.run(run()):
+        assert r.finish_reason == "eos" and re.fullmatch(language, r.text), (r.text, r.finish_reason)
+
+
 def test_a_bad_constraint_is_refused_with_the_compilers_message(tiny) -> None:
     async def run() -> None:
         async with AsyncTandemClient(tiny.address) as c:
@@ -203,6 +219,9 @@ def test_a_bad_constraint_is_refused_with_the_compilers_message(tiny) -> None:
             with pytest.raises(TandemError) as err:
                 await c.generate(token_ids=[1, 2], max_new_tokens=4, regex="([a-z")
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(TandemError) as err:  # Lark, through llguidance: its message too
+                await c.generate(token_ids=[1, 2], max_new_tokens=4, grammar="start: foo", grammar_syntax="lark")
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "foo" in str(err.value), err.value
             # The server goes on serving constrained requests after refusals.
             res = await c.generate(token_ids=[1, 2], max_new_tokens=10, choice=["x", "y"])
             assert res.text in ("x", "y") and res.finish_reason == "eos"

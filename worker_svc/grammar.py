@@ -8,6 +8,11 @@ Owns the grammar engine side of docs/structured_output.md:
   the outputs it already has, after a preemption or a worker loss), advanced by each sampled token,
   and asked for the next token's bitmask (32-bit words, bit v of word v // 32 set = token v allowed).
 
+Lark grammars go to llguidance (xgrammar has no Lark front end), behind the same three matcher calls
+(`accept_token`, `fill_next_token_bitmask`, `is_terminated`) and the same 32-bit bitmask layout; its
+tokenizer is built on the first Lark constraint, in the compile thread. Its matchers end on the
+model's EOS ids (a request's extra stop_token_ids do not end a Lark output).
+
 Terminated matchers (the row sampled a stop token; at depth 2 it is usually in the next step
 already) are never filled or advanced (xgrammar raises): their row gets the all-ones mask, and the
 scheduler discards that overrun token as it does for any finished request. torch and xgrammar only;
@@ -39,11 +44,57 @@ _JSON_STRING_CHAR = '[^\\0-\\x1f\\"\\\\]'
 
 
 def engine_name() -> str:
-    """What HELLO announces ("xgrammar 0.2.9"); empty when xgrammar is not installed."""
+    """What HELLO announces ("xgrammar 0.2.9", with "; lark: llguidance 1.9.1" when that is installed);
+    empty when xgrammar is not installed."""
     try:
-        return f"xgrammar {metadata.version('xgrammar')}"
+        name = f"xgrammar {metadata.version('xgrammar')}"
     except metadata.PackageNotFoundError:
         return ""
+    try:
+        return f"{name}; lark: llguidance {metadata.version('llguidance')}"
+    except metadata.PackageNotFoundError:
+        return name
+
+
+@dataclass(frozen=True)
+class LarkGrammar:
+    """A Lark grammar llguidance validated against the tokenizer (llguidance compiles per matcher)."""
+
+    text: str
+
+
+class LarkMatcher:
+    """An llguidance matcher with xgrammar's matcher calls (the ones GrammarRows and grammar_step use).
+    llguidance stops by itself once nothing but EOS can follow; xgrammar's matchers terminate only on
+    accepting a stop token, and so does this one: until then, a stopped grammar allows its stop ids."""
+
+    def __init__(self, matcher: object, stop_ids: list[int]) -> None:
+        from llguidance.torch import fill_next_token_bitmask
+
+        self._m = matcher
+        self._fill = fill_next_token_bitmask
+        self._stops = frozenset(stop_ids)
+        self._terminated = False
+
+    def accept_token(self, token: int) -> bool:
+        if self._m.is_stopped():
+            ok = token in self._stops
+        else:
+            ok = bool(self._m.consume_token(token)) and not self._m.is_error()
+        self._terminated = ok and token in self._stops
+        return ok
+
+    def is_terminated(self) -> bool:
+        return self._terminated
+
+    def fill_next_token_bitmask(self, out: torch.Tensor, index: int) -> None:
+        if self._m.is_stopped():
+            out[index].zero_()
+            row = out[index].numpy()
+            for t in self._stops:
+                row[t // 32] |= np.int32(1 << (t % 32)) if t % 32 < 31 else np.int32(-(1 << 31))
+        else:
+            self._fill(self._m, out, index)
 
 
 @dataclass(frozen=True)
@@ -65,7 +116,10 @@ class GrammarEngine:
 
         self.xgr = xgr
         self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
         hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json.decode()))
+        self._hf = hf
+        self._lark_tokenizer: object | None = None  # llguidance's, built with the first Lark constraint
         # The logits' width, which may exceed the tokenizer's; each matcher overrides the stop tokens with
         # its request's (EOS and stop_token_ids).
         self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=eos_token_ids)
@@ -106,10 +160,30 @@ class GrammarEngine:
                 return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in json.loads(spec)))
             if kind == "ebnf":
                 return c.compile_grammar(spec)
+            if kind == "lark":
+                return self._compile_lark(spec)
         except RuntimeError as exc:  # xgrammar's errors carry a C++ source location first: keep the message
             message = str(exc).strip()
             raise ValueError(message.split(": ", 1)[-1] if message.startswith("[") else message) from exc
         raise ValueError(f"constraint kind {kind!r} is not supported by {self.name}")
+
+    def _compile_lark(self, spec: str) -> LarkGrammar:
+        try:
+            import llguidance
+            import llguidance.hf
+        except ImportError:
+            raise ValueError(f"Lark grammars need llguidance, which this worker lacks ({self.name})") from None
+        if self._lark_tokenizer is None:
+            self._lark_tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size,
+                                                                eos_token=self.eos_token_ids)
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(spec)
+            error = llguidance.LLMatcher.validate_grammar(grammar, self._lark_tokenizer)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise ValueError(str(exc)) from exc
+        if error:
+            raise ValueError(error.strip())
+        return LarkGrammar(grammar)
 
     def submit(self, key: str, kind: str, spec: str) -> None:
         """Starts compiling `key` in the compile thread (a key held or compiling already answers at once)."""
@@ -175,6 +249,10 @@ class GrammarEngine:
             self._compiling.clear()
 
     def matcher(self, compiled: object, stop_ids: list[int]) -> object:
+        if isinstance(compiled, LarkGrammar):
+            import llguidance
+
+            return LarkMatcher(llguidance.LLMatcher(self._lark_tokenizer, compiled.text), stop_ids)
         return self.xgr.GrammarMatcher(compiled, override_stop_tokens=stop_ids)
 
 
