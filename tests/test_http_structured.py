@@ -10,11 +10,11 @@ driven with the `openai` package.
   parameter and saying so; free output is still served. Skipped once the worker has one.
 - With one (skipped until the worker announces it; the reason says so): outputs under a JSON schema
   parse and validate (`jsonschema`), under json_object are objects, under a regex match fully, under
-  a choice or grammar are one of its strings, on both endpoints, streamed and with n; each asserted
-  only with finish_reason "stop" (random weights produce noise, so only the constraint makes the
-  output valid; every schema here is bounded so that the noise must finish within max_tokens); an
-  output cut by max_tokens ends "length"; a constraint that does not compile is 400 with the
-  compiler's message.
+  a choice or a grammar (EBNF or Lark) are one of its strings, on both endpoints, streamed and with
+  n; each asserted only with finish_reason "stop" (random weights produce noise, so only the
+  constraint makes the output valid; every schema here is bounded so that the noise must finish
+  within max_tokens); an output cut by max_tokens ends "length"; a constraint that does not compile
+  is 400 with the compiler's message.
 """
 
 from __future__ import annotations
@@ -332,6 +332,7 @@ CONSTRAINED = [
     ("structured_outputs.regex", {"structured_outputs": {"regex": REGEX}}, _matches, False),
     ("structured_outputs.choice", {"structured_outputs": {"choice": COLOURS}}, _a_colour, False),
     ("structured_outputs.grammar", {"structured_outputs": {"grammar": EBNF}}, _yes_or_no, False),
+    ("structured_outputs.grammar-lark", {"structured_outputs": {"grammar": LARK}}, _yes_or_no, False),
 ]
 SEEDS = range(3)
 
@@ -434,13 +435,11 @@ def test_a_constraint_that_does_not_compile_is_400_with_the_compilers_message(se
     body, param, kind, spec = BAD[0]
     assert _bad(lambda: _create(oa, endpoint, max_tokens=8, **body)).body["message"].endswith(
         _compiler_message(kind, spec))
-    # A Lark grammar is routed as Lark: valid output, or refused as a Lark grammar (never parsed as EBNF).
-    try:
-        r = _create(oa, endpoint, max_tokens=8, temperature=1.0, structured_outputs={"grammar": LARK})
-        assert r.choices[0].finish_reason == "stop" and _text(r.choices[0]) in ("yes", "no")
-    except openai.BadRequestError as err:
-        assert err.body["param"] == "structured_outputs.grammar" and "lark" in err.body["message"], err.body
-        assert "EBNF" not in err.body["message"], err.body
+    # A Lark grammar goes to the Lark compiler (llguidance), not to the EBNF parser: its own message.
+    err = _bad(lambda: _create(oa, endpoint, max_tokens=8, structured_outputs={"grammar": "start: undefined_rule"}))
+    assert err.body["param"] == "structured_outputs.grammar", err.body
+    assert err.body["message"].startswith("structured_outputs.grammar: does not compile: "), err.body
+    assert "undefined_rule" in err.body["message"] and "EBNF" not in err.body["message"], err.body
     # The server serves on, constrained and free; nothing is left running.
     fresh = f"ok-{uuid.uuid4().hex[:6]}"
     r = _create(oa, endpoint, max_tokens=16, structured_outputs={"choice": [fresh]})
