@@ -274,3 +274,52 @@ def test_in_process_depth_two_defers_the_mask_and_matches_depth_one(device: str)
             assert engine.step_counts["deferred"] == 0
         engine.step_counts["deferred"] = 0
     assert outs[1] == outs[2]
+
+
+def test_constrained_requests_survive_a_worker_death_with_the_same_tokens() -> None:
+    """A worker killed mid-stream: the held constrained requests compile again on the next worker
+    before they resume (their matchers replay the outputs they have), one that arrives while no worker
+    is connected too; every token equals the fault-free run's."""
+    from client.local_server import TandemServer
+    from tests.conftest import TINY_WORKER_ARGS
+
+    long_regex = "[ab]{1000,2000}"  # cannot end within 150 tokens: still streaming at the kill
+    streams = [({"regex": long_regex}, {"temperature": 0.0}), ({"regex": long_regex}, {"temperature": 0.8, "seed": 4}),
+               ({"json_schema": PERSON}, {"temperature": 0.0}), ({}, {"temperature": 0.0, "ignore_eos": True})]
+    late = {"choice": CHOICES, "temperature": 0.0}
+
+    async def one(c, i: int, got: list[int] | None = None) -> list[int]:
+        kw, sampling = streams[i]
+        max_new = 40 if "json_schema" in kw else 150
+        out: list[int] = [] if got is None else got
+        async for chunk in c.generate_stream(token_ids=[9 + i, 10, 11], max_new_tokens=max_new, **kw, **sampling):
+            out += chunk.token_ids
+        return out
+
+    with TandemServer(worker_args=TINY_WORKER_ARGS, scheduler_args=["--debug-check-state"]) as server:
+        async def reference() -> list[list[int]]:
+            async with AsyncTandemClient(server.address) as c:
+                runs = [one(c, i) for i in range(len(streams))]
+                return await asyncio.gather(*runs, c.generate(token_ids=[3, 4], max_new_tokens=10, **late))
+
+        async def faulty() -> list[list[int]]:
+            async with AsyncTandemClient(server.address) as c:
+                got: list[list[int]] = [[] for _ in streams]
+                tasks = [asyncio.ensure_future(one(c, i, got[i])) for i in range(len(streams))]
+                while min(len(g) for g in got[:2]) < 4:
+                    await asyncio.sleep(0.005)
+                server.worker.kill()  # SIGKILL
+                await asyncio.sleep(0.5)
+                assert not any(t.done() for t in tasks[:2])
+                waiting = asyncio.ensure_future(c.generate(token_ids=[3, 4], max_new_tokens=10, **late))
+                server.worker.wait(10)
+                server.start_worker_process()
+                return [*(await asyncio.gather(*tasks)), await waiting]
+
+        ref = asyncio.run(reference())
+        ref = [*ref[:-1], ref[-1].token_ids]
+        got = asyncio.run(faulty())
+        got = [*got[:-1], got[-1].token_ids]
+        assert got == ref, "a resumed constrained request's tokens differ from its fault-free run"
+        st = server.wait_idle(5)
+        assert st.kv_blocks_free == st.kv_blocks_total
