@@ -311,13 +311,14 @@ class Engine:
         self._pump()
 
     def _send_grammar_work(self, s: WorkerSession) -> None:
-        """COMPILE and RELEASE what the ledger asks for, in order with the plans."""
+        """RELEASE and COMPILE what the ledger asks for, in order with the plans. RELEASE first: a key
+        evicted and asked for again before this call must end up compiled, not released."""
         compiles, releases = s.grammars.take_compiles(), s.grammars.take_releases()
         try:
-            if compiles:
-                self.link.send(s.peer, wire.compile_message(compiles))
             if releases:
                 self.link.send(s.peer, wire.release_message(releases))
+            if compiles:
+                self.link.send(s.peer, wire.compile_message(compiles))
         except zmq.ZMQError as exc:
             log.warning("worker unreachable (%s)", exc)
             self._lose_worker("worker disconnected")
