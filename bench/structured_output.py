@@ -45,7 +45,7 @@ def run_once(engine, reqs: list[Request], depth: int) -> dict:
     sched = scheduler_for(engine, depth)
     for r in reqs:
         sched.add(r)
-    steps, grammar_ms = 0, 0.0
+    steps, grammar_ms, compute_ms, idle_ms = 0, 0.0, 0.0, 0.0
     t0 = time.perf_counter()
     while not sched.is_idle:
         while sched.in_flight < depth and (built := sched.build_plan()) is not None:
@@ -53,6 +53,9 @@ def run_once(engine, reqs: list[Request], depth: int) -> dict:
         result = engine.collect()
         steps += 1
         grammar_ms += result.grammar_ms
+        compute_ms += result.compute_ms
+        if steps > 1:  # the first step's gap is the time since the previous run
+            idle_ms += result.idle_gap_ms
         sched.process_result(result)
     wall = time.perf_counter() - t0
     tokens = sum(len(r.output_ids) for r in reqs)
@@ -63,6 +66,7 @@ def run_once(engine, reqs: list[Request], depth: int) -> dict:
             assert r.finish_reason is not None and r.finish_reason.name == "LENGTH"
     return {"wall_s": wall, "steps": steps, "tokens": tokens, "tok_per_s": tokens / wall,
             "grammar_ms": grammar_ms, "constrained_tokens": constrained,
+            "busy_ratio": compute_ms / (compute_ms + idle_ms) if compute_ms + idle_ms else 0.0,
             "mask_us_per_constrained_token": 1000 * grammar_ms / constrained if constrained else 0.0}
 
 
@@ -106,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         table.append({"constrained_fraction": f, "tok_per_s": tps, "ratio_to_first": tps / base,
                       "mask_us_per_constrained_token": statistics.median(r["mask_us_per_constrained_token"]
                                                                          for r in rows),
+                      "busy_ratio": statistics.median(r["busy_ratio"] for r in rows),
                       "steps": rows[0]["steps"], "tokens": rows[0]["tokens"], "runs": rows})
         print(f"{f:4.0%} constrained: {tps:8.1f} tok/s ({tps / base:.3f}x), "
-              f"mask {table[-1]['mask_us_per_constrained_token']:.1f} us per constrained token")
+              f"mask {table[-1]['mask_us_per_constrained_token']:.1f} us per constrained token, "
+              f"busy {table[-1]['busy_ratio']:.4f}")
     record = {
         "command": "python -m bench.structured_output " + " ".join(argv or []),
         "model": args.model, "device": args.device, "depth": depth, "requests": args.requests,
