@@ -120,6 +120,7 @@ def attention_ms(engine, rows: int, context: int) -> float:
     kv = torch.randn(rows, cfg.kv_heads, cfg.head_dim, dtype=cfg.dtype, device="cuda")
     out = torch.empty_like(q)
     scale = cfg.head_dim**-0.5
+    torch.cuda.synchronize()  # q and kv come from the default stream; the graph runs on the compute stream
 
     def all_layers() -> None:
         for layer in range(cfg.num_layers):
@@ -169,7 +170,7 @@ def run_grid(loaded, args, record: dict, fused: str, outputs: dict) -> None:
     from worker_svc import fusion
     from worker_svc.runner import Engine, EngineConfig
 
-    weights = fusion.matmul_weights(loaded.model)
+    weights, lt = fusion.matmul_weights(loaded.model), fusion.lt_weights(loaded.model)
     for batch in args.batches:
         contexts = args.contexts or DEFAULT_GRID.get(batch, (1024,))
         blocks = batch * -(-max(contexts) // EngineConfig.block_size) + 16
@@ -178,7 +179,7 @@ def run_grid(loaded, args, record: dict, fused: str, outputs: dict) -> None:
         cfg = engine.cache.cfg
         fixed_context_rows(engine, batch, 1)
         nokv = forward_ms(engine, decode_plan(engine, 0, batch, 1))
-        gemm = linear_ms(weights, batch, engine.sync.compute_stream)
+        gemm = linear_ms(weights, batch, engine.sync.compute_stream, lt)
         wbytes = weight_bytes_per_step(loaded.model, batch)
         for context in contexts:
             fixed_context_rows(engine, batch, context)

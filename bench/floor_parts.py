@@ -56,13 +56,24 @@ def graph_ms(fn: Callable[[], None], stream: torch.cuda.Stream, reps: int = 20) 
     return start.elapsed_time(end) / reps
 
 
-def linear_ms(weights: list[torch.Tensor], rows: int, stream: torch.cuda.Stream) -> float:
-    """Device time of the step's GEMMs alone: `rows` tokens through every matrix in `weights`."""
+def linear_ms(weights: list[torch.Tensor], rows: int, stream: torch.cuda.Stream,
+              lt: set[int] | None = None) -> float:
+    """Device time of the step's GEMMs alone: `rows` tokens through every matrix in `weights`; those
+    whose id is in `lt` with cuBLASLt preferred at rows the fused forward prefers it (fusion.lt_weights)."""
+    from worker_svc.fusion.install import LT_MAX_ROWS
+
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    lt = lt if lt and rows <= LT_MAX_ROWS else set()
+    backends = torch.backends.cuda
+    default = backends.preferred_blas_library()
 
     def all_gemms() -> None:
         for w in weights:
+            if id(w) in lt:
+                backends.preferred_blas_library("cublaslt")
             F.linear(inputs[w.shape[1]], w)
+            if id(w) in lt:
+                backends.preferred_blas_library(default)
 
     with torch.inference_mode():
         return graph_ms(all_gemms, stream)

@@ -6,6 +6,6 @@ Opt-in (`--fuse` on the worker, `bench floor --fusion`); the unfused model is th
 formulas; install.py: which modules qualify and their replacement forwards.
 """
 
-from worker_svc.fusion.install import apply, matmul_weights
+from worker_svc.fusion.install import apply, lt_weights, matmul_weights
 
-__all__ = ["apply", "matmul_weights"]
+__all__ = ["apply", "lt_weights", "matmul_weights"]
