@@ -375,9 +375,8 @@ class Engine:
             if pflags.any:
                 slots = inputs.table_rows.index_select(0, where).to(torch.int64)
                 logits = self.penalties.apply(logits, slots, inputs.counter, pflags)
-            if constrained is not None:
+            if constrained is not None:  # in place: the forward's (or a piecewise graph's) output, read once
                 assert self.grammar is not None
-                logits = logits if pflags.any else logits.to(torch.float32, copy=True)
                 self.grammar.apply(slot.index, constrained, logits)
             res = sample(logits, inputs.temperature, inputs.top_p, inputs.top_k,
                          inputs.min_p, inputs.seed, inputs.counter, num_top,
