@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -26,7 +27,7 @@ from tandem import wire
 from tandem.v1 import api_pb2, api_pb2_grpc
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from client import TandemClient, TandemError, _convert
+from client import AsyncTandemClient, TandemClient, TandemError, _convert
 from scheduler_svc.request import Constraint
 from scheduler_svc.tokenizer import TandemTokenizer
 from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request
@@ -274,27 +275,40 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 def test_constrained_outputs_are_valid(tiny, with_engine):
     """The client's constraint arguments reach the worker's grammar engine: each output, at temperature 1,
-    ends EOS and is valid; streamed text likewise."""
+    ends EOS and is valid; streamed text likewise. Sent at once, so constrained rows share batches."""
     import jsonschema
 
     bias = _close_bias(tiny)
-    with TandemClient(tiny.address) as c:
-        for seed in range(3):
-            common = {"token_ids": PROMPT, "max_new_tokens": 96, "temperature": 1.0, "seed": seed}
-            r = c.generate(json_schema=SCHEMA, **common)
-            assert r.finish_reason == "eos", r
-            jsonschema.validate(json.loads(r.text), SCHEMA)
-            r = c.generate(json_object=True, logit_bias=bias, **common)
-            assert r.finish_reason == "eos" and isinstance(json.loads(r.text), dict), r
-            r = c.generate(regex=r"[a-e]{1,4}@[0-9]{2}", **common)
-            assert r.finish_reason == "eos" and re.fullmatch(r"[a-e]{1,4}@[0-9]{2}", r.text), r
-            r = c.generate(choice=["sun", "moon", "naïve"], **common)
-            assert r.finish_reason == "eos" and r.text in ("sun", "moon", "naïve"), r
-            r = c.generate(grammar='root ::= "(" [0-9] ("+" [0-9])? ")"', **common)
-            assert r.finish_reason == "eos" and re.fullmatch(r"\([0-9](\+[0-9])?\)", r.text), r
-            chunks = list(c.generate_stream(regex=r"[xyz]{3}", **common))
-            assert chunks[-1].completion.finish_reason == "eos", chunks[-1]
-            assert re.fullmatch("[xyz]{3}", "".join(x.text for x in chunks)), chunks
+    checks = [
+        ({"json_schema": SCHEMA}, lambda t: jsonschema.validate(json.loads(t), SCHEMA)),
+        ({"json_object": True, "logit_bias": bias}, lambda t: _assert(isinstance(json.loads(t), dict), t)),
+        ({"regex": r"[a-e]{1,4}@[0-9]{2}"}, lambda t: _assert(re.fullmatch(r"[a-e]{1,4}@[0-9]{2}", t), t)),
+        ({"choice": ["sun", "moon", "naïve"]}, lambda t: _assert(t in ("sun", "moon", "naïve"), t)),
+        ({"grammar": 'root ::= "(" [0-9] ("+" [0-9])? ")"'},
+         lambda t: _assert(re.fullmatch(r"\([0-9](\+[0-9])?\)", t), t)),
+    ]
+    calls = [(kw, check, seed) for kw, check in checks for seed in range(3)]
+
+    async def run():
+        async with AsyncTandemClient(tiny.address, timeout=120) as c:
+            async def streamed(seed: int):
+                return [x async for x in c.generate_stream(token_ids=PROMPT, max_new_tokens=96, temperature=1.0,
+                                                           seed=seed, regex="[xyz]{3}")]
+            common = {"token_ids": PROMPT, "max_new_tokens": 96, "temperature": 1.0}
+            return await asyncio.gather(*(c.generate(seed=seed, **kw, **common) for kw, _, seed in calls),
+                                        *(streamed(seed) for seed in range(3)))
+
+    answers = asyncio.run(run())
+    for (kw, check, seed), r in zip(calls, answers, strict=False):
+        assert r.finish_reason == "eos", (kw, seed, r)
+        check(r.text)
+    for chunks in answers[len(calls):]:
+        assert chunks[-1].completion.finish_reason == "eos", chunks[-1]
+        assert re.fullmatch("[xyz]{3}", "".join(x.text for x in chunks)), chunks
+
+
+def _assert(ok: object, text: str) -> None:
+    assert ok, text
 
 
 def test_cli_constraint_against_the_server(tiny, with_engine, capsys):
