@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               f"mask {table[-1]['mask_us_per_constrained_token']:.1f} us per constrained token, "
               f"busy {table[-1]['busy_ratio']:.4f}")
     record = {
-        "command": "python -m bench.structured_output " + " ".join(argv or []),
+        "command": " ".join(["python -m bench.structured_output", *(sys.argv[1:] if argv is None else argv)]),
         "model": args.model, "device": args.device, "depth": depth, "requests": args.requests,
         "max_new_tokens": args.max_new, "repeats": args.repeats, "grammar_engine": engine_name(),
         "schema": json.loads(c.spec), "schema_compile_ms": compile_ms, "step_counts": engine.step_counts,
