@@ -57,6 +57,13 @@ def test_token_ids_only_server(tmp_path: Path, tiny):
                                                                temperature=0, ignore_eos=True)]
                 assert sum(len(ch.token_ids) for ch in chunks) == 5 and not any(ch.text for ch in chunks)
                 assert (await c.model_info()).vocab_size > 0
+                # Constraints need the tokenizer: no engine announced, and a constraint is refused saying why.
+                assert (await c.model_info()).structured_output_engine == ""
+                async with AsyncTandemClient(tiny.address) as with_tokenizer:  # the same weights, a tokenizer
+                    assert "xgrammar" in (await with_tokenizer.model_info()).structured_output_engine
+                await _invalid(c.generate(token_ids=[5, 6], max_new_tokens=4, regex="a+"), "regex")
+                await _invalid(c.generate(token_ids=[5, 6], max_new_tokens=4, json_schema={"type": "object"}),
+                               "json_schema")
 
         asyncio.run(refusals())
         # The HTTP API likewise: token ids in (logprobs name no token strings), chat refused naming it.
