@@ -1,6 +1,6 @@
 """The paged decode kernel's launch parameters at the decode step's shapes, timed on a GPU.
 
-Owns an experiment (like bench/gemm_probe.py): which `DECODE_LAUNCH` (worker_svc/triton_attention.py)
+Owns an experiment (like bench/gemm_probe.py): which `DECODE_LAUNCH` (worker_svc/kernels/triton_attention.py)
 and split count read the KV cache fastest for the 8B shape (32 query heads, 8 KV heads, head dim
 128, 16-token blocks, bf16) at the rows and contexts of `bench floor`. Each timing is one CUDA
 graph of `--layers` decode launches over as many separate random caches (so the replays do not
@@ -21,7 +21,7 @@ import json
 import torch
 
 from bench.floor_parts import graph_ms
-from worker_svc import triton_attention as ta
+from worker_svc.kernels import triton_attention as ta
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
 GRID = [(32, 1024), (32, 4096), (32, 8192), (128, 1024), (256, 1024)]

@@ -109,7 +109,7 @@ def forward_ms(engine, plan: StepPlan, reps: int = 20) -> float:
 def attention_ms(engine, rows: int, context: int) -> float:
     """KV store + paged decode for every layer at this batch and context, as one CUDA graph's replay
     (eagerly, the launches of 32 layers would outlast the kernels at short contexts)."""
-    from worker_svc.triton_attention import paged_decode, store_kv
+    from worker_svc.kernels.triton_attention import paged_decode, store_kv
 
     cfg = engine.cache.cfg
     batch = engine.check_plan(decode_plan(engine, 0, rows, context))

@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=0, help="0: 2 on CUDA, 1 on CPU (the server's auto depth)")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
-    from worker_svc.grammar import GrammarEngine, engine_name
     from worker_svc.models import load
     from worker_svc.runner import Engine, EngineConfig
+    from worker_svc.structured.grammar import GrammarEngine, engine_name
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     loaded = load(args.model, device=args.device, dtype=dtype)

@@ -71,7 +71,7 @@ CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "ebnf", "la
 @dataclass(frozen=True)
 class Constraint:
     """Structured output: what every sampled token must keep the output within (the worker's grammar
-    engine compiles it, worker_svc/grammar.py). `spec` by kind: json_schema the schema's JSON text,
+    engine compiles it, worker_svc/structured/grammar.py). `spec` by kind: json_schema the schema's JSON text,
     json_object "" (any JSON object), regex the pattern, choice a JSON list of the strings, ebnf / lark
     the grammar's text."""
 

@@ -1,4 +1,4 @@
-"""The worker's grammar engine (worker_svc/grammar.py) with the embedded model's tokenizer: compiles and
+"""The worker's grammar engine (worker_svc/structured/grammar.py) with the embedded model's tokenizer: compiles and
 their errors, the compile thread, matchers walking valid outputs, EOS only at the end, the overrun
 guard, replay after a preemption, and min_tokens holding stop tokens back."""
 
@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("xgrammar")
 
-from worker_svc.grammar import ALL_ALLOWED, GrammarEngine, GrammarRows  # noqa: E402
+from worker_svc.structured.grammar import ALL_ALLOWED, GrammarEngine, GrammarRows  # noqa: E402
 
 SCHEMA = json.dumps({"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                                       "age": {"type": "integer", "minimum": 0, "maximum": 150}},

@@ -42,8 +42,8 @@ else:
     _interpreter._patch_lang_tensor = _index_fix
 
 from worker_svc.attention import PagedStep, paged_attention  # noqa: E402
+from worker_svc.kernels.triton_attention import paged_decode, paged_prefill, store_kv  # noqa: E402
 from worker_svc.kv_cache import KVCacheConfig, PagedKVCache  # noqa: E402
-from worker_svc.triton_attention import paged_decode, paged_prefill, store_kv  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 

@@ -27,8 +27,8 @@ from bench.inprocess import run_requests
 from client import AsyncTandemClient, TandemError
 from scheduler_svc.request import Constraint, Request, SamplingParams
 from worker_svc import models
-from worker_svc.grammar import GrammarEngine
 from worker_svc.runner import Engine, EngineConfig
+from worker_svc.structured.grammar import GrammarEngine
 
 PERSON = {
     "type": "object",

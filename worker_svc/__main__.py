@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from worker_svc import grammar as grammar_mod
     from worker_svc import models, tensor_parallel
     from worker_svc.group_link import FollowerLink, LeaderLink
     from worker_svc.link import WorkerLink
     from worker_svc.loop import WorkerLoop
     from worker_svc.runner import Engine, EngineConfig
+    from worker_svc.structured import grammar as grammar_mod
 
     transformers.utils.logging.disable_progress_bar()
     try:

@@ -12,7 +12,7 @@ and step row r reads its blocks from row `table_rows[r]`, so decode CUDA graphs 
 place rather than copying a per-step table in. Cells past a row's context may be stale (left by the
 slot's previous request): every path reads only the columns the row's kv_len covers, or masks them.
 
-On CUDA everything goes to the Triton kernels in triton_attention.py, which read lengths and block
+On CUDA everything goes to the Triton kernels in kernels/triton_attention.py, which read lengths and block
 tables on the device: one launch stores K/V, one covers the single-token rows (decode, split-K, the
 rows CUDA graphs replay), one covers every multi-token row (prefill chunks). Elsewhere (CPU) runs
 the pure-PyTorch reference path, which is also the kernels' test oracle: single-token rows batched
@@ -170,7 +170,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.empty_like(query) if out is None else out
     lay = step.layout
     if query.is_cuda:
-        from worker_svc.triton_attention import paged_decode, paged_prefill  # triton is not on CPU installs
+        from worker_svc.kernels.triton_attention import paged_decode, paged_prefill  # triton is not on CPU installs
 
         paged_decode(query, k_cache, v_cache, out, step.block_tables, step.table_rows, step.kv_lens,
                      step.single_rows, step.single_tokens, scale)
@@ -234,7 +234,7 @@ def attend(step: PagedStep, layer: int, query: torch.Tensor, key: torch.Tensor, 
     k = key[0].transpose(0, 1)  # [T, KVH, D]
     v = value[0].transpose(0, 1)
     if k.is_cuda:
-        from worker_svc.triton_attention import store_kv
+        from worker_svc.kernels.triton_attention import store_kv
 
         store_kv(k, v, step.cache.k[layer], step.cache.v[layer], step.slot_mapping)
     else:

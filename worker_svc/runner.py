@@ -39,8 +39,6 @@ from tandem.wire import StepPlan, StepResult, WireError
 
 from worker_svc.attention import PagedStep, install, row_layout
 from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_batch
-from worker_svc.grammar import GrammarEngine
-from worker_svc.grammar_step import Constrained, StepGrammar
 from worker_svc.graph_capture import capture_graphs
 from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
 from worker_svc.kv_cache import PagedKVCache, config_for_model
@@ -50,6 +48,8 @@ from worker_svc.piecewise import PiecewiseGraph
 from worker_svc.row_state import RowState, StepBatch
 from worker_svc.sampler import sample
 from worker_svc.step_forward import StepForward, apply_carry_over
+from worker_svc.structured.grammar import GrammarEngine
+from worker_svc.structured.grammar_step import Constrained, StepGrammar
 
 __all__ = ["Engine", "EngineConfig", "SamplingHints", "apply_carry_over"]  # apply_carry_over: step_forward.py
 

@@ -10,7 +10,7 @@ This module owns:
 Everything is tensor ops on the logits' device with shapes fixed by (R, V, num_top): no python loop
 over rows, no host sync, no data-dependent shapes, so the same code runs on CPU and inside a CUDA graph.
 On CUDA the token choice itself (greedy argmax, log-sum-exp, min-p / top-k / top-p cut, Gumbel-max)
-is one fused kernel (triton_sampler.py) fed the per-row cut computed here; the PyTorch code below is
+is one fused kernel (kernels/triton_sampler.py) fed the per-row cut computed here; the PyTorch code below is
 the CPU path and the kernel's oracle, with the same noise bit for bit.
 
 Filters keep every token whose raw logit is >= a per-row cut, so tokens tied with the last one
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from worker_svc.noise_hash import MIX_C1 as _MIX_C1
-from worker_svc.noise_hash import MIX_C2 as _MIX_C2
-from worker_svc.noise_hash import SALT_COUNTER as _SALT_COUNTER
-from worker_svc.noise_hash import SALT_SEED as _SALT_SEED
-from worker_svc.noise_hash import SALT_VOCAB as _SALT_VOCAB
+from worker_svc.kernels.noise_hash import MIX_C1 as _MIX_C1
+from worker_svc.kernels.noise_hash import MIX_C2 as _MIX_C2
+from worker_svc.kernels.noise_hash import SALT_COUNTER as _SALT_COUNTER
+from worker_svc.kernels.noise_hash import SALT_SEED as _SALT_SEED
+from worker_svc.kernels.noise_hash import SALT_VOCAB as _SALT_VOCAB
 
 _M32 = 0xFFFFFFFF
 
@@ -186,7 +186,7 @@ def _fused(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
            min_p: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, num_top: int,
            sort_filters: bool) -> SampleOutput:
     """The kernel path: the cut and the row keys here, the per-token work in triton_sampler."""
-    from worker_svc.triton_sampler import fused_sample  # triton is not on CPU installs
+    from worker_svc.kernels.triton_sampler import fused_sample  # triton is not on CPU installs
 
     temp = torch.where(temperature <= 0, torch.ones_like(temperature), temperature).to(torch.float32)[:, None]
     row_max = logits.amax(dim=-1, keepdim=True).to(torch.float32)

@@ -1,4 +1,4 @@
-"""Structured output in a step: the runner's side of the matchers (worker_svc/grammar.py).
+"""Structured output in a step: the runner's side of the matchers (worker_svc/structured/grammar.py).
 
 Owns, for the runner (runner.py): checking and applying a plan's constrained new slots (their key must
 be held, their outputs so far must replay), which sampled rows of a launch are constrained (with the
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tandem.wire import StepPlan, WireError
 
-from worker_svc.grammar import GrammarEngine, GrammarRows
+from worker_svc.structured.grammar import GrammarEngine, GrammarRows
 
 
 @dataclass

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from worker_svc.noise_hash import MIX_C1 as _MIX_C1
-from worker_svc.noise_hash import MIX_C2 as _MIX_C2
-from worker_svc.noise_hash import SALT_VOCAB as _SALT_VOCAB
+from worker_svc.kernels.noise_hash import MIX_C1 as _MIX_C1
+from worker_svc.kernels.noise_hash import MIX_C2 as _MIX_C2
+from worker_svc.kernels.noise_hash import SALT_VOCAB as _SALT_VOCAB
 
 BLOCK_V = 2048
 
