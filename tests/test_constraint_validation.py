@@ -31,6 +31,7 @@ from client import AsyncTandemClient, TandemClient, TandemError, _convert
 from scheduler_svc.request import Constraint
 from scheduler_svc.tokenizer import TandemTokenizer
 from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request
+from tests.conftest import TINY_WORKER_ARGS
 
 VOCAB = ["<unk>", "<eos>", "a", "b", "c", "{", "}"]
 
@@ -176,17 +177,9 @@ def engine(tiny) -> str:
 
 @pytest.fixture
 def with_engine(engine):
-    if not engine:
-        pytest.skip("the server has no structured-output engine (GetModelInfo.structured_output_engine is empty: "
-                    "the worker's Hello.grammar_engine is empty until the core and worker wiring of constraints "
-                    "lands), so every constraint is refused")
+    # Fails, not skips: xgrammar is in the worker extra, so a worker without an engine is a regression.
+    assert engine, "the tiny server announces no structured-output engine"
     return engine
-
-
-@pytest.fixture
-def without_engine(engine):
-    if engine:
-        pytest.skip(f"the server's worker has a structured-output engine ({engine})")
 
 
 MALFORMED = [
@@ -219,14 +212,16 @@ def test_malformed_constraints_are_invalid_argument_naming_the_field(tiny, field
         assert err.message.startswith(f"{field}: "), err
 
 
-def test_without_an_engine_every_constraint_is_refused(tiny, without_engine):
+def test_without_an_engine_every_constraint_is_refused(servers):
+    """A worker without a tokenizer has no grammar engine (the only real server without one)."""
+    bare = servers.get(worker_args=(*TINY_WORKER_ARGS, "--skip-tokenizer"))
     for fields, field in (({"json_schema": "{}"}, "json_schema"), ({"json_object": True}, "json_object"),
                           ({"regex": "a"}, "regex"), ({"choice": api_pb2.ChoiceList(choices=["a"])}, "choice"),
                           ({"grammar": api_pb2.Grammar(text='root ::= "a"')}, "grammar")):
-        err = _refusal(tiny, _msg(**fields))
+        err = _refusal(bare, _msg(**fields))
         assert err.field_violations[0] == (field, err.field_violations[0][1])
         assert "no structured-output engine" in err.field_violations[0][1], err
-    with TandemClient(tiny.address) as c:  # free output is still served
+    with TandemClient(bare.address) as c:  # free output is still served
         assert len(c.generate(token_ids=PROMPT, max_new_tokens=3).token_ids) >= 1
 
 
