@@ -67,16 +67,29 @@ class EngineConfig:
 
 @dataclass
 class BusyMeter:
-    """Worker busy fraction from the compute times the worker measures per step."""
+    """Worker busy fraction from the compute times the worker measures per step.
+
+    The worker reports each step's idle gap as the time from the previous step's end to this one's
+    start. A step planned when the pipeline was empty because there was no work (a request arrived
+    at an idle server, or a grammar finished compiling) carries the whole idle time as its gap: the
+    GPU was idle with nothing to do, not because the host was late, so that gap is left out
+    (`idle_without_work_ms` keeps it). Gaps of steps planned from a result always count: in sync
+    mode that is the host's planning time, the very idleness the meter exists to show."""
 
     compute_ms: float = 0.0
     idle_gap_ms: float = 0.0
+    idle_without_work_ms: float = 0.0
     steps: int = 0
     started: float = field(default_factory=time.monotonic)
+    after_idle: set[int] = field(default_factory=set)  # step ids planned into an empty, workless pipeline
 
     def add(self, result: wire.StepResult) -> None:
         self.compute_ms += result.compute_ms
-        self.idle_gap_ms += result.idle_gap_ms
+        if result.step_id in self.after_idle:
+            self.after_idle.discard(result.step_id)
+            self.idle_without_work_ms += result.idle_gap_ms
+        else:
+            self.idle_gap_ms += result.idle_gap_ms
         self.steps += 1
 
     @property
@@ -502,7 +515,7 @@ class Engine:
         info = s.scheduler.oldest_in_flight
         decode = info is not None and info.step_id == result.step_id and info.num_tokens == len(info.requests)
         events = s.scheduler.process_result(result)
-        self._pump()  # the next plan goes out before the front end hears of this step's tokens
+        self._pump(after_result=True)  # the next plan goes out before the front end hears of this step's tokens
         if events:
             self.front.send_frames(self._outputs(result, events, decode).encode())
         self._check_idle()
@@ -544,12 +557,14 @@ class Engine:
             top_ids=top_ids, top_logprobs=top_lp, load=load, decode_only=decode, compute_s=result.compute_ms / 1000,
         )
 
-    def _pump(self) -> None:
-        """Tops the pipeline up to its depth; asks for pending results when nothing more can go."""
+    def _pump(self, after_result: bool = False) -> None:
+        """Tops the pipeline up to its depth; asks for pending results when nothing more can go.
+        `after_result`: called as a step's result was processed (else: new work arrived)."""
         s = self.session
         if s is None:
             return
         depth = self.depth
+        workless = not after_result and s.scheduler.in_flight == 0  # the pipeline ran dry for want of work
         try:
             while s.scheduler.in_flight < depth:
                 built = s.scheduler.build_plan()
@@ -562,6 +577,8 @@ class Engine:
                                waiting=s.scheduler.num_waiting, free_blocks=s.scheduler.blocks.num_free)
                 if s.scheduler.in_flight == 1:  # the pipeline was empty: the clock starts now
                     self._last_progress = time.monotonic()
+                    if workless:
+                        s.meter.after_idle.add(plan.step_id)
                 self.link.send(s.peer, plan.encode())
                 s.flushed = False
             else:
