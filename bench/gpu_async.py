@@ -10,7 +10,11 @@ each, greedy, EOS ignored) and five measurements on it:
 - transformers `generate_batch`, `use_async_batching` False and True, on the same prompts.
 
     python -m bench gpu [--model random:llama-3.1-8b] [--num-requests 32] [--prompt-len 128]
-                        [--max-new-tokens 1024] [--json docs/bench/async_vs_sync.json]
+                        [--max-new-tokens 1024] [--fuse] [--json docs/bench/async_vs_sync.json]
+
+Each Tandem entry carries the workload's physical floor (`physical_floor_s`): every step streams the
+weights once (bench/floor_parts.weight_bytes_per_step) and reads each request's KV so far, over the
+device-to-device copy bandwidth measured in the run; `over_floor` is wall time over that floor.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class Result:
     ms_per_step: float | None = None
     gpu_busy_ratio: float | None = None
     steps: int | None = None
+    physical_floor_s: float | None = None
+    over_floor: float | None = None
     error: str | None = None
 
 
@@ -70,12 +76,44 @@ def _requests(prompts: list[list[int]], max_new: int) -> list[Request]:
             for i, p in enumerate(prompts)]
 
 
+def workload_bytes(model: str, num_requests: int, prompt_len: int, max_new: int) -> tuple[int, int]:
+    """(weight bytes, KV bytes) the workload must move at the least, from the model's shape alone
+    (built on the meta device: no weights): each of the `max_new` steps streams the weights once and
+    reads every request's KV so far (prompt + tokens generated before it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.floor_parts import weight_bytes_per_step
+    from worker_svc.models import RANDOM_PREFIX
+    from worker_svc.presets import preset_config
+
+    assert model.startswith(RANDOM_PREFIX), "the floor is computed for random:<preset> shapes"
+    cfg = preset_config(model[len(RANDOM_PREFIX):])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    meta.tie_weights()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2  # K and V, bf16
+    contexts = max_new * prompt_len + max_new * (max_new - 1) // 2  # sum over steps of tokens before it
+    return max_new * weight_bytes_per_step(meta, num_requests), num_requests * kv_per_token * contexts
+
+
+def _floor(result: Result, floor_s: float | None) -> Result:
+    if floor_s and result.wall_s:
+        result.physical_floor_s, result.over_floor = floor_s, result.wall_s / floor_s
+    return result
+
+
 def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int,
-                modes: tuple[str, ...] = MODES) -> Iterator[Result]:
+                modes: tuple[str, ...] = MODES, fuse: bool = False) -> Iterator[Result]:
     from worker_svc.models import load
     from worker_svc.runner import Engine, EngineConfig
 
     loaded = load(model, device="cuda", dtype=dtype)
+    if fuse:
+        from worker_svc import fusion
+
+        fusion.apply(loaded.model)
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
     engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=rows,
                                          max_num_tokens=max(2048, min(8192, len(prompts) * len(prompts[0])))),
@@ -94,12 +132,13 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
 
 
 def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
-               modes: tuple[str, ...] = MODES) -> Iterator[Result]:
+               modes: tuple[str, ...] = MODES, fuse: bool = False) -> Iterator[Result]:
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
     for depth, mode in _depths(modes):
         server = TandemServer(model=model, scheduler_args=["--pipeline-depth", str(depth)], worker_args=[
             "--device", "cuda", "--dtype", dtype, "--num-blocks", str(blocks), "--max-num-rows", str(rows),
             "--max-num-tokens", str(max(2048, min(8192, len(prompts) * len(prompts[0])))),
+            *(["--fuse"] if fuse else []),
         ])
         try:
             server.start(600)
@@ -175,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="engine,e2e,transformers",
                    help="comma-separated subset of engine, e2e, transformers (or transformers-sync / -async)")
     p.add_argument("--modes", default="sync,async", help="Tandem modes to run: sync, async or both")
+    p.add_argument("--fuse", action="store_true", help="Tandem with the fused decoder forwards (worker --fuse)")
     p.add_argument("--json", default="docs/bench/async_vs_sync.json", help="appended to if it exists")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -186,9 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "workload": {"model": args.model, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
-                     "dtype": args.dtype, "greedy": True, "ignore_eos": True},
+                     "dtype": args.dtype, "greedy": True, "ignore_eos": True, "fuse": args.fuse},
         "entries": [],
     }
+    if args.model.startswith("random:") and torch.cuda.is_available():
+        from bench.floor import hbm_bandwidth_gb_s
+
+        record["hbm_gb_s"] = hbm_bandwidth_gb_s()
+        torch.cuda.empty_cache()
     try:
         existing = json.load(open(args.json))
         runs = existing if isinstance(existing, list) else [existing]
@@ -209,15 +254,23 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.num_requests:
         prompts = prompts_for(n, args.prompt_len)
         rows = max(64, n)
+        floor_s = None
+        if "hbm_gb_s" in record:
+            wb, kvb = workload_bytes(args.model, n, args.prompt_len, args.max_new_tokens)
+            floor_s = (wb + kvb) / (record["hbm_gb_s"] * 1e9)
+            record.setdefault("floors", []).append({"num_requests": n, "weight_bytes": wb, "kv_bytes": kvb,
+                                                    "physical_floor_s": floor_s})
         if "engine" in parts:
-            save(engine_only(args.model, prompts, args.max_new_tokens, dtype, rows, modes))
+            save(_floor(r, floor_s) for r in engine_only(args.model, prompts, args.max_new_tokens, dtype, rows,
+                                                          modes, args.fuse))
         if "e2e" in parts:
-            save(end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows, modes))
+            save(_floor(r, floor_s) for r in end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows,
+                                                         modes, args.fuse))
         if hf_modes:
             save(transformers_cb(args.model, prompts, args.max_new_tokens, dtype, hf_modes))
     for r in results:
         print(f"| {r.engine} | {r.mode} | {r.model} | {r.num_requests} | {_f(r.wall_s)} | {_f(r.output_tok_s, 0)} "
-              f"| {_f(r.ms_per_step)} | {_f(r.gpu_busy_ratio, 3)} | {r.error or ''} |")
+              f"| {_f(r.ms_per_step)} | {_f(r.gpu_busy_ratio, 3)} | {_f(r.over_floor, 3)} | {r.error or ''} |")
     return 0
 
 
