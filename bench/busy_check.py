@@ -52,6 +52,22 @@ def union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def gap_breakdown(intervals: list[tuple[float, float]], small_us: float) -> tuple[float, float]:
+    """(total of idle gaps up to `small_us`, total of longer ones) between the union's intervals, in
+    microseconds: launch latency inside a graph is the first kind, a starved GPU the second."""
+    small = large = 0.0
+    end = None
+    for s, e in intervals:
+        if end is not None and s > end:
+            gap = s - end
+            if gap <= small_us:
+                small += gap
+            else:
+                large += gap
+        end = e if end is None else max(end, e)
+    return small, large
+
+
 def _compute_stream_id(trace: dict) -> int | None:
     """The stream that ran the most kernel time: the compute stream (copies run on their own)."""
     per: dict[int, float] = {}
@@ -62,12 +78,14 @@ def _compute_stream_id(trace: dict) -> int | None:
     return max(per, key=per.get) if per else None
 
 
-def measure(engine, prompts, max_new: int, depth: int) -> dict:
+def measure(engine, prompts, max_new: int, depth: int, host_ops: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     run_requests(engine, _requests(prompts, 4), depth)  # warm-up outside the window
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    # CUDA activity only: recording every host op as well slowed the host several-fold (first run).
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host_ops else [])
+    with profile(activities=activities) as prof:
         stats = run_requests(engine, _requests(prompts, max_new), depth)
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as d:
@@ -81,12 +99,16 @@ def measure(engine, prompts, max_new: int, depth: int) -> dict:
     window = (compute[-1][1] - compute[0][0]) if compute else 0.0
     kernels_busy = union_us(compute) / window if window else 0.0
     counts = dict(engine.step_counts)
+    small, large = gap_breakdown(compute, 5.0)
     return {
         "depth": depth, "steps": stats.steps, "wall_s": stats.wall_s,
         "event_busy": stats.busy_ratio, "event_window_ms": stats.compute_ms + stats.idle_gap_ms,
         "profiler_busy_compute_stream": kernels_busy, "profiler_window_ms": window / 1000,
         "profiler_busy_any_stream": union_us(every) / window if window else 0.0,
         "difference_pp": 100 * (stats.busy_ratio - kernels_busy), "kernels": len(compute),
+        "idle_gaps_le_5us_pp": 100 * small / window if window else 0.0,
+        "idle_gaps_gt_5us_pp": 100 * large / window if window else 0.0,
+        "host_ops_recorded": host_ops,
         "step_counts": counts,
     }
 

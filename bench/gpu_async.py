@@ -46,6 +46,7 @@ class Result:
     mode: str
     model: str
     num_requests: int
+    variant: str = "greedy"
     wall_s: float | None = None
     output_tok_s: float | None = None
     ms_per_step: float | None = None
@@ -57,6 +58,16 @@ class Result:
 
 
 MODES = ("sync", "async")
+
+# End-to-end sampling variants (`--variants`), each over the same rows: (requests divisor, params).
+# n4 sends a quarter of the requests with n=4, so as many sequences decode as in the others.
+VARIANTS: dict[str, tuple[int, dict]] = {
+    "greedy": (1, {"temperature": 0}),
+    "sampled": (1, {"temperature": 0.8, "top_p": 0.95}),
+    "penalties": (1, {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1, "presence_penalty": 0.3,
+                      "frequency_penalty": 0.3}),
+    "n4": (4, {"temperature": 0.8, "top_p": 0.95, "n": 4}),
+}
 
 
 def _depths(modes: tuple[str, ...]) -> list[tuple[int, str]]:
@@ -124,47 +135,56 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
         stats = run_requests(engine, _requests(prompts, max_new), depth)
         tokens = sum(len(v) for v in stats.outputs.values())
         assert tokens == len(prompts) * max_new, tokens
-        yield Result("tandem-engine", mode, model, len(prompts), stats.wall_s, tokens / stats.wall_s,
-                     1000 * stats.wall_s / stats.steps, stats.busy_ratio, stats.steps)
+        yield Result("tandem-engine", mode, model, len(prompts), wall_s=stats.wall_s,
+                     output_tok_s=tokens / stats.wall_s, ms_per_step=1000 * stats.wall_s / stats.steps,
+                     gpu_busy_ratio=stats.busy_ratio, steps=stats.steps)
     del engine, loaded
     gc.collect()
     torch.cuda.empty_cache()
 
 
 def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
-               modes: tuple[str, ...] = MODES, fuse: bool = False) -> Iterator[Result]:
+               modes: tuple[str, ...] = MODES, fuse: bool = False,
+               variants: tuple[str, ...] = ("greedy",), device: str = "cuda") -> Iterator[Result]:
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
     for depth, mode in _depths(modes):
         server = TandemServer(model=model, scheduler_args=["--pipeline-depth", str(depth)], worker_args=[
-            "--device", "cuda", "--dtype", dtype, "--num-blocks", str(blocks), "--max-num-rows", str(rows),
+            "--device", device, "--dtype", dtype, "--num-blocks", str(blocks), "--max-num-rows", str(rows),
             "--max-num-tokens", str(max(2048, min(8192, len(prompts) * len(prompts[0])))),
             *(["--fuse"] if fuse else []),
         ])
         try:
             server.start(600)
 
-            async def run(n: int, address: str = server.address) -> float:
+            async def run(n: int, variant: str, address: str = server.address) -> float:
+                share, params = VARIANTS[variant]
+                sent = prompts[: len(prompts) // share]
                 async with AsyncTandemClient(address) as c:
                     t0 = time.perf_counter()
-                    rs = await asyncio.gather(*(c.generate(token_ids=p, max_new_tokens=n, temperature=0,
-                                                           ignore_eos=True) for p in prompts))
+                    rs = await asyncio.gather(*(c.generate(token_ids=p, max_new_tokens=n, seed=i, ignore_eos=True,
+                                                           **params) for i, p in enumerate(sent)))
                     wall = time.perf_counter() - t0
-                    assert all(len(r.token_ids) == n for r in rs)
+                    for r in rs:
+                        assert all(len(x.token_ids) == n for x in (r.choices or [r])), variant
                     return wall
 
-            asyncio.run(run(8))
-            before = server.stats()
-            wall = asyncio.run(run(max_new))
-            after = server.stats()
-            steps = after.steps - before.steps
-            result = Result("tandem-e2e", mode, model, len(prompts), wall, len(prompts) * max_new / wall,
-                            1000 * wall / max(1, steps), after.worker_busy_ratio, steps)
+            asyncio.run(run(8, "greedy"))
+            results = []
+            for variant in variants:
+                before = server.stats()
+                wall = asyncio.run(run(max_new, variant))
+                after = server.stats()
+                steps = after.steps - before.steps
+                results.append(Result("tandem-e2e", mode, model, len(prompts), variant, wall_s=wall,
+                                      output_tok_s=len(prompts) * max_new / wall,
+                                      ms_per_step=1000 * wall / max(1, steps),
+                                      gpu_busy_ratio=after.worker_busy_ratio, steps=steps))
         except Exception as e:  # a failed entry is reported, the run goes on
             traceback.print_exc()
-            result = Result("tandem-e2e", mode, model, len(prompts), error=f"{type(e).__name__}: {e}")
+            results = [Result("tandem-e2e", mode, model, len(prompts), error=f"{type(e).__name__}: {e}")]
         finally:
             server.stop()
-        yield result
+        yield from results
 
 
 def transformers_cb(model: str, prompts, max_new: int, dtype: torch.dtype,
@@ -193,7 +213,8 @@ def transformers_cb(model: str, prompts, max_new: int, dtype: torch.dtype,
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
             tokens = sum(len(r.generated_tokens) for r in res.values())
-            out.append(Result("transformers-generate_batch", mode, model, len(prompts), wall, tokens / wall))
+            out.append(Result("transformers-generate_batch", mode, model, len(prompts), wall_s=wall,
+                              output_tok_s=tokens / wall))
         except Exception as e:
             traceback.print_exc()
             out.append(Result("transformers-generate_batch", mode, model, len(prompts),
@@ -214,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="engine,e2e,transformers",
                    help="comma-separated subset of engine, e2e, transformers (or transformers-sync / -async)")
     p.add_argument("--modes", default="sync,async", help="Tandem modes to run: sync, async or both")
+    p.add_argument("--variants", default="greedy",
+                   help=f"end-to-end sampling variants, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--fuse", action="store_true", help="Tandem with the fused decoder forwards (worker --fuse)")
     p.add_argument("--json", default="docs/bench/async_vs_sync.json", help="appended to if it exists")
     args = p.parse_args(argv)
@@ -265,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
                                                           modes, args.fuse))
         if "e2e" in parts:
             save(_floor(r, floor_s) for r in end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows,
-                                                         modes, args.fuse))
+                                                         modes, args.fuse, tuple(args.variants.split(","))))
         if hf_modes:
             save(transformers_cb(args.model, prompts, args.max_new_tokens, dtype, hf_modes))
     for r in results:
-        print(f"| {r.engine} | {r.mode} | {r.model} | {r.num_requests} | {_f(r.wall_s)} | {_f(r.output_tok_s, 0)} "
+        print(f"| {r.engine} | {r.mode} | {r.variant} | {r.model} | {r.num_requests} | {_f(r.wall_s)} "
+              f"| {_f(r.output_tok_s, 0)} "
               f"| {_f(r.ms_per_step)} | {_f(r.gpu_busy_ratio, 3)} | {_f(r.over_floor, 3)} | {r.error or ''} |")
     return 0
 
