@@ -1,5 +1,6 @@
 """CUDA graphs of decode steps: one per (I/O slot, row bucket, sampling variant, penalties or not),
-all in one shared memory pool.
+and with structured output a forward-only one per (I/O slot, row bucket), all in one shared memory
+pool.
 
 A decode-only step (every row one token) is padded on the host to the next row bucket, so its device
 inputs have the shapes, and live at the addresses, the graph was captured with. The block table is
@@ -27,6 +28,13 @@ for the graph's lifetime, and one per graph adds up (all graphs of the 8B shape 
 rows with per-graph logits, 1488 MiB shared; 1224 and 946 MiB at 128 rows, measured on an H100). The
 copy (rows x vocabulary, bf16) is a few microseconds. They are consumed on the compute stream before
 the next replay overwrites them.
+
+With a grammar engine (structured output), each (I/O slot, row bucket) also has a forward-only
+variant: carry-over and the forward, ending with every row's logits copied into that same shared
+buffer, and no sampling. A decode step with constrained rows replays it (a graph that samples inside
+has no room for the host-filled bitmask), then the runner's tail masks, penalizes and samples the
+sampled rows from the buffer eagerly, as after a piecewise graph. Servers without a grammar engine
+capture none: no capture time, no memory.
 """
 
 from __future__ import annotations
@@ -54,8 +62,11 @@ def row_buckets(max_rows: int) -> list[int]:
     return buckets
 
 
-def pad_decode_batch(plan: StepBatch, rows: int) -> StepBatch:
-    """The batch grown to `rows` rows; padding rows do nothing (KV slot -1, context 0, table row 0)."""
+def pad_decode_batch(plan: StepBatch, rows: int, sample_all: bool = True) -> StepBatch:
+    """The batch grown to `rows` rows; padding rows do nothing (KV slot -1, context 0, table row 0).
+    `sample_all`: every row samples (a graph that samples has the bucket's fixed shape); otherwise the
+    rows keep the plan's flags and padding rows do not sample, so the sampling inputs are those of the
+    unpadded plan (a forward-only replay, whose tail samples eagerly)."""
     r = plan.num_rows
     assert plan.is_decode_only and r <= rows
 
@@ -68,7 +79,8 @@ def pad_decode_batch(plan: StepBatch, rows: int) -> StepBatch:
         step_id=plan.step_id, carry_from_step=plan.carry_from_step, rows=grow(plan.rows, 0),
         query_start=np.arange(rows + 1, dtype=np.int32), input_ids=grow(plan.input_ids, 0),
         positions=grow(plan.positions, 0), slot_mapping=grow(plan.slot_mapping, -1), kv_lens=grow(plan.kv_lens, 0),
-        carry_index=grow(plan.carry_index, -1), sample=np.ones(rows, dtype=plan.sample.dtype),
+        carry_index=grow(plan.carry_index, -1),
+        sample=np.ones(rows, dtype=plan.sample.dtype) if sample_all else grow(plan.sample, 0),
         temperature=grow(plan.temperature, 0), top_p=grow(plan.top_p, 1), top_k=grow(plan.top_k, 0),
         min_p=grow(plan.min_p, 0), seed=grow(plan.seed, 0), num_logprobs=grow(plan.num_logprobs, -1),
         append_slots=plan.append_slots, append_cols=plan.append_cols, append_blocks=plan.append_blocks,
@@ -88,7 +100,8 @@ class CapturedStep:
 
 
 class DecodeGraphs:
-    """Captures and replays decode graphs, keyed (slot, rows, sort_filters, penalized)."""
+    """Captures and replays decode graphs, keyed (slot, rows, sort_filters, penalized), and the
+    forward-only variants, keyed (slot, rows)."""
 
     def __init__(self, max_rows: int, width: int, penalized: bool = True) -> None:
         self.buckets = row_buckets(max_rows)
@@ -96,6 +109,7 @@ class DecodeGraphs:
         self.penalized = penalized  # whether the penalized variants are captured
         self.pool = torch.cuda.graph_pool_handle()
         self.captured: dict[tuple[int, int, bool, bool], CapturedStep] = {}
+        self.forward_only: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # empty without a grammar engine
         self.logits_out: torch.Tensor | None = None  # [max_rows, V], shared by every graph, outside the pool
         self.lse_out: torch.Tensor | None = None  # [max_rows]
 
@@ -130,3 +144,27 @@ class DecodeGraphs:
         step = self.captured[(slot_index, rows, sort_filters, penalized)]
         step.graph.replay()
         return step
+
+    def capture_forward_only(self, slot_index: int, rows: int, stream: torch.cuda.Stream,
+                             body: Callable[[], torch.Tensor]) -> None:
+        """Captures `body` (carry-over + forward, returning the logits [rows, V]) after one warm-up
+        run, its logits copied into the shared buffer, which a plain variant's capture has sized:
+        graph_capture captures these after the plain variants of the largest bucket."""
+        assert self.logits_out is not None, "forward-only variants are captured after a plain variant"
+        with torch.cuda.stream(stream):
+            body()  # warm-up, outside the capture
+        stream.synchronize()
+        logits_out = self.logits_out[:rows]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            logits = body()
+            logits_out.copy_(logits)
+            del logits  # back to the pool: only the shared buffer outlives the capture
+        self.forward_only[(slot_index, rows)] = graph
+
+    def replay_forward_only(self, slot_index: int, rows: int) -> torch.Tensor:
+        """Replays the forward-only variant; returns its logits [rows, V], a view of the shared buffer
+        valid until the next replay of any decode graph (the compute stream's order keeps it)."""
+        assert self.logits_out is not None
+        self.forward_only[(slot_index, rows)].replay()
+        return self.logits_out[:rows]

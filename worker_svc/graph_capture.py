@@ -1,9 +1,13 @@
 """Capturing the worker's CUDA graphs once at start-up: decode graphs per (I/O slot, row bucket,
-sampling variant, penalties or not) and piecewise graphs per (I/O slot, token bucket), all in one
-shared pool, largest first so the pool is sized by the largest (see cuda_graphs.py and piecewise.py
-for what they hold and how they are replayed). Owns the placeholder plans graphs are captured on and
-what a decode graph's body holds. The penalized variants need the penalty state's buffers to exist
-(the graph holds their addresses), so capturing them allocates those up front.
+sampling variant, penalties or not; forward-only with a grammar engine) and piecewise graphs per
+(I/O slot, token bucket), all in one shared pool, largest first so the pool is sized by the largest
+(see cuda_graphs.py and piecewise.py for what they hold and how they are replayed). Owns the
+placeholder plans graphs are captured on and what a decode graph's body holds. The penalized
+variants need the penalty state's buffers to exist (the graph holds their addresses), so capturing
+them allocates those up front. With a grammar engine the forward-only variant of each decode graph
+(carry-over + forward, logits into the shared buffer; constrained decode steps replay it and sample
+eagerly) is captured too, in the same largest-first order; without one it is not, so a server
+without structured output pays nothing for it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Engine(Protocol):
     penalties: PenaltyState
     penalty_graphs: bool
     fwd: StepForward  # the body captured (and what the runner runs eagerly)
+    grammar: object | None  # the runner's StepGrammar: forward-only variants are captured only with one
 
 log = logging.getLogger("tandem.worker.runner")
 
@@ -59,10 +64,11 @@ def capture_graphs(engine: Engine) -> None:
         _capture_piecewise(engine)
     torch.cuda.synchronize()
     engine.graph_memory_bytes = torch.cuda.memory_reserved() - reserved
-    log.info("captured %d decode CUDA graphs (row buckets %s%s) and %d piecewise graphs (token buckets %s) "
-             "in %.1f s, %.0f MiB", len(engine.graphs.captured), engine.graphs.buckets,
-             ", with and without penalties" if engine.penalty_graphs else "", len(engine.piecewise),
-             engine.token_buckets, time.perf_counter() - t0, engine.graph_memory_bytes / (1 << 20))
+    log.info("captured %d decode CUDA graphs (row buckets %s%s), %d forward-only decode graphs and %d piecewise "
+             "graphs (token buckets %s) in %.1f s, %.0f MiB", len(engine.graphs.captured), engine.graphs.buckets,
+             ", with and without penalties" if engine.penalty_graphs else "", len(engine.graphs.forward_only),
+             len(engine.piecewise), engine.token_buckets, time.perf_counter() - t0,
+             engine.graph_memory_bytes / (1 << 20))
 
 
 def _capture_piecewise(engine: Engine) -> None:
@@ -112,6 +118,16 @@ def _capture_decode(engine: Engine, width: int) -> None:
                         lambda i=inputs, st=step, sl=slot, o=other, f=sort_filters, p=penalized:
                             _graph_body(engine, i, st, sl, o, f, p))
                     slot.in_use = False
+        if engine.grammar is not None:  # after this bucket's plain variants, which size the shared logits
+            for slot in engine.slots:
+                other = engine.slots[1 - slot.index]
+                inputs = slot.load(idle, decode_layout(rows, width))
+                step = engine.fwd.paged_step(inputs, decode_layout(rows, width))
+                engine.sync.compute_stream.wait_event(slot.h2d_done)
+                engine.graphs.capture_forward_only(
+                    slot.index, rows, engine.sync.compute_stream,
+                    lambda i=inputs, st=step, o=other: engine.fwd.forward(i, st, o, True, 0))
+                slot.in_use = False
 
 
 def _graph_body(engine: Engine, inputs, step: PagedStep, slot: IOSlot, other: IOSlot,

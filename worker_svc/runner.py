@@ -17,12 +17,14 @@ streams and events are no-ops and the same code runs synchronously.
 Plans are checked on the host before any state or buffer is touched (`check_plan`, RowState): an
 out-of-range index would be a device-side assert on CUDA, which kills the process.
 
-A step with constrained rows (structured output, grammar_step.py) runs the piecewise or eager forward
-and splits its launch: the forward is issued at once; the tail (bitmask, penalties, sampling, the
-outputs' copy) needs the matchers advanced by the previous step's tokens, so when that step is still
-in flight the tail is issued by `collect` of the previous step, right after its tokens are read,
-while this step's forward runs on the device. Only this step's sampling waits for the host; a launch
-that finds a tail still pending collects the step before it first (the result is kept for `collect`).
+A step with constrained rows (structured output, grammar_step.py) splits its launch: the forward is
+issued at once (a decode step whose bucket exists replays the forward-only variant of the decode
+graph, its logits left in the decode graphs' shared buffer; other steps run the piecewise or eager
+forward); the tail (penalties, bitmask, sampling, the outputs' copy) needs the matchers advanced by
+the previous step's tokens, so when that step is still in flight the tail is issued by `collect` of
+the previous step, right after its tokens are read, while this step's forward runs on the device.
+Only this step's sampling waits for the host; a launch that finds a tail still pending collects the
+step before it first (the result is kept for `collect`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ class _Tail:
     """What a constrained step's sampling needs once its masks can be filled (after its forward)."""
 
     inputs: object
+    # The sampled rows' logits [S, V]: the forward's output, a piecewise graph's (pool memory), or a
+    # forward-only replay's (the decode graphs' shared buffer). None of them is written again before
+    # the tail has been issued on the compute stream (see Engine.launch).
     logits: torch.Tensor
     num_sampled: int
     hints: SamplingHints
@@ -156,8 +161,11 @@ class Engine:
         self.graph_memory_bytes = 0  # what capturing the graphs took from the device (reserved)
         # Steps by how they ran: "decode" / "penalized" (a decode graph without / with the penalty
         # transforms), "piecewise", "eager". Read by tests and logs; never by the launch path.
-        # "deferred": constrained steps whose sampling waited for the previous step's collect.
-        self.step_counts = {"decode": 0, "penalized": 0, "piecewise": 0, "eager": 0, "deferred": 0}
+        # "constrained_decode": constrained decode steps that replayed the forward-only decode graph
+        # (their tails sample eagerly). "deferred": constrained steps whose sampling waited for the
+        # previous step's collect (counted besides how their forward ran).
+        self.step_counts = {"decode": 0, "penalized": 0, "constrained_decode": 0, "piecewise": 0, "eager": 0,
+                            "deferred": 0}
         if self.sync.cuda:
             torch.cuda.synchronize()  # weights and buffers were written on the default stream
             if cfg.cuda_graphs:
@@ -265,10 +273,15 @@ class Engine:
         # A decode step with penalized rows replays the graph variant that holds the transforms and
         # the count update, unless a row does not sample (the graph samples, and would count, every
         # row) or those variants were not captured; otherwise it samples eagerly after the forward.
+        # A constrained decode step replays the forward-only variant instead (captured only with a
+        # grammar engine; a decode graph samples inside: no room for the mask), then its tail samples
+        # the sampled rows as after a piecewise graph, penalties included.
         penalized = pflags.any
         graphed = self.graphs is not None and (not penalized or (self.graphs.penalized and bool(plan.sample.all())))
-        graphed = graphed and constrained is None  # a decode graph samples inside: no room for the mask
-        bucket = self.graphs.bucket_for(plan) if graphed else None
+        graphed = graphed and constrained is None
+        forward_only = constrained is not None and self.graphs is not None and bool(self.graphs.forward_only)
+        bucket = self.graphs.bucket_for(plan) if graphed or forward_only else None
+        forward_only = forward_only and bucket is not None
         tokens = None
         if bucket is None and self.piecewise:
             tokens = next((b for b in self.token_buckets if b >= plan.num_tokens), None)
@@ -279,7 +292,8 @@ class Engine:
         appends = plan.append_slots.shape[0] > 0
         if bucket is not None:
             layout = decode_layout(bucket, self.limits.max_blocks_per_row)
-            inputs = slot.load(pad_decode_batch(plan, bucket), layout)
+            # Forward-only: padding rows do not sample, so the tail's sampling inputs are the plan's own.
+            inputs = slot.load(pad_decode_batch(plan, bucket, sample_all=not forward_only), layout)
         elif tokens is not None:
             # Rows (and sampled rows) never outnumber tokens: padding to that bound keeps lm_head small.
             inputs = slot.load(plan, layout, pad_to=(tokens, min(tokens, self.limits.max_num_rows)))
@@ -296,7 +310,21 @@ class Engine:
                                             inputs.append_blocks)
             if carries:
                 assert prev is not None and prev.slot is other
-            if bucket is not None:
+            if forward_only:
+                assert self.graphs is not None and constrained is not None
+                # Every row's logits, in the decode graphs' shared buffer, which only a later replay
+                # writes: this step's tail is issued before any later step's forward, in the compute
+                # stream's order (a launch that finds the previous step's tail pending first collects
+                # the step before it, and that collect issues the tail: `_collect_next`), so nothing
+                # overwrites the rows before the tail has read them (nor while it masks them in place).
+                logits = self.graphs.replay_forward_only(slot.index, bucket)
+                if num_sampled < rows:  # rows that do not sample: the sampled ones, in a tensor of their own
+                    logits = logits.index_select(0, inputs.sample_rows.to(torch.int64))
+                else:
+                    logits = logits[:num_sampled]
+                tail = _Tail(inputs, logits, num_sampled, hints, pflags, constrained)
+                self.step_counts["constrained_decode"] += 1
+            elif bucket is not None:
                 self._replay(slot, bucket, rows, num_top, hints.sort_filters, penalized)
                 self.step_counts["penalized" if penalized else "decode"] += 1
             else:
@@ -375,7 +403,7 @@ class Engine:
             if pflags.any:
                 slots = inputs.table_rows.index_select(0, where).to(torch.int64)
                 logits = self.penalties.apply(logits, slots, inputs.counter, pflags)
-            if constrained is not None:  # in place: the forward's (or a piecewise graph's) output, read once
+            if constrained is not None:  # in place: the forward's (or a graph's) output, read once
                 assert self.grammar is not None
                 self.grammar.apply(slot.index, constrained, logits)
             res = sample(logits, inputs.temperature, inputs.top_p, inputs.top_k,
