@@ -64,6 +64,7 @@ def test_graphs_and_eager_give_the_same_tokens():
                                           debug_placeholders=True), "cuda")
     # Per bucket: two I/O slots x (sorted filters or not) x (penalized or not).
     assert graphed.graphs is not None and len(graphed.graphs.captured) == 8 * len(graphed.graphs.buckets)
+    assert not graphed.graphs.forward_only  # no grammar engine: no forward-only variants captured
     for temperature in (0.0, 0.8):
         for depth in (1, 2):
             a = _drive(eager, _requests(3, 40, temperature), depth)

@@ -7,12 +7,14 @@ its schema (jsonschema), fully match its regex, or be one of its choices; the sc
 number and string, so a constrained output must end within max_new_tokens, and the tests require it.
 The in-process test drives the worker's Engine with the real Scheduler (bench/inprocess.py): at depth
 2 a constrained step's sampling is issued by the collect of the step before it, and the tokens must
-be those of depth 1, where nothing runs ahead.
+be those of depth 1, where nothing runs ahead; on CUDA its constrained decode steps must replay the
+forward-only decode graph and give the tokens of an engine without graphs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import re
@@ -246,10 +248,29 @@ def _requests(engine_eos: list[int], n: int, seed: int) -> list[Request]:
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _record_constrained_decode_paths(engine: Engine) -> list[set[str]]:
+    """Wraps engine.launch: for each decode-only step with constrained rows, the step_counts keys its
+    launch moved (how its forward ran; "deferred" left out)."""
+    paths: list[set[str]] = []
+    launch = engine.launch
+
+    def recording(plan) -> None:
+        before = dict(engine.step_counts)
+        launch(plan)
+        last = engine._last
+        if last is not None and last.constrained is not None and plan.num_tokens == plan.num_rows:
+            paths.append({k for k, v in engine.step_counts.items() if v != before[k]} - {"deferred"})
+
+    engine.launch = recording  # type: ignore[method-assign]
+    return paths
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_in_process_depth_two_defers_the_mask_and_matches_depth_one(device: str) -> None:
-    """On CUDA the deferred tail overlaps the next forward; on CPU the same code runs synchronously.
-    float32 on both: bf16 near-ties could flip between the depths' different batch compositions."""
+    """On CUDA the deferred tail overlaps the next forward, and every constrained decode step replays
+    the forward-only decode graph (its tail samples from the graph's logits) and gives the eager
+    engine's tokens; on CPU the same code runs synchronously. float32 on both: bf16 near-ties could
+    flip between the depths' different batch compositions."""
     loaded = models.load("random:tiny-llama", device, torch.float32, seed=0)
     grammar = GrammarEngine(loaded.tokenizer_json, loaded.vocab_size, loaded.eos_token_ids)
     for c in {r.constraint for r in _requests(loaded.eos_token_ids, 4, 0)} - {None}:
@@ -257,10 +278,14 @@ def test_in_process_depth_two_defers_the_mask_and_matches_depth_one(device: str)
         grammar.submit(c.key, c.kind, c.spec)
         assert grammar.get(c.key) is not None
     tok = Tokenizer.from_str(loaded.tokenizer_json.decode())
-    engine = Engine(loaded, EngineConfig(block_size=16, num_blocks=256, max_num_tokens=128, max_num_rows=16), device,
-                    grammar=grammar)
+    cfg = EngineConfig(block_size=16, num_blocks=256, max_num_tokens=128, max_num_rows=16)
+    engine = Engine(loaded, cfg, device, grammar=grammar)
+    if device == "cuda":  # captured because the engine has a grammar engine: per I/O slot and row bucket
+        assert engine.graphs is not None and len(engine.graphs.forward_only) == 2 * len(engine.graphs.buckets)
+    paths = _record_constrained_decode_paths(engine)
     outs = {}
     for depth in (1, 2):
+        paths.clear()
         reqs = _requests(loaded.eos_token_ids, 16, seed=2)
         stats = run_requests(engine, reqs, depth)
         outs[depth] = stats.outputs
@@ -273,7 +298,14 @@ def test_in_process_depth_two_defers_the_mask_and_matches_depth_one(device: str)
         else:
             assert engine.step_counts["deferred"] == 0
         engine.step_counts["deferred"] = 0
+        # Every constrained decode step replayed the forward-only graph (CUDA), or ran eagerly (CPU: no graphs).
+        expected = {"constrained_decode" if device == "cuda" else "eager"}
+        assert paths and all(p == expected for p in paths), (depth, paths)
     assert outs[1] == outs[2]
+    if device == "cuda":  # the forward-only replay's logits sample what the eager forward's do
+        eager = Engine(loaded, dataclasses.replace(cfg, cuda_graphs=False), device, grammar=grammar)
+        assert eager.graphs is None
+        assert run_requests(eager, _requests(loaded.eos_token_ids, 16, seed=2), 1).outputs == outs[1]
 
 
 def test_constrained_requests_survive_a_worker_death_with_the_same_tokens() -> None:
