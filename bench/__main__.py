@@ -8,7 +8,7 @@ import sys
 
 def main() -> int:
     names = ("cpu", "gpu", "floor", "sweep", "graph-memory", "plan-cost", "host-e2e", "prefix-cache", "http-vs-grpc",
-             "tp-step")
+             "tp-step", "hf-peer")
     if len(sys.argv) < 2 or sys.argv[1] not in names:
         print(f"usage: python -m bench {{{','.join(names)}}} [options]"
               "  (add --help after the name for its options)")
@@ -32,6 +32,8 @@ def main() -> int:
         from bench.http_vs_grpc import main as run
     elif which == "tp-step":
         from bench.tp_step import main as run
+    elif which == "hf-peer":
+        from bench.hf_peer import main as run
     else:
         from bench.gpu_async import main as run
     return run(sys.argv[2:])
