@@ -94,13 +94,19 @@ class PiecewiseGraph:
         assert len(self.segments) == len(self.calls) + 1
 
     # ----- replay ---------------------------------------------------------------------------------
-    def replay(self, step: Any) -> torch.Tensor:
-        """Runs the step on the current stream; returns the logits (valid until the next replay)."""
+    def replay(self, step: Any, boundary: Callable[[], None] | None = None) -> torch.Tensor:
+        """Runs the step on the current stream; returns the logits (valid until the next replay).
+        `boundary`, when given, is called after each segment and each attention call is issued (the
+        units the step's busy time is counted in: worker_svc/step_clock.py)."""
         io = self.io
         for segment, (layer, tokens, scale) in zip(self.segments, self.calls, strict=False):
             segment.replay()
+            if boundary is not None:
+                boundary()
             self.attend(step, layer, io.q[:tokens].transpose(0, 1)[None], io.k[:tokens].transpose(0, 1)[None],
                         io.v[:tokens].transpose(0, 1)[None], io.out[:tokens][None], scale)
+            if boundary is not None:
+                boundary()
         self.segments[-1].replay()
         assert self.logits is not None
         return self.logits

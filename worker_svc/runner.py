@@ -49,6 +49,7 @@ from worker_svc.penalties import NONE, PenaltyFlags, PenaltyState
 from worker_svc.piecewise import PiecewiseGraph
 from worker_svc.row_state import RowState, StepBatch
 from worker_svc.sampler import sample
+from worker_svc.step_clock import StepClock, StepUnits, decoder_layers
 from worker_svc.step_forward import StepForward, apply_carry_over
 from worker_svc.structured.grammar import GrammarEngine
 from worker_svc.structured.grammar_step import Constrained, StepGrammar
@@ -117,6 +118,7 @@ class _Launched:
     constrained: Constrained | None = None  # its constrained rows, with the matchers its launch saw
     tail: _Tail | None = None  # sampling not issued yet: waits for the previous step's tokens
     grammar_ms: float = 0.0
+    units: StepUnits | None = None  # CUDA: the step cut where the host's issue can fall behind (step_clock.py)
 
 
 class Engine:
@@ -147,6 +149,14 @@ class Engine:
         self.slots = [IOSlot(i, self.limits, device, self.sync) for i in range(2)]
         self.penalties = PenaltyState(cfg.max_num_rows, loaded.vocab_size, device, num_staging=len(self.slots))
         self._timing = [(self.sync.event(timing=True), self.sync.event(timing=True)) for _ in range(_TIMING_RING)]
+        # CUDA: busy time per step counted unit by unit, so a GPU starved by the host inside an eager or
+        # piecewise step is not called busy (step_clock.py). Units: per layer an eager forward's and a
+        # piecewise graph's segment and attention call, plus the tail and the end.
+        self.clock: StepClock | None = None
+        if self.sync.cuda:
+            layers = decoder_layers(self.model)
+            self.clock = StepClock(self.sync.compute_stream, _TIMING_RING, 2 * len(layers) + 8)
+            self.clock.hook_layers(layers)
         self._in_flight: deque[_Launched] = deque()
         self._ready: deque[StepResult] = deque()  # collected early (a launch needed its tokens), oldest first
         # Structured output: None when the worker has no grammar engine (no tokenizer, no xgrammar).
@@ -303,6 +313,7 @@ class Engine:
         with self.sync.on(compute), torch.inference_mode():
             compute.wait_event(slot.h2d_done)
             start.record(compute)
+            units = self.clock.begin(self._launches) if self.clock is not None else None
             if staged is not None:
                 self.penalties.commit(staged)
             if appends:  # on the compute stream: steps launched before this one have read the table already
@@ -330,17 +341,26 @@ class Engine:
             else:
                 step = self.paged_step(inputs, layout)
                 if tokens is not None:  # piecewise graph: logits of every padded sample row, real ones first
-                    logits = self.piecewise[(slot.index, tokens)].replay(step)[:num_sampled]
+                    logits = self.piecewise[(slot.index, tokens)].replay(
+                        step, units.boundary if units is not None else None)[:num_sampled]
                     self.step_counts["piecewise"] += 1
                 else:
-                    logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
+                    if self.clock is not None:
+                        self.clock.current = units  # its layer hooks cut this forward (and only this one)
+                    try:
+                        logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
+                    finally:
+                        if self.clock is not None:
+                            self.clock.current = None
                     self.step_counts["eager"] += 1
                 if constrained is None:
                     self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints, pflags)
                 else:
                     tail = _Tail(inputs, logits, num_sampled, hints, pflags, constrained)
+            if tail is not None and units is not None:
+                units.boundary()  # the forward apart from the tail, which may be issued much later
         launched = _Launched(plan.step_id, slot, rows, plan.sample.copy(), num_top, start, done,
-                             prev.done if prev is not None else None, digest, constrained, tail)
+                             prev.done if prev is not None else None, digest, constrained, tail, units=units)
         if deferred:
             self.step_counts["deferred"] += 1
         else:
@@ -361,6 +381,8 @@ class Engine:
                 f.grammar_ms += self.grammar.fill(f.slot.index, t.constrained)
                 self._sample_eager(f.slot, t.inputs, t.logits, f.num_rows, t.num_sampled, f.num_top, t.hints,
                                    t.pflags, t.constrained)
+            if f.units is not None:
+                f.units.close(f.done)
             f.done.record(compute)  # before compute_done: d2h_done then implies `done` completed
             f.slot.compute_done.record(compute)
         f.slot.issue_d2h(f.num_rows, f.num_top)
@@ -446,8 +468,10 @@ class Engine:
         if nxt is not None and nxt.tail is not None:
             self._finish(nxt)  # its forward is running: the host fills its masks meanwhile
         f.done.synchronize()
-        compute_ms = f.start.elapsed_time(f.done)
+        span_ms = f.start.elapsed_time(f.done)
+        compute_ms = min(span_ms, f.units.busy_ms(f.start)) if f.units is not None else span_ms
         idle_ms = max(0.0, f.prev_done.elapsed_time(f.start)) if f.prev_done is not None else 0.0
+        idle_ms += span_ms - compute_ms  # inside the span, waiting for the host
         return StepResult(
             step_id=f.step_id,
             sampled=sampled,

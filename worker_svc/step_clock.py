@@ -1,0 +1,107 @@
+"""How long the GPU computed during a step, also when the host issued the step's kernels slower than
+the GPU ran them.
+
+Two events per step on the compute stream, `start` and `done`, measure the step's span. Inside a
+replayed CUDA graph the GPU cannot starve (one launch holds every kernel), but an eager forward, a
+piecewise graph's attention calls, or a constrained step's deferred tail is issued launch by launch:
+when the host is slower than the device, the GPU waits inside the span, and a profiler's kernel
+timeline shows it idle (bench/busy_check.py measured 96 % busy from the span against 5 % from the
+kernels, eager, SmolLM2 shape). So a step is cut into units at the points where the host's issue
+can fall behind (after each piecewise segment and attention call, after each decoder layer of an
+eager forward, between a constrained step's forward and its tail). At the end of each unit's issue
+the host records a marker on an otherwise idle side stream, which fires at once, so its timestamp
+is the moment the host finished issuing the unit; and an event on the compute stream, which fires
+when the GPU finished it. A unit counts as busy only from the later of (the previous unit's end, its
+own issue end) to its own end: with the host ahead, that is the unit's whole device time; with the
+host behind, only what ran after the last launch reached the GPU. The figure is therefore a lower
+bound that is exact when the host keeps ahead (the asynchronous loop's steady state, and any graph
+replay), and it never calls a starved GPU busy.
+
+On CPU every op is synchronous (the host cannot fall behind a device it is): the span is the step's
+compute time, and no units are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def busy_ms(ends: Sequence[float], issued: Sequence[float]) -> float:
+    """Busy time of a step from unit times in ms after its start: `ends[i]` when the GPU finished unit
+    i, `issued[i]` when the host had issued it. Unit i counts from max(ends[i-1], issued[i]) (the
+    step's start for i = 0) to ends[i], when positive."""
+    assert len(ends) == len(issued)
+    total, prev = 0.0, 0.0
+    for end, iss in zip(ends, issued, strict=True):
+        total += max(0.0, end - max(prev, iss))
+        prev = max(prev, end)
+    return total
+
+
+class StepUnits:
+    """One step's unit events (taken from a ring slot: the events are reused every few steps)."""
+
+    def __init__(self, clock: StepClock, pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> None:
+        self.clock = clock
+        self._pairs = pairs
+        self.used = 0
+
+    def boundary(self) -> None:
+        """The host has issued the unit so far: marker on the side stream, end on the compute stream.
+        Past the ring slot's capacity the unit simply runs on into the next boundary."""
+        if self.used >= len(self._pairs):
+            return
+        marker, end = self._pairs[self.used]
+        marker.record(self.clock.marker_stream)
+        end.record(self.clock.compute_stream)
+        self.used += 1
+
+    def close(self, done: torch.cuda.Event) -> None:
+        """The last unit ends at `done` (recorded by the caller right after this)."""
+        if self.used >= len(self._pairs):
+            self.used -= 1  # the last pair becomes the step's end
+        marker, _ = self._pairs[self.used]
+        marker.record(self.clock.marker_stream)
+        self._done = done
+
+    def busy_ms(self, start: torch.cuda.Event) -> float:
+        """After `done` completed: the step's busy time (see the module docstring)."""
+        ends = [start.elapsed_time(end) for _, end in self._pairs[: self.used]]
+        ends.append(start.elapsed_time(self._done))
+        issued = [start.elapsed_time(marker) for marker, _ in self._pairs[: self.used + 1]]
+        return busy_ms(ends, issued)
+
+
+class StepClock:
+    """Ring of unit events (as many slots as the runner's timing ring) and the side stream markers
+    are recorded on; `hook_layers` cuts an eager forward at its decoder layers."""
+
+    def __init__(self, compute_stream: torch.cuda.Stream, ring: int, max_units: int) -> None:
+        self.compute_stream = compute_stream
+        self.marker_stream = torch.cuda.Stream()
+        self._ring = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                       for _ in range(max_units)] for _ in range(ring)]
+        self.current: StepUnits | None = None  # the step an eager forward's layer hooks cut (else None)
+
+    def begin(self, index: int) -> StepUnits:
+        return StepUnits(self, self._ring[index % len(self._ring)])
+
+    def hook_layers(self, layers: Sequence[torch.nn.Module]) -> None:
+        """A boundary after each layer of an eager forward run while `current` is set (the runner sets
+        it around eager forwards only: never while graphs are captured or replayed)."""
+        def after(_module: torch.nn.Module, _args: object, _out: object) -> None:
+            if self.current is not None:
+                self.current.boundary()
+
+        for layer in layers:
+            layer.register_forward_hook(after)
+
+
+def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """The decoder layers of a transformers causal LM (`model.model.layers`), or none."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
