@@ -148,7 +148,10 @@ def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
                variants: tuple[str, ...] = ("greedy",), device: str = "cuda") -> Iterator[Result]:
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
     for depth, mode in _depths(modes):
-        server = TandemServer(model=model, scheduler_args=["--pipeline-depth", str(depth)], worker_args=[
+        # Every request is sent at once: the waiting queue must hold them (its default, 256, refused
+        # part of 1024 on the H200).
+        sched = ["--pipeline-depth", str(depth), "--max-waiting", str(max(256, 2 * len(prompts)))]
+        server = TandemServer(model=model, scheduler_args=sched, worker_args=[
             "--device", device, "--dtype", dtype, "--num-blocks", str(blocks), "--max-num-rows", str(rows),
             "--max-num-tokens", str(max(2048, min(8192, len(prompts) * len(prompts[0])))),
             *(["--fuse"] if fuse else []),
