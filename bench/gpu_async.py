@@ -37,7 +37,7 @@ import torch
 from bench.inprocess import run_requests
 from client import AsyncTandemClient
 from client.local_server import TandemServer
-from scheduler_svc.request import Request, SamplingParams
+from scheduler_svc.core.request import Request, SamplingParams
 
 
 @dataclass

@@ -212,17 +212,23 @@ def snapshot_working_tree(parent: Path) -> Tree:
 
 PROBE = """
 import importlib, json, sys
-import scheduler_svc, worker_svc, client, tandem, tandem.wire, tandem.v1.api_pb2, scheduler_svc.engine
-mods = ["scheduler_svc", "scheduler_svc.engine", "worker_svc", "client", "tandem", "tandem.wire", "tandem.v1.api_pb2"]
+import scheduler_svc, worker_svc, client, tandem, tandem.wire, tandem.v1.api_pb2
+mods = ["scheduler_svc", "worker_svc", "client", "tandem", "tandem.wire", "tandem.v1.api_pb2"]
 for m in sys.argv[1:]:
     importlib.import_module(m)
     mods.append(m)
 print(json.dumps({m: sys.modules[m].__file__ for m in mods}))
 """
 # Probed too where the tree has them (split trees). Chosen by the tree's files, not by find_spec: the editable
-# install's finder would find the working tree's scheduler_svc/core.py for a tree that has none.
-SPLIT_MODULES = {"scheduler_svc.core": "scheduler_svc/core.py", "scheduler_svc.engine_client":
+# install's finder would find the working tree's scheduler_svc/core.py for a tree that has none. The engine module is
+# scheduler_svc/engine.py in flat trees, scheduler_svc/core/engine.py in trees grouped into core/ and frontend/.
+SPLIT_MODULES = {"scheduler_svc.engine": "scheduler_svc/engine.py", "scheduler_svc.core.engine":
+                 "scheduler_svc/core/engine.py",
+                 "scheduler_svc.core": "scheduler_svc/core.py", "scheduler_svc.engine_client":
                  "scheduler_svc/engine_client.py", "scheduler_svc.core_link": "scheduler_svc/core_link.py",
+                 "scheduler_svc.core.__main__": "scheduler_svc/core/__main__.py",
+                 "scheduler_svc.frontend.engine_client": "scheduler_svc/frontend/engine_client.py",
+                 "scheduler_svc.core.core_link": "scheduler_svc/core/core_link.py",
                  "tandem.v1.core_pb2": "proto/tandem/v1/core_pb2.py"}
 
 

@@ -226,8 +226,25 @@ def qualname(path: str, line: int, func: str) -> str:
 
 
 def is_split(tree: Path) -> bool:
-    """Whether the tree's scheduler side is two processes (front end + core)."""
-    return (tree / "scheduler_svc" / "core.py").is_file()
+    """Whether the tree's scheduler side is two processes (front end + core): scheduler_svc/core.py, or
+    scheduler_svc/core/__main__.py in trees grouped into core/ and frontend/ packages."""
+    return (tree / "scheduler_svc" / "core.py").is_file() or (tree / "scheduler_svc" / "core" / "__main__.py").is_file()
+
+
+# Trees grouped into scheduler_svc/core/ and scheduler_svc/frontend/: their paths, as the rules spell them
+# (the flat layout's), so that one set of rules serves every tree.
+GROUPED_PATHS = {"scheduler_svc/core/__main__.py": "scheduler_svc/core.py",
+                 "scheduler_svc/frontend/admission.py": "scheduler_svc/frontend.py"}
+
+
+def flat_path(rel: str) -> str:
+    """A grouped tree's relative path in the flat layout (scheduler_svc/core/engine.py -> scheduler_svc/engine.py)."""
+    if rel in GROUPED_PATHS:
+        return GROUPED_PATHS[rel]
+    for pkg in ("scheduler_svc/core/", "scheduler_svc/frontend/"):
+        if rel.startswith(pkg):
+            return "scheduler_svc/" + rel[len(pkg):]
+    return rel
 
 
 class Classifier:
@@ -249,7 +266,7 @@ class Classifier:
 
     def relpath(self, frame: Frame) -> str | None:
         if frame.python and frame.file.startswith(self.root):
-            return frame.file[len(self.root):]
+            return flat_path(frame.file[len(self.root):])
         return None
 
     def project_area(self, frame: Frame) -> tuple[str | None, str | None]:
@@ -487,7 +504,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 SAMPLER_ENV = "TANDEM_BENCH_CORE_SAMPLER"  # "OUT INTERVAL_US": the core's sampler, set by core_sitecustomize
 LIVE_MODULES = ("__main__", "scheduler_svc", "scheduler_svc.engine", "scheduler_svc.engine_client",
-                "scheduler_svc.core", "scheduler_svc.scheduler", "tandem", "tandem.wire")
+                "scheduler_svc.core", "scheduler_svc.scheduler", "scheduler_svc.core.engine",
+                "scheduler_svc.frontend.engine_client", "scheduler_svc.core.scheduler", "tandem", "tandem.wire")
 
 SITECUSTOMIZE = """\
 # Written by bench/host_e2e.py: the CPU sampler of bench/host_e2e_profile.py in the scheduler's core only.

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from tandem.wire import PLACEHOLDER_SENTINEL
 
-from scheduler_svc.request import Request
-from scheduler_svc.scheduler import Scheduler, SchedulerLimits
+from scheduler_svc.core.request import Request
+from scheduler_svc.core.scheduler import Scheduler, SchedulerLimits
 
 
 @dataclass

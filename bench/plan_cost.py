@@ -144,7 +144,7 @@ class Link:
         self._peer = self.router.recv_multipart()[0]
 
     def send(self, frames: list) -> None:
-        """Scheduler -> worker, as scheduler_svc.link.EngineLink.send does it."""
+        """Scheduler -> worker, as scheduler_svc.core.link.EngineLink.send does it."""
         self.router.send_multipart([self._peer, *frames], flags=self._zmq.NOBLOCK, copy=False)
 
     def recv(self) -> list:
@@ -188,8 +188,8 @@ def _after_scheduler(engine: Any, rows: int, context: int) -> Any:
     from tandem import wire
 
     from bench.decode_state import occupy_rows
-    from scheduler_svc.request import Request, RequestStatus, SamplingParams
-    from scheduler_svc.scheduler import Scheduler, SchedulerLimits
+    from scheduler_svc.core.request import Request, RequestStatus, SamplingParams
+    from scheduler_svc.core.scheduler import Scheduler, SchedulerLimits
 
     kv = engine.cache.cfg
     max_context = engine.loaded.max_context

@@ -25,7 +25,7 @@ import time
 import torch
 
 from bench.inprocess import scheduler_for
-from scheduler_svc.request import Constraint, Request, SamplingParams
+from scheduler_svc.core.request import Constraint, Request, SamplingParams
 
 
 def _schema(n: int) -> str:

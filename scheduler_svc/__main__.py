@@ -10,11 +10,11 @@ import sys
 from tandem.envargs import EnvArgumentParser, default_engine_address
 from tandem.logs import configure as configure_logging
 
-from scheduler_svc.auth import check_bind, load_keys
-from scheduler_svc.engine import EngineConfig
-from scheduler_svc.link import refuse_live_ipc
-from scheduler_svc.server import SchedulerServer, ServerConfig
-from scheduler_svc.validation import RequestLimits
+from scheduler_svc.core.engine import EngineConfig
+from scheduler_svc.core.link import refuse_live_ipc
+from scheduler_svc.frontend.auth import check_bind, load_keys
+from scheduler_svc.frontend.server import SchedulerServer, ServerConfig
+from scheduler_svc.frontend.validation import RequestLimits
 
 
 def parse_args(argv: list[str] | None = None):
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scheduler: {exc}", file=sys.stderr)
         return 2
     if args.instance_token:
-        os.environ["TANDEM_INSTANCE_TOKEN"] = args.instance_token  # the core process reads it (core.py)
+        os.environ["TANDEM_INSTANCE_TOKEN"] = args.instance_token  # the core process reads it (core/__main__.py)
     config = ServerConfig(
         address=args.address,
         engine_address=args.engine_address,

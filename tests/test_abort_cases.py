@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bench.inprocess import scheduler_for  # noqa: E402
-from scheduler_svc.request import FinishReason, Request, RequestStatus, SamplingParams  # noqa: E402
+from scheduler_svc.core.request import FinishReason, Request, RequestStatus, SamplingParams  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The worker-busy figure leaves out time the GPU was idle for want of work (scheduler_svc/engine.py,
+"""The worker-busy figure leaves out time the GPU was idle for want of work (scheduler_svc/core/engine.py,
 BusyMeter): a server that waits between bursts reports the busy share of its bursts, not of the wall
 clock. Real scheduler and worker processes over gRPC."""
 

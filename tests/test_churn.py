@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bench.inprocess import run_requests, scheduler_for  # noqa: E402
-from scheduler_svc.request import FinishReason, Request, SamplingParams  # noqa: E402
+from scheduler_svc.core.request import FinishReason, Request, SamplingParams  # noqa: E402
 
 NUM_REQUESTS = 500
 VOCAB = 1024

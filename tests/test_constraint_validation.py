@@ -28,9 +28,9 @@ from tandem.v1 import api_pb2, api_pb2_grpc
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from client import AsyncTandemClient, TandemClient, TandemError, _convert
-from scheduler_svc.request import Constraint
-from scheduler_svc.tokenizer import TandemTokenizer
-from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request
+from scheduler_svc.core.request import Constraint
+from scheduler_svc.frontend.tokenizer import TandemTokenizer
+from scheduler_svc.frontend.validation import InvalidArgument, RequestLimits, build_request
 from tests.conftest import TINY_WORKER_ARGS
 
 VOCAB = ["<unk>", "<eos>", "a", "b", "c", "{", "}"]
@@ -105,7 +105,7 @@ def test_a_text_prompt_with_a_constraint():
 
 
 def test_each_sample_of_n_shares_the_constraint():
-    from scheduler_svc import sample_group
+    from scheduler_svc.frontend import sample_group
 
     req = _build(_msg(regex="a+", n=3))
     assert [r.constraint for r in sample_group.expand(req)] == [Constraint("regex", "a+")] * 3

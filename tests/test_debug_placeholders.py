@@ -12,8 +12,8 @@ import torch
 from tandem.wire import PLACEHOLDER_SENTINEL, WireError
 
 from client import AsyncTandemClient
-from scheduler_svc.request import Request, SamplingParams
-from scheduler_svc.scheduler import Scheduler, SchedulerLimits
+from scheduler_svc.core.request import Request, SamplingParams
+from scheduler_svc.core.scheduler import Scheduler, SchedulerLimits
 from tests.conftest import TINY_WORKER_ARGS
 from worker_svc.runner import apply_carry_over
 

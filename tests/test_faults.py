@@ -82,7 +82,7 @@ def test_garbage_on_the_engine_link_never_takes_the_scheduler_down():
     served afterwards."""
     import zmq
 
-    from scheduler_svc.link import MAX_MESSAGE_BYTES
+    from scheduler_svc.core.link import MAX_MESSAGE_BYTES
 
     server = TandemServer(worker_args=TINY_WORKER_ARGS, start_worker=False).start()
     try:

@@ -38,7 +38,7 @@ def _drive(engine, requests, depth: int = 1) -> dict[str, list[int]]:
 
 
 def _requests(seed: int, n: int, temperature: float):
-    from scheduler_svc.request import Request, SamplingParams
+    from scheduler_svc.core.request import Request, SamplingParams
 
     rng = random.Random(seed)
     return [
@@ -145,7 +145,7 @@ def test_llama_and_qwen2_shapes_match_transformers(model):
     torch.cuda.empty_cache()
     engine = Engine(load(model, device="cuda", dtype=torch.float32),
                     EngineConfig(num_blocks=1024, max_num_rows=16, max_num_tokens=128), "cuda")
-    from scheduler_svc.request import Request, SamplingParams
+    from scheduler_svc.core.request import Request, SamplingParams
 
     requests = [Request(req_id=f"r{i}", prompt_ids=p, max_new_tokens=16, sampling=SamplingParams(temperature=0.0),
                         stop_token_ids=frozenset(), eos_token_ids=frozenset(), ignore_eos=True,
@@ -159,7 +159,7 @@ def test_prefix_caching_changes_no_token():
     """On the Triton paths (a chunk that starts after a cached prefix, decode graphs), at depth 2:
     requests over shared prefixes give the tokens they give with the cache off."""
     from bench.inprocess import run_requests
-    from scheduler_svc.request import Request, SamplingParams
+    from scheduler_svc.core.request import Request, SamplingParams
     from worker_svc.models import load
     from worker_svc.runner import Engine, EngineConfig
 

@@ -1,10 +1,10 @@
-"""The core's ledger of constraints (scheduler_svc/grammar_book.py): who waits on a compile, who uses
+"""The core's ledger of constraints (scheduler_svc/core/grammar_book.py): who waits on a compile, who uses
 a compiled key, which idle keys are released, and which refusals are remembered."""
 
 from __future__ import annotations
 
-from scheduler_svc.grammar_book import FAILED, READY, WAIT, GrammarBook
-from scheduler_svc.request import Constraint, Request
+from scheduler_svc.core.grammar_book import FAILED, READY, WAIT, GrammarBook
+from scheduler_svc.core.request import Constraint, Request
 
 
 def _req(uid: int, pattern: str) -> Request:

@@ -30,9 +30,9 @@ from tandem.v1 import api_pb2
 
 from client import TandemClient
 from client.local_server import TandemServer
-from scheduler_svc.http_api import convert
-from scheduler_svc.http_api.errors import openai_param
-from scheduler_svc.http_api.schemas import ChatCompletionRequest, CompletionRequest
+from scheduler_svc.frontend.http_api import convert
+from scheduler_svc.frontend.http_api.errors import openai_param
+from scheduler_svc.frontend.http_api.schemas import ChatCompletionRequest, CompletionRequest
 from tests.conftest import TINY_WORKER_ARGS
 
 MODEL = "random:tiny-llama"

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from client import TandemClient, TandemError
-from scheduler_svc.server import MAX_RECEIVE_MESSAGE_BYTES
+from scheduler_svc.frontend.server import MAX_RECEIVE_MESSAGE_BYTES
 
 
 def test_oversized_request_is_refused_and_the_server_serves_on(tiny):

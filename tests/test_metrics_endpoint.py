@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import AsyncTandemClient, TandemError
 from client.local_server import TandemServer, free_port
-from scheduler_svc.metrics import Histogram
+from scheduler_svc.frontend.metrics import Histogram
 from tests.conftest import TINY_WORKER_ARGS
 
 

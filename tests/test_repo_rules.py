@@ -29,7 +29,8 @@ def test_generated_stubs_are_fresh():
 
 def test_scheduler_never_imports_torch():
     code = (
-        "import sys, scheduler_svc.__main__, scheduler_svc.server, scheduler_svc.engine, scheduler_svc.core, client\n"
+        "import sys, scheduler_svc.__main__, scheduler_svc.frontend.server, scheduler_svc.core.engine, client\n"
+        "import scheduler_svc.core.__main__\n"
         "import client.cli\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"

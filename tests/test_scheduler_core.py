@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from tandem.wire import StepPlan, StepResult
 
-from scheduler_svc.request import FinishReason, Request, RequestStatus, SamplingParams
-from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, StateMismatch
+from scheduler_svc.core.request import FinishReason, Request, RequestStatus, SamplingParams
+from scheduler_svc.core.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, StateMismatch
 from worker_svc.row_state import RowState, StepBatch
 
 V = 40

@@ -15,7 +15,7 @@ import pytest
 
 from client import AsyncTandemClient, TandemClient, TandemError
 from client.local_server import ROOT, TandemServer, free_port
-from scheduler_svc.auth import is_loopback, load_keys
+from scheduler_svc.frontend.auth import is_loopback, load_keys
 from tests.conftest import TINY_WORKER_ARGS
 
 KEY = "k-0123456789abcdef-tandem"

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from bench.inprocess import run_requests
 from client import AsyncTandemClient, TandemError
-from scheduler_svc.request import Constraint, Request, SamplingParams
+from scheduler_svc.core.request import Constraint, Request, SamplingParams
 from worker_svc import models
 from worker_svc.runner import Engine, EngineConfig
 from worker_svc.structured.grammar import GrammarEngine

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tandem.wire import Hello
 
-from scheduler_svc.detokenizer import IncrementalDetokenizer, OutputText, StopStringMatcher
-from scheduler_svc.tokenizer import TandemTokenizer
+from scheduler_svc.frontend.detokenizer import IncrementalDetokenizer, OutputText, StopStringMatcher
+from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -303,7 +303,7 @@ def test_empty_stop_string_is_rejected():
 
 def test_scheduler_text_modules_do_not_import_torch():
     code = (
-        "import sys, scheduler_svc.tokenizer, scheduler_svc.detokenizer\n"
+        "import sys, scheduler_svc.frontend.tokenizer, scheduler_svc.frontend.detokenizer\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -150,7 +150,7 @@ DECODE_STEPS = 10
 
 def _with_penalties(plan: StepPlan, reqs: list, params: list[dict]) -> StepPlan:
     """The plan's new slots (reqs, in their order) take `params`; penalized ones carry their prompt
-    as history (as scheduler_svc/plan_params does)."""
+    as history (as scheduler_svc/core/plan_params does)."""
     import dataclasses
 
     def col(key: str, default: float, dtype: str) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The scheduler process: gRPC server (API, health, reflection), the OpenAI-compatible HTTP API
-when asked (`--http-port`, scheduler_svc/http_api), and the core process it starts.
+when asked (`--http-port`, scheduler_svc/frontend/http_api), and the core process it starts.
 
-Owns start-up and shutdown order: start the core (which binds the engine link: core.py), start gRPC
+Owns start-up and shutdown order: start the core (which binds the engine link: core/__main__.py), start gRPC
 reporting NOT_SERVING (the HTTP API's /health says 503 likewise; the Prometheus endpoint when asked),
 flip to SERVING when a worker's handshake arrives (and back when it goes), on SIGINT/SIGTERM drain
 (see `drain`: both APIs refuse new requests, 503 on HTTP) then stop HTTP, gRPC and the core; a core
@@ -23,15 +23,15 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from tandem.v1 import api_pb2, api_pb2_grpc
 
-from scheduler_svc.auth import BearerAuth
-from scheduler_svc.decode_guard import DecodeGuard
-from scheduler_svc.engine import EngineConfig
-from scheduler_svc.engine_client import CoreConfig, EngineClient
-from scheduler_svc.http_api.app import create_app
-from scheduler_svc.http_api.serve import HttpConfig, HttpServer
-from scheduler_svc.metrics import serve as serve_metrics
-from scheduler_svc.servicer import TandemServicer
-from scheduler_svc.validation import RequestLimits
+from scheduler_svc.core.engine import EngineConfig
+from scheduler_svc.frontend.auth import BearerAuth
+from scheduler_svc.frontend.decode_guard import DecodeGuard
+from scheduler_svc.frontend.engine_client import CoreConfig, EngineClient
+from scheduler_svc.frontend.http_api.app import create_app
+from scheduler_svc.frontend.http_api.serve import HttpConfig, HttpServer
+from scheduler_svc.frontend.metrics import serve as serve_metrics
+from scheduler_svc.frontend.servicer import TandemServicer
+from scheduler_svc.frontend.validation import RequestLimits
 
 log = logging.getLogger("tandem.server")
 

@@ -20,12 +20,12 @@ import grpc
 import structlog
 from tandem.v1 import api_pb2
 
-from scheduler_svc import sample_group
-from scheduler_svc.detokenizer import OutputText
-from scheduler_svc.engine_client import EngineClient, GrammarInvalid, Unavailable
-from scheduler_svc.handle import Delta, RequestHandle
-from scheduler_svc.scheduler import NeverFits, QueueFull
-from scheduler_svc.validation import InvalidArgument, RequestLimits, build_request, prompt_ids
+from scheduler_svc.core.scheduler import NeverFits, QueueFull
+from scheduler_svc.frontend import sample_group
+from scheduler_svc.frontend.detokenizer import OutputText
+from scheduler_svc.frontend.engine_client import EngineClient, GrammarInvalid, Unavailable
+from scheduler_svc.frontend.handle import Delta, RequestHandle
+from scheduler_svc.frontend.validation import InvalidArgument, RequestLimits, build_request, prompt_ids
 
 rlog = structlog.get_logger("tandem.requests")
 

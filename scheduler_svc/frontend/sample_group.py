@@ -2,7 +2,7 @@
 
 Owns the expansion (sample i gets the seed `tandem.samples.derive_seed(seed, i)` and waits, in the
 core, for sample 0 to compute the prompt so that it reads the prompt's full blocks from the prefix
-cache: scheduler.py `_leader_ready`) and the interleaving of their outputs for a stream. The gRPC
+cache: core/scheduler.py `_leader_ready`) and the interleaving of their outputs for a stream. The gRPC
 servicer uses both; any other front end can.
 """
 
@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 
 from tandem.samples import derive_seed
 
-from scheduler_svc.detokenizer import OutputText
-from scheduler_svc.handle import Delta, RequestHandle
-from scheduler_svc.request import Request
-from scheduler_svc.tokenizer import TandemTokenizer
+from scheduler_svc.core.request import Request
+from scheduler_svc.frontend.detokenizer import OutputText
+from scheduler_svc.frontend.handle import Delta, RequestHandle
+from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
 
 def expand(req: Request) -> list[Request]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler_svc.block_manager import cdiv
-from scheduler_svc.request import Request
+from scheduler_svc.core.block_manager import cdiv
+from scheduler_svc.core.request import Request
 
 
 class QueueFull(Exception):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from scheduler_svc.row_table import RowTable
+    from scheduler_svc.core.row_table import RowTable
 
 UINT64_MAX = (1 << 64) - 1
 
@@ -100,7 +100,7 @@ class Request:
     client_id: str = ""  # the client-facing request id (x-request-id or generated): for logs
     uid: int = 0  # the front end's number for it (core.proto): how the two processes name it
     cache_salt: str = ""  # requests with different salts never share a cached block
-    num_samples: int = 1  # n: the front end expands it into n requests (samples.py)
+    num_samples: int = 1  # n: the front end expands it into n requests (frontend/sample_group.py)
     sample_index: int = 0  # which of its prompt's n samples this request is
     # Sample i > 0 of n waits for sample 0 (`leader`) to have its prompt computed, so that its prompt's
     # full blocks come from the prefix cache: one prefill for n samples.

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from tandem import wire
 
-from scheduler_svc.block_manager import DeferredPool
-from scheduler_svc.request import Request
+from scheduler_svc.core.block_manager import DeferredPool
+from scheduler_svc.core.request import Request
 
 
 class RowTable:

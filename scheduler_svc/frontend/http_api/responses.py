@@ -1,6 +1,6 @@
 """Results -> OpenAI objects: whole completions, stream chunks, usage, logprobs, finish reasons.
 
-Owns the output side of the HTTP API: what one request's `Delta`s (scheduler_svc.handle) become in
+Owns the output side of the HTTP API: what one request's `Delta`s (scheduler_svc.frontend.handle) become in
 OpenAI's shapes (schemas.py). A request of n samples has n choices (`index` = the sample). A stream
 is a `ChunkWriter` per request: each sample's delta becomes at most one chunk (none when it carries
 nothing the client asked for), a sample's last one with its finish reason, then, once every sample
@@ -10,12 +10,12 @@ a stop token -> "stop" (vLLM's `stop_reason` says which string or token), LENGTH
 
 from __future__ import annotations
 
-from scheduler_svc.handle import Completion as Done
-from scheduler_svc.handle import Delta
-from scheduler_svc.http_api import schemas as s
-from scheduler_svc.http_api.convert import Spec
-from scheduler_svc.request import FinishReason
-from scheduler_svc.tokenizer import TandemTokenizer
+from scheduler_svc.core.request import FinishReason
+from scheduler_svc.frontend.handle import Completion as Done
+from scheduler_svc.frontend.handle import Delta
+from scheduler_svc.frontend.http_api import schemas as s
+from scheduler_svc.frontend.http_api.convert import Spec
+from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
 FINISH = {FinishReason.EOS: "stop", FinishReason.STOP_STRING: "stop", FinishReason.STOP_TOKEN: "stop",
           FinishReason.LENGTH: "length", FinishReason.ABORTED: "abort"}

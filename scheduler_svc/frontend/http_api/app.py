@@ -5,7 +5,7 @@ Owns the routes (`POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/m
 the cap on requests in flight: past `max_concurrent` a request gets 429, as a gRPC call past
 --max-concurrent-rpcs gets RESOURCE_EXHAUSTED) and the error handlers that turn everything, pydantic's
 type errors and unknown routes included, into OpenAI's error object. A request goes the gRPC path:
-convert.py builds the GenerateRequest, `frontend.admit_samples` validates and queues it (one handle per
+convert.py builds the GenerateRequest, `admission.admit_samples` validates and queues it (one handle per
 sample of n), its deltas become chunks (responses.py), n samples' interleaved (sample_group.py). A
 client that disconnects, streaming or not, aborts its request (every sample), which frees its KV
 blocks; so does the end of the response in any other way.
@@ -28,16 +28,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from tandem.v1 import api_pb2
 
-from scheduler_svc import frontend, sample_group
-from scheduler_svc.auth import token_matches
-from scheduler_svc.engine_client import EngineClient, Unavailable
-from scheduler_svc.frontend import Refusal
-from scheduler_svc.handle import Completion as Done
-from scheduler_svc.handle import Delta, RequestHandle
-from scheduler_svc.http_api import convert, responses
-from scheduler_svc.http_api import schemas as s
-from scheduler_svc.http_api.errors import ApiError, from_refusal, from_status
-from scheduler_svc.validation import RequestLimits
+from scheduler_svc.frontend import admission, sample_group
+from scheduler_svc.frontend.admission import Refusal
+from scheduler_svc.frontend.auth import token_matches
+from scheduler_svc.frontend.engine_client import EngineClient, Unavailable
+from scheduler_svc.frontend.handle import Completion as Done
+from scheduler_svc.frontend.handle import Delta, RequestHandle
+from scheduler_svc.frontend.http_api import convert, responses
+from scheduler_svc.frontend.http_api import schemas as s
+from scheduler_svc.frontend.http_api.errors import ApiError, from_refusal, from_status
+from scheduler_svc.frontend.validation import RequestLimits
 
 log = logging.getLogger("tandem.http")
 
@@ -95,11 +95,11 @@ class _Stream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             for handle in self._group:
-                frontend.release(self._engine, handle)
+                admission.release(self._engine, handle)
 
 
 async def _indexed(handle: RequestHandle) -> AsyncIterator[tuple[int, Delta]]:
-    async for delta in frontend.deltas(handle):
+    async for delta in admission.deltas(handle):
         yield 0, delta
 
 
@@ -134,9 +134,9 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
                        spec: convert.Spec) -> Response:
         model = served_model(model_param)
         text = responses.TokenText(engine.tokenizer())
-        client_id = frontend.bind_request_id(request.headers.get("x-request-id", ""))
+        client_id = admission.bind_request_id(request.headers.get("x-request-id", ""))
         try:
-            group = await frontend.admit_samples(engine, limits, msg, client_id)
+            group = await admission.admit_samples(engine, limits, msg, client_id)
         except Refusal as refusal:
             err = from_refusal(refusal, spec.prompt_param, spec.max_tokens_param, spec.logprobs_param,
                                spec.constraint_param)
@@ -160,21 +160,21 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
             deltas = [h.take() for h in group]
             error = next((d.error for d in deltas if d.error is not None), None)
             if error is not None:
-                err = from_refusal(frontend.failure(engine, error))
+                err = from_refusal(admission.failure(engine, error))
                 err.counted = True
                 raise err
             body = responses.whole(spec, rid, created, model, deltas, text)
             return Response(body.model_dump_json(), media_type="application/json", headers=headers)
         finally:
             for handle in group:  # a disconnect (or an error) ends every sample and frees its KV
-                frontend.release(engine, handle)
+                admission.release(engine, handle)
 
     async def _events(group: list[RequestHandle], writer: responses.ChunkWriter) -> AsyncIterator[str]:
         deltas = _indexed(group[0]) if len(group) == 1 else sample_group.interleave(group)
         dones: dict[int, Done] = {}
         async for index, delta in deltas:
             if delta.error is not None:
-                yield _event(json.dumps(from_refusal(frontend.failure(engine, delta.error)).body()))
+                yield _event(json.dumps(from_refusal(admission.failure(engine, delta.error)).body()))
                 break
             chunk = writer.chunk(index, delta)
             if chunk is not None:
@@ -217,7 +217,7 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
         msg = convert.tokenize_request(body.prompt, body.messages)
         param = "prompt" if body.prompt is not None else "messages"
         try:
-            ids, strs = frontend.tokenize(engine, limits, msg)
+            ids, strs = admission.tokenize(engine, limits, msg)
         except Refusal as refusal:
             raise from_refusal(refusal, param) from None
         out = s.TokenizeResponse(count=len(ids), max_model_len=engine.hello().max_context, tokens=ids,
@@ -227,7 +227,7 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
     def _failed(request: Request, err: ApiError) -> Response:
         if request.url.path in _GENERATE_PATHS and not getattr(err, "counted", False):
             refusal = Refusal(grpc.StatusCode[_CODE_NAMES.get(err.status, "INTERNAL")], err.message)
-            frontend.record_failure(engine, refusal)
+            admission.record_failure(engine, refusal)
         return err.response()
 
     @app.exception_handler(ApiError)

@@ -21,9 +21,9 @@ import sys
 
 from tandem.logs import configure as configure_logging
 
-from scheduler_svc.core_link import CoreLink
-from scheduler_svc.engine import Engine, EngineConfig
-from scheduler_svc.link import EngineLink
+from scheduler_svc.core.core_link import CoreLink
+from scheduler_svc.core.engine import Engine, EngineConfig
+from scheduler_svc.core.link import EngineLink
 
 log = logging.getLogger("tandem.core")
 

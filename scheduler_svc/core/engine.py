@@ -1,7 +1,7 @@
 """The core's engine loop: requests in, step plans out, step results back as token batches.
 
-Runs in the scheduler's core process (scheduler_svc/core.py), apart from the front end (gRPC,
-detokenizing, stop strings: engine_client.py), so that no per-stream work ever delays the next plan.
+Runs in the scheduler's core process (scheduler_svc/core/__main__.py), apart from the front end (gRPC,
+detokenizing, stop strings: frontend/engine_client.py), so that no per-stream work ever delays the next plan.
 Owns the pipeline: at depth 1 (synchronous) one step is in flight and the worker idles while the
 scheduler plans the next; at depth 2 (asynchronous) the next plan is built and sent while the
 worker computes the current one, its decode rows carrying the pending tokens over on the worker.
@@ -30,7 +30,7 @@ import zmq
 from tandem import wire
 from tandem.v1 import core_pb2 as cpb
 
-from scheduler_svc.core_link import (
+from scheduler_svc.core.core_link import (
     KIND_ABORT,
     KIND_ADMITTED,
     KIND_LOST,
@@ -40,10 +40,10 @@ from scheduler_svc.core_link import (
     CoreLink,
     OutputBatch,
 )
-from scheduler_svc.grammar_book import FAILED, READY, GrammarBook
-from scheduler_svc.link import EngineLink
-from scheduler_svc.request import Constraint, FinishReason, Request, SamplingParams
-from scheduler_svc.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, TokenEvent, check_fits
+from scheduler_svc.core.grammar_book import FAILED, READY, GrammarBook
+from scheduler_svc.core.link import EngineLink
+from scheduler_svc.core.request import Constraint, FinishReason, Request, SamplingParams
+from scheduler_svc.core.scheduler import NeverFits, QueueFull, Scheduler, SchedulerLimits, TokenEvent, check_fits
 
 log = logging.getLogger("tandem.engine")
 

@@ -34,13 +34,13 @@ import structlog
 from tandem import wire
 from tandem.v1 import core_pb2 as cpb
 
-from scheduler_svc import core_link as cl
-from scheduler_svc.engine import EngineConfig
-from scheduler_svc.handle import RequestHandle
-from scheduler_svc.metrics import Metrics
-from scheduler_svc.request import FinishReason
-from scheduler_svc.scheduler import NeverFits, QueueFull
-from scheduler_svc.tokenizer import TandemTokenizer
+from scheduler_svc.core import core_link as cl
+from scheduler_svc.core.engine import EngineConfig
+from scheduler_svc.core.request import FinishReason
+from scheduler_svc.core.scheduler import NeverFits, QueueFull
+from scheduler_svc.frontend.handle import RequestHandle
+from scheduler_svc.frontend.metrics import Metrics
+from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
 log = logging.getLogger("tandem.engine")
 rlog = structlog.get_logger("tandem.requests")  # one canonical line per finished request

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scheduler_svc.tokenizer import TandemTokenizer
+from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
 REPLACEMENT = "\ufffd"
 

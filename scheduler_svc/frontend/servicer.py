@@ -1,7 +1,7 @@
 """The public gRPC API (tandem.v1.Tandem) on grpc.aio.
 
 Owns the mapping between RPCs and the engine (validation, admission and the stream of deltas are
-shared with the HTTP API: `frontend.py`), and turns every failure into an explicit status with
+shared with the HTTP API: `admission.py`), and turns every failure into an explicit status with
 google.rpc details (never UNKNOWN). A client cancel or an
 expired deadline cancels the handler, whose `finally` aborts the request so its KV blocks return.
 """
@@ -19,11 +19,11 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from tandem.v1 import api_pb2, api_pb2_grpc
 
-from scheduler_svc import frontend, sample_group
-from scheduler_svc.engine_client import EngineClient
-from scheduler_svc.frontend import Refusal, bind_request_id
-from scheduler_svc.handle import Completion, Delta, RequestHandle
-from scheduler_svc.validation import RequestLimits
+from scheduler_svc.frontend import admission, sample_group
+from scheduler_svc.frontend.admission import Refusal, bind_request_id
+from scheduler_svc.frontend.engine_client import EngineClient
+from scheduler_svc.frontend.handle import Completion, Delta, RequestHandle
+from scheduler_svc.frontend.validation import RequestLimits
 
 log = logging.getLogger("tandem.api")
 
@@ -93,7 +93,7 @@ async def internal_errors(context: grpc.aio.ServicerContext):
 
 
 async def _indexed(handle: RequestHandle) -> AsyncIterator[tuple[int, Delta]]:
-    async for delta in frontend.deltas(handle):
+    async for delta in admission.deltas(handle):
         yield 0, delta
 
 
@@ -108,13 +108,13 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
         client_id = bind_request_id(
             request.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", ""))
         try:
-            return await frontend.admit_samples(self.engine, self.limits, request, client_id)
+            return await admission.admit_samples(self.engine, self.limits, request, client_id)
         except Refusal as refusal:
             await context.abort_with_status(_refusal_status(refusal))
             raise  # not reached: abort raises
 
     async def _end_with_error(self, context: grpc.aio.ServicerContext, error) -> None:
-        await context.abort_with_status(_refusal_status(frontend.failure(self.engine, error)))
+        await context.abort_with_status(_refusal_status(admission.failure(self.engine, error)))
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         async with internal_errors(context):
@@ -140,7 +140,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                 return api_pb2.GenerateResponse(request_id=group[0].client_request_id, choices=choices)
             finally:
                 for handle in group:  # a cancel or deadline ends every sample and frees its KV
-                    frontend.release(self.engine, handle)
+                    admission.release(self.engine, handle)
 
     async def GenerateStream(self, request, context):  # noqa: N802
         async with internal_errors(context):
@@ -160,12 +160,12 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
                     yield msg
             finally:
                 for handle in group:  # a cancel or deadline ends every sample and frees its KV
-                    frontend.release(self.engine, handle)
+                    admission.release(self.engine, handle)
 
     async def Tokenize(self, request, context):  # noqa: N802
         async with internal_errors(context):
             try:
-                ids, tokens = frontend.tokenize(self.engine, self.limits, request)
+                ids, tokens = admission.tokenize(self.engine, self.limits, request)
             except Refusal as refusal:
                 await context.abort_with_status(_refusal_status(refusal))
             return api_pb2.TokenizeResponse(token_ids=ids, tokens=tokens)

@@ -26,8 +26,8 @@ from typing import Any
 
 from tandem.v1 import api_pb2
 
-from scheduler_svc.http_api.errors import bad_request
-from scheduler_svc.http_api.schemas import (
+from scheduler_svc.frontend.http_api.errors import bad_request
+from scheduler_svc.frontend.http_api.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from scheduler_svc.request import Request
+from scheduler_svc.core.request import Request
 
 READY, WAIT, FAILED = "ready", "wait", "failed"
 

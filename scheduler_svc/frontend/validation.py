@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from tandem import wire
 from tandem.v1 import api_pb2
 
-from scheduler_svc.request import Constraint, Request, SamplingParams
-from scheduler_svc.tokenizer import TandemTokenizer
+from scheduler_svc.core.request import Constraint, Request, SamplingParams
+from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 

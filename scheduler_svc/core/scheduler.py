@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 from tandem.wire import StepPlan, StepResult
 
-from scheduler_svc.block_manager import BlockManager, prefix_keys
-from scheduler_svc.limits import NeverFits, QueueFull, SchedulerLimits, check_fits
-from scheduler_svc.plan_params import new_slot_arrays
-from scheduler_svc.request import FinishReason, Request, RequestStatus
-from scheduler_svc.row_table import RowTable
+from scheduler_svc.core.block_manager import BlockManager, prefix_keys
+from scheduler_svc.core.limits import NeverFits, QueueFull, SchedulerLimits, check_fits
+from scheduler_svc.core.plan_params import new_slot_arrays
+from scheduler_svc.core.request import FinishReason, Request, RequestStatus
+from scheduler_svc.core.row_table import RowTable
 
 __all__ = ["NeverFits", "QueueFull", "Scheduler", "SchedulerLimits", "StateMismatch", "StepInfo", "TokenEvent",
            "check_fits"]  # the limits and admission errors live in limits.py; callers import them from here too

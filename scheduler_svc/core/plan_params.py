@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scheduler_svc.request import Request
+from scheduler_svc.core.request import Request
 
 
 def _flat(lists: list[list[int]] | list[list[float]], dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ import re
 import grpc
 from fastapi.responses import JSONResponse
 
-from scheduler_svc.frontend import Refusal
+from scheduler_svc.frontend.admission import Refusal
 
 # gRPC status -> (HTTP status, OpenAI error type, code)
 _BY_CODE: dict[grpc.StatusCode, tuple[int, str, str]] = {

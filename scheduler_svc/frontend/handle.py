@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from scheduler_svc.detokenizer import OutputText
-from scheduler_svc.request import FinishReason, Request
+from scheduler_svc.core.request import FinishReason, Request
+from scheduler_svc.frontend.detokenizer import OutputText
 
 
 @dataclass
