@@ -1,5 +1,6 @@
-"""`python -m bench cpu|gpu|floor|sweep|graph-memory|plan-cost|host-e2e|prefix-cache|http-vs-grpc|tp-step ...`:
-the committed benchmarks (see docs/benchmarks.md)."""
+"""`python -m bench cpu|gpu|floor|sweep|graph-memory|plan-cost|host-e2e|prefix-cache|http-vs-grpc|tp-step|hf-peer
+...`: the committed benchmarks (see docs/benchmarks.md). Others run as modules, e.g. `python -m
+bench.busy_check`, `python -m bench.structured_output`."""
 
 from __future__ import annotations
 
