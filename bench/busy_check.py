@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="docs/bench/h200/busy_check.json")
     args = p.parse_args(argv)
     prompts = prompts_for(args.requests, args.prompt_len)
-    record = {"command": "python -m bench.busy_check " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    record = {"command": "python -m bench.busy_check " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date_utc": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "model": args.model, "requests": args.requests,
               "prompt_len": args.prompt_len, "max_new": args.max_new, "entries": []}

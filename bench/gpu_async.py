@@ -94,6 +94,7 @@ def workload_bytes(model: str, num_requests: int, prompt_len: int, max_new: int)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from bench.floor_parts import weight_bytes_per_step
+    from worker_svc.kv_cache import config_for_model
     from worker_svc.models import RANDOM_PREFIX
     from worker_svc.presets import preset_config
 
@@ -103,8 +104,7 @@ def workload_bytes(model: str, num_requests: int, prompt_len: int, max_new: int)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     meta.tie_weights()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2  # K and V, bf16
+    kv_per_token = config_for_model(config, 1, 1, 0.0, torch.bfloat16, "cpu").bytes_per_block  # K and V, all layers
     contexts = max_new * prompt_len + max_new * (max_new - 1) // 2  # sum over steps of tokens before it
     return max_new * weight_bytes_per_step(meta, num_requests), num_requests * kv_per_token * contexts
 

@@ -109,10 +109,7 @@ def _capture_decode(engine: Engine, width: int) -> None:
         for penalized in variants:  # plain first: the shared logits buffer takes the model's dtype
             for sort_filters in (False, True):
                 for slot in engine.slots:
-                    other = engine.slots[1 - slot.index]
-                    inputs = slot.load(idle, decode_layout(rows, width))
-                    step = engine.fwd.paged_step(inputs, decode_layout(rows, width))
-                    engine.sync.compute_stream.wait_event(slot.h2d_done)
+                    inputs, step, other = _placeholder_step(engine, slot, idle, rows, width)
                     engine.graphs.capture(
                         slot.index, rows, sort_filters, penalized, engine.sync.compute_stream,
                         lambda i=inputs, st=step, sl=slot, o=other, f=sort_filters, p=penalized:
@@ -120,14 +117,22 @@ def _capture_decode(engine: Engine, width: int) -> None:
                     slot.in_use = False
         if engine.grammar is not None:  # after this bucket's plain variants, which size the shared logits
             for slot in engine.slots:
-                other = engine.slots[1 - slot.index]
-                inputs = slot.load(idle, decode_layout(rows, width))
-                step = engine.fwd.paged_step(inputs, decode_layout(rows, width))
-                engine.sync.compute_stream.wait_event(slot.h2d_done)
+                inputs, step, other = _placeholder_step(engine, slot, idle, rows, width)
                 engine.graphs.capture_forward_only(
                     slot.index, rows, engine.sync.compute_stream,
                     lambda i=inputs, st=step, o=other: engine.fwd.forward(i, st, o, True, 0))
                 slot.in_use = False
+
+
+def _placeholder_step(engine: Engine, slot: IOSlot, idle: StepBatch, rows: int,
+                      width: int) -> tuple[object, PagedStep, IOSlot]:
+    """The padding batch of a `rows` bucket loaded into `slot` (the compute stream waits for its copy):
+    the inputs, paged step and other slot a decode graph of that bucket is captured on."""
+    layout = decode_layout(rows, width)
+    inputs = slot.load(idle, layout)
+    step = engine.fwd.paged_step(inputs, layout)
+    engine.sync.compute_stream.wait_event(slot.h2d_done)
+    return inputs, step, engine.slots[1 - slot.index]
 
 
 def _graph_body(engine: Engine, inputs, step: PagedStep, slot: IOSlot, other: IOSlot,
