@@ -237,7 +237,7 @@ def run_server(mode: str, rnd: int, wl: Workloads, args: argparse.Namespace, wor
                scheduler_args: list[str]) -> list[Run]:
     runs = [Run(name, mode, rnd) for name in args.workloads]
     sched = [*scheduler_args, *(["--no-prefix-caching"] if mode == "off" else [])]
-    server = TandemServer(model=MODEL, scheduler_args=sched, worker_args=worker_args)
+    server = TandemServer(model=args.model, scheduler_args=sched, worker_args=worker_args)
     try:
         server.start(600)
         with asyncio.Runner() as loop:
@@ -449,13 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-args", default="", help="extra worker_svc flags for both servers (one string)")
     p.add_argument("--scheduler-args", default="", help="extra scheduler_svc flags for both servers (one string)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=MODEL,
+                   help="served model; a random: shape draws its prompts from the embedded model's vocabulary too")
+    p.add_argument("--device", default="cpu", help="worker device (cuda for the GPU runs)")
     p.add_argument("--json", default="docs/bench/prefix_cache.json", help="where to write the JSON record")
     args = p.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     if not set(args.workloads) <= set(WORKLOADS) or args.repeats < 1:
         p.error(f"--workloads is a subset of {','.join(WORKLOADS)}; --repeats >= 1")
 
-    worker_args = ["--device", "cpu", "--max-num-tokens", str(args.max_num_tokens), "--max-num-rows",
+    worker_args = ["--device", args.device, "--max-num-tokens", str(args.max_num_tokens), "--max-num-rows",
                    str(args.max_num_rows), "--num-blocks", str(args.num_blocks), *shlex.split(args.worker_args)]
     scheduler_args = shlex.split(args.scheduler_args)
     wl = build_workloads(args, _vocab_size())
@@ -484,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "settings": {
-            "model": MODEL, "greedy": True, "ignore_eos": True, "new_tokens": args.new_tokens, "seed": args.seed,
+            "model": args.model, "greedy": True, "ignore_eos": True, "new_tokens": args.new_tokens, "seed": args.seed,
             "repeats": args.repeats, "order": [f"round {r} caching {m}" for r in range(1, args.repeats + 1)
                                                for m in order(r)],
             "worker_args": worker_args, "scheduler_args_on": scheduler_args,
