@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the same Poisson rates for both modes (default: each mode's own evenly spaced sweep)")
     p.add_argument("--max-num-rows", type=int, default=128)
     p.add_argument("--result-dir", default="docs/bench/sweep")
+    p.add_argument("--worker-args", default="", help="extra worker_svc flags for both servers (e.g. --fuse)")
     args = p.parse_args(argv)
     out_dir = Path(args.result_dir)
     sweeps: dict[str, list[dict]] = {}
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         server = TandemServer(model=args.model,
                               scheduler_args=["--pipeline-depth", str(depth), "--max-waiting", "4096"],
                               worker_args=["--device", args.device, "--dtype", args.dtype, "--max-num-rows",
-                                           str(args.max_num_rows), "--max-num-tokens", "4096"])
+                                           str(args.max_num_rows), "--max-num-tokens", "4096",
+                                           *shlex.split(args.worker_args)])
         try:
             server.start(900)
             bench_args = build_parser().parse_args([
@@ -63,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             sweeps[mode] = asyncio.run(run_bench(bench_args))
         finally:
             server.stop()
-    print(f"wrote {plots.sweep(sweeps, out_dir / 'async_vs_sync.png', SLO_MS)}")
+    if plots.available():  # matplotlib is the `bench` extra; the summary below needs nothing
+        print(f"wrote {plots.sweep(sweeps, out_dir / 'async_vs_sync.png', SLO_MS)}")
     summary = {
         "command": "python -m bench sweep " + " ".join(sys.argv[2:] if argv is None else argv),
         "slo_ms": SLO_MS,
+        "worker_args": shlex.split(args.worker_args),
         "best_rate_within_slo": {mode: highest_rate_within(runs, SLO(ttft_ms=SLO_MS["ttft"], tpot_ms=SLO_MS["tpot"]))
                                  for mode, runs in sweeps.items()},
         "runs": {mode: [{k: r[k] for k in ("run", "request_throughput", "output_throughput", "p99_ttft_ms",
