@@ -223,8 +223,9 @@ Record = tuple[float, float, float, float, int]  # start, server arrival, first 
 
 async def _client(ports: Sequence[int], n: int, channels: int, options: list[tuple[str, Any]],
                   start_at: float) -> list[Record]:
+    own = [("grpc.use_local_subchannel_pool", 1)]  # with a distinct channel_id: a connection per channel
     chans = [grpc.aio.insecure_channel(f"127.0.0.1:{ports[i % len(ports)]}",
-                                       options=[*options, ("grpc.channel_id", i), ("grpc.use_local_subchannel_pool", 1)])
+                                       options=[*options, ("grpc.channel_id", i), *own])
              for i in range(channels)]
     for c in chans:
         await c.channel_ready()
