@@ -293,3 +293,47 @@ def test_fused_sampler_matches_pytorch_path(dtype, sort_filters):
     top_ids = got.top_ids.cpu()[live].long()
     torch.testing.assert_close(values.gather(1, top_ids), values.gather(1, ref.top_ids[live].long()))
     torch.testing.assert_close(got.top_logprobs.cpu()[live], ref.top_logprobs[live], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flags", ["all", "repetition", "counts"])
+def test_fused_penalties_match_pytorch_path(dtype, flags):
+    """PenaltyState.apply through the Triton kernel gives the PyTorch path's logits bit for bit: rows
+    mapped to shuffled slots (one slot twice, the neutral trash row for padding), random penalties
+    and counts, a vocabulary that is not a multiple of the kernel's block; neutral rows keep their
+    logits exactly; -inf entries (masked tokens) stay -inf."""
+    from worker_svc.penalties import ALL, PenaltyFlags, PenaltyState
+
+    gen = torch.Generator().manual_seed(_seed("penalties", str(dtype), flags))
+    slots_n, vocab, rows = 12, 3000 if DEVICE == "cpu" else 128_256, 10
+    st = PenaltyState(slots_n, vocab, DEVICE)
+    st.allocate()
+    st.d_rep.copy_(0.5 + 1.5 * torch.rand(slots_n + 1, generator=gen))
+    st.d_rep[7] = 1.0  # a row with counts penalties but no repetition penalty
+    st.d_freq.copy_(torch.randn(slots_n + 1, generator=gen))
+    st.d_pres.copy_(torch.randn(slots_n + 1, generator=gen))
+    counts = torch.randint(0, 6, (slots_n + 1, vocab), generator=gen, dtype=torch.int32)
+    counts *= torch.rand(slots_n + 1, vocab, generator=gen) < 0.1  # most tokens never generated
+    st.counts.copy_(counts)
+    st.seen.copy_((counts > 0) | (torch.rand(slots_n + 1, vocab, generator=gen) < 0.05))
+    neutral = 3
+    st.d_rep[neutral], st.d_freq[neutral], st.d_pres[neutral] = 1.0, 0.0, 0.0
+    for s in (st.trash,):
+        st.d_rep[s], st.d_freq[s], st.d_pres[s] = 1.0, 0.0, 0.0
+        st.counts[s], st.seen[s] = 0, False
+    slots = torch.tensor([5, neutral, 0, 11, 5, 7, st.trash, 2, 9, 1], dtype=torch.int64, device=DEVICE)
+    assert len(slots) == rows
+    logits = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
+    logits[0, :50] = float("-inf")
+    logits = logits.to(DEVICE)
+    counter = torch.full((rows,), 100, dtype=torch.int64, device=DEVICE)
+    pf = {"all": ALL, "repetition": PenaltyFlags(repetition=True),
+          "counts": PenaltyFlags(counts=True)}[flags]
+    ref = st.apply(logits, slots, counter, pf, fused=False)
+    got = st.apply(logits, slots, counter, pf, fused=True)
+    assert got.dtype == torch.float32 and not got.isnan().any()
+    assert torch.equal(got, ref)
+    for r in (1, 6):  # the neutral slot and the trash row: untouched
+        assert torch.equal(got[r], logits[r].float())
+    assert torch.isinf(got[0, :50]).all() and (got[0, :50] < 0).all()
+    assert not torch.equal(got[0], logits[0].float())  # the test's penalties do change a live row

@@ -278,12 +278,14 @@ class PenaltyState:
             self.counts.view(-1).index_add_(0, cells, torch.ones_like(cells, dtype=torch.int32))
 
     def apply(self, logits: torch.Tensor, slots: torch.Tensor, counter: torch.Tensor,
-              flags: PenaltyFlags) -> torch.Tensor:
+              flags: PenaltyFlags, *, fused: bool | None = None) -> torch.Tensor:
         """float32 [S, V]: the sampled rows' logits with the transforms applied (a new tensor).
         slots [S] int64: each row's slot; counter [S] int64: the position its token will take.
         In place on that copy, one [S, V] temporary at a time: inside a graph every temporary is pool
         memory. Dividing or multiplying by 1 and subtracting 0 are exact, so neutral rows keep their
-        logits bit for bit (what lets a graph apply every transform to every row)."""
+        logits bit for bit (what lets a graph apply every transform to every row).
+        fused: repetition and counts in one Triton kernel (kernels/triton_penalties.py; default: on
+        CUDA), the same values bit for bit; the PyTorch code below is the CPU path and its oracle."""
         x = logits.to(torch.float32, copy=True)
         if flags.mask and self.mask_ids is not None:
             ids = self.mask_ids.index_select(0, slots)
@@ -293,6 +295,11 @@ class PenaltyState:
         if flags.bias and self.bias_ids is not None and self.bias_vals is not None:
             x.scatter_add_(1, self.bias_ids.index_select(0, slots), self.bias_vals.index_select(0, slots))
         if (flags.repetition or flags.counts) and self.counts is not None and self.seen is not None:
+            if fused if fused is not None else x.is_cuda:
+                from worker_svc.kernels.triton_penalties import fused_penalties  # triton: not on CPU installs
+
+                return fused_penalties(x, slots, self.seen, self.counts, self.d_rep, self.d_freq, self.d_pres,
+                                       repetition=flags.repetition, with_counts=flags.counts)
             if flags.repetition:
                 # transformers: x / p where seen and x >= 0, x * p where seen and x < 0 (same values).
                 p = self.d_rep.index_select(0, slots)[:, None]
