@@ -29,3 +29,36 @@ def test_one_unit_is_the_span_after_the_issue() -> None:
     assert busy_ms([4.0], [0.0]) == pytest.approx(4.0)
     assert busy_ms([4.0], [3.0]) == pytest.approx(1.0)
     assert busy_ms([], []) == 0.0
+
+
+def test_an_eager_forward_is_cut_at_every_leaf_module_and_layer() -> None:
+    """hook_layers puts a boundary after every leaf module of a decoder layer (each projection, the
+    norms, the activation) and after the layer; units_per_forward counts them, so the runner's event
+    ring holds a whole eager forward. Counted here with a stand-in for StepUnits on a real (tiny)
+    transformers Llama, run on the CPU."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from worker_svc.step_clock import StepClock, decoder_layers, leaf_modules, units_per_forward
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    layers = decoder_layers(model)
+    # 7 projections, the activation, 2 norms per layer: 10 leaves, + the layer itself
+    assert [len(leaf_modules(layer)) for layer in layers] == [10, 10, 10]
+    assert units_per_forward(layers) == 33
+
+    class Count:
+        boundaries = 0
+
+        def boundary(self) -> None:
+            self.boundaries += 1
+
+    clock = StepClock.__new__(StepClock)  # no CUDA here: only the hooks are under test
+    clock.current = None
+    clock.hook_layers(layers)
+    ids = torch.tensor([[1, 2, 3]])
+    model(ids)  # current unset: no boundary (graphs being captured or replayed)
+    clock.current = Count()
+    model(ids)
+    assert clock.current.boundaries == units_per_forward(layers)

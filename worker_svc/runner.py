@@ -49,7 +49,7 @@ from worker_svc.penalties import NONE, PenaltyFlags, PenaltyState
 from worker_svc.piecewise import PiecewiseGraph
 from worker_svc.row_state import RowState, StepBatch
 from worker_svc.sampler import sample
-from worker_svc.step_clock import StepClock, StepUnits, decoder_layers
+from worker_svc.step_clock import StepClock, StepUnits, decoder_layers, units_per_forward
 from worker_svc.step_forward import StepForward, apply_carry_over
 from worker_svc.structured.grammar import GrammarEngine
 from worker_svc.structured.grammar_step import Constrained, StepGrammar
@@ -150,12 +150,13 @@ class Engine:
         self.penalties = PenaltyState(cfg.max_num_rows, loaded.vocab_size, device, num_staging=len(self.slots))
         self._timing = [(self.sync.event(timing=True), self.sync.event(timing=True)) for _ in range(_TIMING_RING)]
         # CUDA: busy time per step counted unit by unit, so a GPU starved by the host inside an eager or
-        # piecewise step is not called busy (step_clock.py). Units: per layer an eager forward's and a
-        # piecewise graph's segment and attention call, plus the tail and the end.
+        # piecewise step is not called busy (step_clock.py). Units: an eager forward's leaf modules and
+        # layers, or a piecewise graph's segment and attention call per layer, plus the tail and the end.
         self.clock: StepClock | None = None
         if self.sync.cuda:
             layers = decoder_layers(self.model)
-            self.clock = StepClock(self.sync.compute_stream, _TIMING_RING, 2 * len(layers) + 8)
+            units = max(units_per_forward(layers), 2 * len(layers)) + 8
+            self.clock = StepClock(self.sync.compute_stream, _TIMING_RING, units)
             self.clock.hook_layers(layers)
         self._in_flight: deque[_Launched] = deque()
         self._ready: deque[StepResult] = deque()  # collected early (a launch needed its tokens), oldest first

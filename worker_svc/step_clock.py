@@ -7,8 +7,8 @@ piecewise graph's attention calls, or a constrained step's deferred tail is issu
 when the host is slower than the device, the GPU waits inside the span, and a profiler's kernel
 timeline shows it idle (bench/busy_check.py measured 96 % busy from the span against 5 % from the
 kernels, eager, SmolLM2 shape). So a step is cut into units at the points where the host's issue
-can fall behind (after each piecewise segment and attention call, after each decoder layer of an
-eager forward, between a constrained step's forward and its tail). At the end of each unit's issue
+can fall behind (after each piecewise segment and attention call, after each leaf module and each
+decoder layer of an eager forward, between a constrained step's forward and its tail). At the end of each unit's issue
 the host records a marker on an otherwise idle side stream, which fires at once, so its timestamp
 is the moment the host finished issuing the unit; and an event on the compute stream, which fires
 when the GPU finished it. A unit counts as busy only from the later of (the previous unit's end, its
@@ -89,14 +89,31 @@ class StepClock:
         return StepUnits(self, self._ring[index % len(self._ring)])
 
     def hook_layers(self, layers: Sequence[torch.nn.Module]) -> None:
-        """A boundary after each layer of an eager forward run while `current` is set (the runner sets
-        it around eager forwards only: never while graphs are captured or replayed)."""
+        """A boundary after each leaf module (projection, norm, activation...) of each layer, and after
+        the layer, of an eager forward run while `current` is set (the runner sets it around eager
+        forwards only: never while graphs are captured or replayed). Per leaf, not per layer: with the
+        host behind, a unit counts only what ran after its last launch, so a layer-sized unit lost the
+        GEMMs the GPU ran while the host was still issuing the layer (the 8B shape's eager steps read
+        8.8% busy against the profiler's 26.6%, docs/benchmarks.md); a leaf is one GEMM or a few
+        small kernels."""
         def after(_module: torch.nn.Module, _args: object, _out: object) -> None:
             if self.current is not None:
                 self.current.boundary()
 
         for layer in layers:
+            for leaf in leaf_modules(layer):
+                leaf.register_forward_hook(after)
             layer.register_forward_hook(after)
+
+
+def leaf_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules of `module` with no children of their own, in registration order."""
+    return [m for m in module.modules() if m is not module and next(m.children(), None) is None]
+
+
+def units_per_forward(layers: Sequence[torch.nn.Module]) -> int:
+    """Boundaries an eager forward records through `hook_layers`: every leaf and every layer."""
+    return sum(len(leaf_modules(layer)) + 1 for layer in layers)
 
 
 def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
