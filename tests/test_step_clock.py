@@ -55,10 +55,16 @@ def test_an_eager_forward_is_cut_at_every_leaf_module_and_layer() -> None:
             self.boundaries += 1
 
     clock = StepClock.__new__(StepClock)  # no CUDA here: only the hooks are under test
-    clock.current = None
+    clock.current, clock._hooks = None, []
     clock.hook_layers(layers)
     ids = torch.tensor([[1, 2, 3]])
     model(ids)  # current unset: no boundary (graphs being captured or replayed)
     clock.current = Count()
     model(ids)
     assert clock.current.boundaries == units_per_forward(layers)
+    clock.unhook()  # an engine dropped while the model lives on leaves no hook behind
+    model(ids)
+    assert clock.current.boundaries == units_per_forward(layers)
+    clock.hook_layers(layers, leaves=False)  # layer units only
+    model(ids)
+    assert clock.current.boundaries == units_per_forward(layers) + len(layers)

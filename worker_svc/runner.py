@@ -73,6 +73,9 @@ class EngineConfig:
     # front: (max_num_rows + 1) x vocab x 5 bytes); off: penalized steps sample eagerly.
     penalty_graphs: bool = True
     debug_placeholders: bool = False  # assert on the device that no placeholder sentinel survives carry-over
+    # The busy figure's units in an eager forward: every leaf module and layer (step_clock.py), or
+    # whole layers only (fewer event records; bench/unit_cost.py measures what each costs).
+    leaf_busy_units: bool = True
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ class Engine:
             layers = decoder_layers(self.model)
             units = max(units_per_forward(layers), 2 * len(layers)) + 8
             self.clock = StepClock(self.sync.compute_stream, _TIMING_RING, units)
-            self.clock.hook_layers(layers)
+            self.clock.hook_layers(layers, leaves=cfg.leaf_busy_units)
         self._in_flight: deque[_Launched] = deque()
         self._ready: deque[StepResult] = deque()  # collected early (a launch needed its tokens), oldest first
         # Structured output: None when the worker has no grammar engine (no tokenizer, no xgrammar).

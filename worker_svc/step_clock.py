@@ -84,11 +84,12 @@ class StepClock:
         self._ring = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                        for _ in range(max_units)] for _ in range(ring)]
         self.current: StepUnits | None = None  # the step an eager forward's layer hooks cut (else None)
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def begin(self, index: int) -> StepUnits:
         return StepUnits(self, self._ring[index % len(self._ring)])
 
-    def hook_layers(self, layers: Sequence[torch.nn.Module]) -> None:
+    def hook_layers(self, layers: Sequence[torch.nn.Module], leaves: bool = True) -> None:
         """A boundary after each leaf module (projection, norm, activation...) of each layer, and after
         the layer, of an eager forward run while `current` is set (the runner sets it around eager
         forwards only: never while graphs are captured or replayed). Per leaf, not per layer: with the
@@ -101,9 +102,15 @@ class StepClock:
                 self.current.boundary()
 
         for layer in layers:
-            for leaf in leaf_modules(layer):
-                leaf.register_forward_hook(after)
-            layer.register_forward_hook(after)
+            for leaf in leaf_modules(layer) if leaves else ():
+                self._hooks.append(leaf.register_forward_hook(after))
+            self._hooks.append(layer.register_forward_hook(after))
+
+    def unhook(self) -> None:
+        """Removes the hooks (an engine dropped while its model lives on, e.g. in a benchmark)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
 
 def leaf_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
