@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--http-port", type=int, default=None,
                     help="also serve the OpenAI-compatible HTTP API on this port (default: off)")
     sg.add_argument("--http-host", default=None, help="interface of the HTTP API (default localhost)")
+    sg.add_argument("--stream-interval", type=int, default=None,
+                    help="tokens per stream message, first token and end at once (default 1)")
     sg.add_argument("--no-prefix-caching", action="store_const", const=True, default=None,
                     help="compute every prompt in full (default: shared prefixes are computed once)")
     sg.add_argument("--worker-reconnect-timeout", type=float, default=None,
@@ -471,6 +473,7 @@ SCHEDULER_FLAGS = [
     ("http_port", "--http-port"),
     ("http_host", "--http-host"),
     ("no_prefix_caching", "--no-prefix-caching"),
+    ("stream_interval", "--stream-interval"),
     ("worker_reconnect_timeout", "--worker-reconnect-timeout"),
     ("log_level", "--log-level"),
 ]

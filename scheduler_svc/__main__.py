@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-stop-strings", type=int, default=16)
     p.add_argument("--max-stop-length", type=int, default=256)
     p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="Tokens per stream message: a stream sends once this many accumulated (its first token "
+                        "and its end at once); larger values cost the front end less under many streams.")
     p.add_argument("--max-grammar-bytes", type=int, default=64 << 10,
                    help="Largest structured-output constraint (JSON schema, regex, choices, grammar) in bytes "
                         "(INVALID_ARGUMENT past it).")
@@ -88,7 +91,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-concurrent-rpcs", type=int, default=0,
                    help="RPCs served at once (0 = no cap); more get RESOURCE_EXHAUSTED.")
     p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.stream_interval < 1:
+        p.error(f"--stream-interval must be at least 1 (got {args.stream_interval})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             max_stop_length=args.max_stop_length,
             max_logprobs=args.max_logprobs,
             max_grammar_bytes=args.max_grammar_bytes,
+            stream_interval=args.stream_interval,
         ),
     )
 

@@ -83,9 +83,11 @@ async def admit_samples(engine: EngineClient, limits: RequestLimits, msg: api_pb
         req, stops = build_request(msg, f"{_prefix}-{next(_ids)}", tokenizer, hello, limits)
         req.client_id = client_id
         if req.num_samples == 1:
-            group = [RequestHandle(req, client_id, OutputText(tokenizer, stops))]
+            group = [RequestHandle(req, client_id, OutputText(tokenizer, stops),
+                                   stream_interval=limits.stream_interval)]
         else:
-            group = sample_group.handles(sample_group.expand(req), client_id, tokenizer, stops)
+            group = sample_group.handles(sample_group.expand(req), client_id, tokenizer, stops,
+                                         limits.stream_interval)
         for i, handle in enumerate(group):
             try:
                 await engine.submit(handle)

@@ -53,6 +53,7 @@ class RequestHandle:
     _logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     completion: Completion | None = None
     error: tuple[grpc.StatusCode, str] | None = None
+    stream_interval: int = 1  # tokens accumulated before `changed` wakes a stream (the first at once)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # something new to send (streams)
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # completed or failed (unary calls)
 
@@ -75,7 +76,8 @@ class RequestHandle:
         """Adds one accepted token (arrived at `now`, monotonic); returns the stop string it completed, if any."""
         assert not self.done, f"token for finished request {self.req_id}"
         now = time.monotonic() if now is None else now
-        if self.first_token_at is None:
+        first = self.first_token_at is None
+        if first:
             self.first_token_at = now
         self.last_token_at = now
         self._token_ids.append(token_id)
@@ -88,7 +90,8 @@ class RequestHandle:
             if delta.text:
                 self._text.append(delta.text)
             matched = delta.matched_stop
-        self.changed.set()
+        if first or len(self._token_ids) >= self.stream_interval:
+            self.changed.set()  # else held until the interval fills or the request ends (complete/fail)
         return matched
 
     def complete(self, reason: FinishReason, stop_string: str | None = None) -> None:

@@ -41,6 +41,10 @@ class RequestLimits:
     max_samples: int = 16  # n
     max_logit_bias: int = 300  # logit_bias entries (OpenAI's limit)
     max_grammar_bytes: int = 64 << 10  # a constraint's spec (schema, regex, choices, grammar), UTF-8
+    # Tokens per stream message (SGLang's --stream-interval): a stream sends once this many tokens
+    # accumulated, its first token and its end at once. Fewer messages cost the front end's event
+    # loop less, which is what new RPCs wait on while streams run (docs/benchmarks.md, the intake probe).
+    stream_interval: int = 1
 
 
 def _check(cond: bool, field: str, description: str) -> None:
