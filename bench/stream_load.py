@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Warm up with other prompts than the measured round's (default: the same prompts, so "
                         "with prefix caching the measured round finds its prompts cached).")
     p.add_argument("--client-procs", type=int, default=1, help="Client processes the streams are spread over.")
+    p.add_argument("--stream-interval", type=int, default=1, help="The scheduler's --stream-interval.")
     p.add_argument("--timeline", default="",
                    help="Write each measured stream's start, first-message and end times (monotonic clock, as the "
                         "server's --step-trace) to this file, one JSON line per stream.")
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return _client_part(args)
 
     blocks = args.rows * -(-(args.prompt_len + args.new_tokens + 8) // 16) + 256
-    server = TandemServer(model=args.model, scheduler_args=["--max-waiting", str(2 * args.rows)], worker_args=[
+    sched = ["--max-waiting", str(2 * args.rows), "--stream-interval", str(args.stream_interval)]
+    server = TandemServer(model=args.model, scheduler_args=sched, worker_args=[
         "--device", args.device, "--dtype", "bfloat16" if args.device.startswith("cuda") else "float32",
         "--num-blocks", str(blocks), "--max-num-rows", str(args.rows), "--max-num-tokens", str(args.max_num_tokens)])
     server.start(600)
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             f.writelines(json.dumps({"start": r[0], "first": r[1], "end": r[2]}) + "\n" for r in rows)
     print(json.dumps({
         "code": args.label, "rows": args.rows, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "model": args.model, "fresh_warmup": args.fresh_warmup, "client_procs": args.client_procs, "wall_s": wall,
+        "model": args.model, "fresh_warmup": args.fresh_warmup, "client_procs": args.client_procs,
+        "stream_interval": args.stream_interval, "wall_s": wall,
         "output_tok_s": toks / wall, "messages": msgs, "tokens": toks, "steps": steps,
         "ms_per_step": 1000 * wall / max(1, steps), "session_busy_ratio": s1.worker_busy_ratio,
         "first_message_s": {"p50": first[len(first) // 2] - start, "max": first[-1] - start}}))
