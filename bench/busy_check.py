@@ -114,37 +114,62 @@ def measure(engine, prompts, max_new: int, depth: int, host_ops: bool = False) -
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from worker_svc.models import load
-    from worker_svc.runner import Engine, EngineConfig
-
-    p = argparse.ArgumentParser(prog="python -m bench.busy_check", description=__doc__.split("\n\n")[0])
+def workload_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The in-process GPU workload both this and bench/unit_cost.py run: model, rows, prompt, new tokens."""
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n\n")[0])
     p.add_argument("--model", default="random:smollm2-135m")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--max-new", type=int, default=48)
+    return p
+
+
+def record_header(prog: str, argv: list[str] | None, args: argparse.Namespace) -> dict:
+    """The record's command, machine and workload; `entries` to fill."""
+    return {"command": f"python -m {prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date_utc": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "model": args.model, "requests": args.requests,
+            "prompt_len": args.prompt_len, "max_new": args.max_new, "entries": []}
+
+
+def workload_engine(loaded, args: argparse.Namespace, **config):
+    """An engine sized for the workload (KV blocks for every request at once), `config` on top."""
+    from worker_svc.runner import Engine, EngineConfig
+
+    blocks = args.requests * -(-(args.prompt_len + args.max_new) // 16) + 64
+    return Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=max(64, args.requests),
+                                       max_num_tokens=2048, **config), "cuda")
+
+
+def drop_engine(engine) -> None:
+    """Frees an engine whose model lives on: its busy-unit hooks come off the model first, so the next
+    engine's eager steps do not also call them."""
+    if engine.clock is not None:
+        engine.clock.unhook()
+    del engine
+    torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from worker_svc.models import load
+
+    p = workload_parser("bench.busy_check", __doc__)
     p.add_argument("--modes", default="graphs,eager", help="graphs (decode graphs), eager (no CUDA graphs)")
     p.add_argument("--json", default="docs/bench/h200/busy_check.json")
     args = p.parse_args(argv)
     prompts = prompts_for(args.requests, args.prompt_len)
-    record = {"command": "python -m bench.busy_check " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date_utc": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "model": args.model, "requests": args.requests,
-              "prompt_len": args.prompt_len, "max_new": args.max_new, "entries": []}
+    record = record_header("bench.busy_check", argv, args)
     loaded = load(args.model, device="cuda", dtype=torch.bfloat16)
-    blocks = args.requests * -(-(args.prompt_len + args.max_new) // 16) + 64
     for mode in args.modes.split(","):
         t0 = time.perf_counter()
-        engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=max(64, args.requests),
-                                             max_num_tokens=2048, cuda_graphs=mode == "graphs"), "cuda")
+        engine = workload_engine(loaded, args, cuda_graphs=mode == "graphs")
         for depth in (1, 2):
             entry = {"mode": mode, **measure(engine, prompts, args.max_new, depth)}
             print(json.dumps(entry), flush=True)
             record["entries"].append(entry)
             with open(args.json, "w") as f:
                 json.dump(record, f, indent=1)
-        del engine
-        torch.cuda.empty_cache()
+        drop_engine(engine)
         print(f"{mode}: {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

@@ -12,42 +12,30 @@ time per step and the event busy figure, so the cost is measured without the pro
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from datetime import UTC, datetime
 
 import torch
 
+from bench.busy_check import drop_engine, record_header, workload_engine, workload_parser
 from bench.gpu_async import _requests, prompts_for
 from bench.inprocess import run_requests
 
 
 def main(argv: list[str] | None = None) -> int:
     from worker_svc.models import load
-    from worker_svc.runner import Engine, EngineConfig
 
-    p = argparse.ArgumentParser(prog="python -m bench.unit_cost", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="random:smollm2-135m")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--max-new", type=int, default=48)
+    p = workload_parser("bench.unit_cost", __doc__)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--depth", type=int, default=2, choices=(1, 2))
     p.add_argument("--json", default="docs/bench/h200/unit_cost.json")
     args = p.parse_args(argv)
     prompts = prompts_for(args.requests, args.prompt_len)
-    record = {"command": "python -m bench.unit_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "date_utc": datetime.now(UTC).isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "model": args.model, "requests": args.requests,
-              "prompt_len": args.prompt_len, "max_new": args.max_new, "depth": args.depth, "entries": []}
+    record = {**record_header("bench.unit_cost", argv, args), "depth": args.depth}
     loaded = load(args.model, device="cuda", dtype=torch.bfloat16)
-    blocks = args.requests * -(-(args.prompt_len + args.max_new) // 16) + 64
     for rnd in range(args.rounds):
         for leaf in (False, True):
-            engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=max(64, args.requests),
-                                                 max_num_tokens=2048, cuda_graphs=False, leaf_busy_units=leaf),
-                            "cuda")
+            engine = workload_engine(loaded, args, cuda_graphs=False, leaf_busy_units=leaf)
             run_requests(engine, _requests(prompts, 4), args.depth)  # warm-up
             torch.cuda.synchronize()
             stats = run_requests(engine, _requests(prompts, args.max_new), args.depth)
@@ -57,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                      "event_busy": stats.busy_ratio}
             print(json.dumps(entry), flush=True)
             record["entries"].append(entry)
-            assert engine.clock is not None
-            engine.clock.unhook()  # the next engine hooks the same model
-            del engine
-            torch.cuda.empty_cache()
+            drop_engine(engine)  # the next engine hooks the same model
     with open(args.json, "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")

@@ -158,7 +158,7 @@ class Engine:
         self.clock: StepClock | None = None
         if self.sync.cuda:
             layers = decoder_layers(self.model)
-            units = max(units_per_forward(layers), 2 * len(layers)) + 8
+            units = max(units_per_forward(layers, cfg.leaf_busy_units), 2 * len(layers)) + 8
             self.clock = StepClock(self.sync.compute_stream, _TIMING_RING, units)
             self.clock.hook_layers(layers, leaves=cfg.leaf_busy_units)
         self._in_flight: deque[_Launched] = deque()

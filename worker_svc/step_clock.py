@@ -118,9 +118,9 @@ def leaf_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if m is not module and next(m.children(), None) is None]
 
 
-def units_per_forward(layers: Sequence[torch.nn.Module]) -> int:
-    """Boundaries an eager forward records through `hook_layers`: every leaf and every layer."""
-    return sum(len(leaf_modules(layer)) + 1 for layer in layers)
+def units_per_forward(layers: Sequence[torch.nn.Module], leaves: bool = True) -> int:
+    """Boundaries an eager forward records through `hook_layers`: every leaf (if `leaves`) and layer."""
+    return sum((len(leaf_modules(layer)) if leaves else 0) + 1 for layer in layers)
 
 
 def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
