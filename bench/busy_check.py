@@ -11,7 +11,7 @@ figure with the union of the device's kernel intervals on the compute stream ove
 (first step start to last step done, from the trace).
 
     python -m bench.busy_check [--model random:smollm2-135m] [--requests 64] [--max-new 48]
-                               [--json docs/bench/h200/busy_check.json]
+                               [--units op,leaf] [--json docs/bench/h200/busy_check.json]
 """
 
 from __future__ import annotations
@@ -155,22 +155,26 @@ def main(argv: list[str] | None = None) -> int:
 
     p = workload_parser("bench.busy_check", __doc__)
     p.add_argument("--modes", default="graphs,eager", help="graphs (decode graphs), eager (no CUDA graphs)")
+    p.add_argument("--units", default="leaf", help="eager forwards' busy units, comma-separated: op, leaf, layer "
+                   "(EngineConfig.busy_units; each eager window runs once per choice, graph windows once)")
     p.add_argument("--json", default="docs/bench/h200/busy_check.json")
     args = p.parse_args(argv)
     prompts = prompts_for(args.requests, args.prompt_len)
     record = record_header("bench.busy_check", argv, args)
     loaded = load(args.model, device="cuda", dtype=torch.bfloat16)
-    for mode in args.modes.split(","):
+    runs = [(mode, units) for mode in args.modes.split(",")
+            for units in (args.units.split(",") if mode == "eager" else ["leaf"])]
+    for mode, units in runs:
         t0 = time.perf_counter()
-        engine = workload_engine(loaded, args, cuda_graphs=mode == "graphs")
+        engine = workload_engine(loaded, args, cuda_graphs=mode == "graphs", busy_units=units)
         for depth in (1, 2):
-            entry = {"mode": mode, **measure(engine, prompts, args.max_new, depth)}
+            entry = {"mode": mode, "units": units, **measure(engine, prompts, args.max_new, depth)}
             print(json.dumps(entry), flush=True)
             record["entries"].append(entry)
             with open(args.json, "w") as f:
                 json.dump(record, f, indent=1)
         drop_engine(engine)
-        print(f"{mode}: {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"{mode} ({units} units): {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 
 

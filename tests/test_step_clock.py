@@ -33,8 +33,9 @@ def test_one_unit_is_the_span_after_the_issue() -> None:
 
 def test_an_eager_forward_is_cut_at_every_leaf_module_and_layer() -> None:
     """hook_layers puts a boundary after every leaf module of a decoder layer (each projection, the
-    norms, the activation) and after the layer; units_per_forward counts them, so the runner's event
-    ring holds a whole eager forward. Counted here with a stand-in for StepUnits on a real (tiny)
+    norms, the activation) and after the layer; units_per_forward counts them (and the attention
+    kernels' two boundaries a layer, which this CPU forward does not take), so the runner's event ring
+    holds a whole eager forward. Counted here with a stand-in for StepUnits on a real (tiny)
     transformers Llama, run on the CPU."""
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -46,7 +47,9 @@ def test_an_eager_forward_is_cut_at_every_leaf_module_and_layer() -> None:
     layers = decoder_layers(model)
     # 7 projections, the activation, 2 norms per layer: 10 leaves, + the layer itself
     assert [len(leaf_modules(layer)) for layer in layers] == [10, 10, 10]
-    assert units_per_forward(layers) == 33
+    hooks = 33
+    assert units_per_forward(layers) == hooks + 2 * 3
+    assert units_per_forward(layers, "layer") == 3 + 2 * 3
 
     class Count:
         boundaries = 0
@@ -61,10 +64,48 @@ def test_an_eager_forward_is_cut_at_every_leaf_module_and_layer() -> None:
     model(ids)  # current unset: no boundary (graphs being captured or replayed)
     clock.current = Count()
     model(ids)
-    assert clock.current.boundaries == units_per_forward(layers)
+    assert clock.current.boundaries == hooks
     clock.unhook()  # an engine dropped while the model lives on leaves no hook behind
     model(ids)
-    assert clock.current.boundaries == units_per_forward(layers)
+    assert clock.current.boundaries == hooks
     clock.hook_layers(layers, leaves=False)  # layer units only
     model(ids)
-    assert clock.current.boundaries == units_per_forward(layers) + len(layers)
+    assert clock.current.boundaries == hooks + len(layers)
+
+
+def test_op_units_cut_after_every_aten_op_but_views() -> None:
+    """With op units (`StepClock.cut(units, ops=True)`) every aten op an eager forward issues ends a
+    unit, views excepted (they launch nothing): an RMSNorm on float32 is six (pow, mean, add, rsqrt and
+    two muls), which leaf units count as one. Outside `cut`, and with ops=False, no op is seen; a
+    whole tiny Llama forward stays under the ring's per-layer capacity."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from worker_svc.step_clock import OP_UNITS_PER_LAYER, StepClock, decoder_layers
+
+    class Count:
+        boundaries = 0
+
+        def boundary(self) -> None:
+            self.boundaries += 1
+
+    clock = StepClock.__new__(StepClock)
+    clock.current, clock._hooks = None, []
+    norm, x = LlamaRMSNorm(8), torch.randn(3, 8)
+    units = Count()
+    with clock.cut(units, ops=True):
+        norm(x)
+        x.view(24).transpose(0, 0)
+    assert units.boundaries == 6
+    assert clock.current is None  # the cut ends with the forward
+    norm(x)
+    with clock.cut(units, ops=False):
+        norm(x)
+    assert units.boundaries == 6
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    units = Count()
+    with torch.inference_mode(), clock.cut(units, ops=True):
+        model(torch.tensor([[1, 2, 3]]))
+    assert 3 * 20 < units.boundaries < OP_UNITS_PER_LAYER * len(decoder_layers(model))

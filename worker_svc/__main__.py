@@ -58,6 +58,9 @@ def build_parser() -> EnvArgumentParser:
                    "being refused; its requests resume on this one")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly on CUDA too (no decode or piecewise graphs)")
+    p.add_argument("--busy-units", default="leaf", choices=["op", "leaf", "layer"],
+                   help="how finely an eager CUDA forward is cut for the GPU-busy figure: every aten op "
+                        "(closest to a kernel timeline, most host time), every leaf module, every layer")
     p.add_argument("--fuse", action="store_true",
                    help="install the fused decoder forwards (worker_svc/fusion: merged QKV and gate/up GEMMs, "
                    "fused RMSNorm, residual add, SiLU x up and RoPE kernels) on Llama-pattern models")
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(loaded, EngineConfig(
         block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         cuda_graphs=not args.no_cuda_graphs, debug_placeholders=args.debug_placeholders,
-        max_num_tokens=args.max_num_tokens, max_num_rows=args.max_num_rows,
+        max_num_tokens=args.max_num_tokens, max_num_rows=args.max_num_rows, busy_units=args.busy_units,
     ), device, grammar=grammar)
     group_blocks = tensor_parallel.group_min(engine.cache.cfg.num_blocks, control) if control is not None else None
     try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -108,6 +109,9 @@ class PagedStep:
     multi_rows: torch.Tensor  # int32 [M]: rows with several query tokens
     layout: RowLayout
     piecewise: GraphSplitter | None = None  # set while capturing one: attention splits the graph
+    # Eager CUDA forwards: called after each attention kernel is issued (Triton launches are no aten
+    # op, so the busy figure's other boundaries miss them: worker_svc/step_clock.py).
+    after_kernel: Callable[[], None] | None = None
 
     @classmethod
     def from_arrays(cls, cache: PagedKVCache, slot_mapping: np.ndarray, block_tables: np.ndarray,
@@ -237,9 +241,13 @@ def attend(step: PagedStep, layer: int, query: torch.Tensor, key: torch.Tensor, 
         from worker_svc.kernels.triton_attention import store_kv
 
         store_kv(k, v, step.cache.k[layer], step.cache.v[layer], step.slot_mapping)
+        if step.after_kernel is not None:
+            step.after_kernel()
     else:
         step.cache.store(layer, step.slot_mapping, k, v)
     paged_attention(query[0].transpose(0, 1), step.cache.k[layer], step.cache.v[layer], step, scale, out[0])
+    if step.after_kernel is not None:
+        step.after_kernel()
 
 
 def attention_refusal(config: Any, max_context: int) -> str | None:

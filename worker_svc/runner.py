@@ -49,7 +49,7 @@ from worker_svc.penalties import NONE, PenaltyFlags, PenaltyState
 from worker_svc.piecewise import PiecewiseGraph
 from worker_svc.row_state import RowState, StepBatch
 from worker_svc.sampler import sample
-from worker_svc.step_clock import StepClock, StepUnits, decoder_layers, units_per_forward
+from worker_svc.step_clock import BusyUnits, StepClock, StepUnits, decoder_layers, units_per_forward
 from worker_svc.step_forward import StepForward, apply_carry_over
 from worker_svc.structured.grammar import GrammarEngine
 from worker_svc.structured.grammar_step import Constrained, StepGrammar
@@ -73,9 +73,11 @@ class EngineConfig:
     # front: (max_num_rows + 1) x vocab x 5 bytes); off: penalized steps sample eagerly.
     penalty_graphs: bool = True
     debug_placeholders: bool = False  # assert on the device that no placeholder sentinel survives carry-over
-    # The busy figure's units in an eager forward: every leaf module and layer (step_clock.py), or
-    # whole layers only (fewer event records; bench/unit_cost.py measures what each costs).
-    leaf_busy_units: bool = True
+    # The busy figure's units in an eager forward (step_clock.py): "op" (every aten op, attention
+    # kernel, leaf module and layer), "leaf" (no aten ops) or "layer" (layers and attention kernels);
+    # finer reads closer to a kernel timeline when the host is behind and costs host time
+    # (bench/busy_check.py, bench/unit_cost.py).
+    busy_units: BusyUnits = "leaf"
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,9 @@ class Engine:
         self.clock: StepClock | None = None
         if self.sync.cuda:
             layers = decoder_layers(self.model)
-            units = max(units_per_forward(layers, cfg.leaf_busy_units), 2 * len(layers)) + 8
+            units = max(units_per_forward(layers, cfg.busy_units), 2 * len(layers)) + 8
             self.clock = StepClock(self.sync.compute_stream, _TIMING_RING, units)
-            self.clock.hook_layers(layers, leaves=cfg.leaf_busy_units)
+            self.clock.hook_layers(layers, leaves=cfg.busy_units != "layer")
         self._in_flight: deque[_Launched] = deque()
         self._ready: deque[StepResult] = deque()  # collected early (a launch needed its tokens), oldest first
         # Structured output: None when the worker has no grammar engine (no tokenizer, no xgrammar).
@@ -349,13 +351,12 @@ class Engine:
                         step, units.boundary if units is not None else None)[:num_sampled]
                     self.step_counts["piecewise"] += 1
                 else:
-                    if self.clock is not None:
-                        self.clock.current = units  # its layer hooks cut this forward (and only this one)
-                    try:
+                    if self.clock is None:
                         logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
-                    finally:
-                        if self.clock is not None:
-                            self.clock.current = None
+                    else:  # its hooks (and attention's kernels, and with "op" its aten ops) cut this forward only
+                        step.after_kernel = units.boundary if units is not None else None
+                        with self.clock.cut(units, ops=self.cfg.busy_units == "op"):
+                            logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
                     self.step_counts["eager"] += 1
                 if constrained is None:
                     self._sample_eager(slot, inputs, logits, rows, num_sampled, num_top, hints, pflags)

@@ -7,8 +7,9 @@ piecewise graph's attention calls, or a constrained step's deferred tail is issu
 when the host is slower than the device, the GPU waits inside the span, and a profiler's kernel
 timeline shows it idle (bench/busy_check.py measured 96 % busy from the span against 5 % from the
 kernels, eager, SmolLM2 shape). So a step is cut into units at the points where the host's issue
-can fall behind (after each piecewise segment and attention call, after each leaf module and each
-decoder layer of an eager forward, between a constrained step's forward and its tail). At the end of each unit's issue
+can fall behind (after each piecewise segment and attention call; in an eager forward after every
+aten op that may launch a kernel, every attention kernel and every leaf module and decoder layer;
+between a constrained step's forward and its tail). At the end of each unit's issue
 the host records a marker on an otherwise idle side stream, which fires at once, so its timestamp
 is the moment the host finished issuing the unit; and an event on the compute stream, which fires
 when the GPU finished it. A unit counts as busy only from the later of (the previous unit's end, its
@@ -24,8 +25,18 @@ compute time, and no units are kept.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# How finely an eager forward is cut: after every aten op ("op"), after every leaf module and layer
+# ("leaf"), after every decoder layer ("layer"). Finer is closer to the kernels, and costs host time.
+BusyUnits = Literal["op", "leaf", "layer"]
+BUSY_UNITS: tuple[str, ...] = ("op", "leaf", "layer")
+# Ring capacity per decoder layer for op units (a Llama layer issues about 40 non-view aten ops);
+# past it a unit runs on into the next boundary (a lower figure, never a wrong one).
+OP_UNITS_PER_LAYER = 96
 
 
 def busy_ms(ends: Sequence[float], issued: Sequence[float]) -> float:
@@ -89,6 +100,11 @@ class StepClock:
     def begin(self, index: int) -> StepUnits:
         return StepUnits(self, self._ring[index % len(self._ring)])
 
+    def cut(self, units: StepUnits | None, ops: bool) -> _Cut:
+        """`with clock.cut(units, ops):` around an eager forward: its hooks cut it into `units`, and with
+        `ops` every aten op it issues does as well (OpBoundaries)."""
+        return _Cut(self, units, ops)
+
     def hook_layers(self, layers: Sequence[torch.nn.Module], leaves: bool = True) -> None:
         """A boundary after each leaf module (projection, norm, activation...) of each layer, and after
         the layer, of an eager forward run while `current` is set (the runner sets it around eager
@@ -113,14 +129,55 @@ class StepClock:
         self._hooks.clear()
 
 
+class OpBoundaries(TorchDispatchMode):
+    """A boundary after every aten op that is not a view (views launch nothing) while `clock.current`
+    is set. Leaf units lose, with the host behind, every kernel of a unit but its last: an unfused
+    RMSNorm is seven aten ops, RoPE about ten, and the residual adds and the MLP's product fall into
+    the next leaf's unit (the 8B shape's eager steps read 7-9 points under the profiler,
+    docs/benchmarks.md). A Python dispatch mode is seen by every op, so it costs host time per op."""
+
+    def __init__(self, clock: StepClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and self.clock.current is not None:
+            self.clock.current.boundary()
+        return out
+
+
+class _Cut:
+    """The context `StepClock.cut` returns: sets `current` (and enters OpBoundaries) for one forward."""
+
+    def __init__(self, clock: StepClock, units: StepUnits | None, ops: bool) -> None:
+        self.clock, self.units = clock, units
+        self.mode = OpBoundaries(clock) if ops and units is not None else None
+
+    def __enter__(self) -> None:
+        self.clock.current = self.units
+        if self.mode is not None:
+            self.mode.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.mode is not None:
+                self.mode.__exit__(*exc)
+        finally:
+            self.clock.current = None
+
+
 def leaf_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The submodules of `module` with no children of their own, in registration order."""
     return [m for m in module.modules() if m is not module and next(m.children(), None) is None]
 
 
-def units_per_forward(layers: Sequence[torch.nn.Module], leaves: bool = True) -> int:
-    """Boundaries an eager forward records through `hook_layers`: every leaf (if `leaves`) and layer."""
-    return sum((len(leaf_modules(layer)) if leaves else 0) + 1 for layer in layers)
+def units_per_forward(layers: Sequence[torch.nn.Module], units: BusyUnits = "leaf") -> int:
+    """Boundaries an eager forward records: through `hook_layers` every leaf (unless "layer") and layer,
+    two attention kernels per layer, and with "op" up to OP_UNITS_PER_LAYER aten ops per layer."""
+    assert units in BUSY_UNITS, units
+    hooks = sum((len(leaf_modules(layer)) if units != "layer" else 0) + 1 for layer in layers)
+    return hooks + 2 * len(layers) + (OP_UNITS_PER_LAYER * len(layers) if units == "op" else 0)
 
 
 def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
