@@ -27,9 +27,9 @@ The function asserts the mask is None so a model that builds one anyway fails lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
