@@ -335,3 +335,78 @@ def test_min_tokens_holds_off_stop_strings(tok):
     m = StopStringMatcher(["b", "abc"])
     assert m.push("ab", armed=False) == ("", None)  # "b" completed unarmed: text, never matched later
     assert m.push("x") == ("abx", None)
+
+
+# --- the handle: when text is made ---------------------------------------------------------------
+
+
+class _CountingOutput(OutputText):
+    """OutputText that counts its pushes (how many times the handle detokenized)."""
+
+    pushes = 0
+
+    def push(self, token_ids):
+        self.pushes += 1
+        return super().push(token_ids)
+
+
+def _handle(tok, stops=(), **kw):
+    from scheduler_svc.core.request import Request
+    from scheduler_svc.frontend.handle import RequestHandle
+
+    return RequestHandle(Request("r", [1], 512), "c", _CountingOutput(tok, list(stops)), **kw)
+
+
+def _feed(handle, ids, eos=False):
+    from scheduler_svc.core.request import FinishReason
+
+    matched = None
+    for i, t in enumerate(ids):
+        last = i == len(ids) - 1
+        matched = handle.on_token(t, None, None, FinishReason.EOS if eos and last else None)
+        if matched:
+            break
+    return matched
+
+
+def test_unary_handles_detokenize_in_batches_and_end_with_the_full_decode(tok):
+    """A unary call reads its handle once, at the end: its tokens are detokenized UNARY_TEXT_BATCH at
+    a time (one push each), and the text equals the full decode, the final EOS left out. A stream is
+    detokenized at every wake: every token at interval 1, every 4 at interval 4."""
+    from scheduler_svc.core.request import FinishReason
+    from scheduler_svc.frontend.handle import UNARY_TEXT_BATCH
+
+    rng = random.Random(3)
+    ids = [rng.randrange(3, 49152) for _ in range(200)] + [2]
+    unary = _handle(tok, streamed=False)
+    _feed(unary, ids, eos=True)
+    assert unary.output.pushes == 200 // UNARY_TEXT_BATCH  # 3 full batches so far, 8 tokens held
+    unary.complete(FinishReason.EOS)
+    delta = unary.take()
+    assert unary.output.pushes == 200 // UNARY_TEXT_BATCH + 1
+    assert delta.text == tok.decode(ids[:-1]) and delta.token_ids == ids
+
+    stream = _handle(tok)
+    _feed(stream, ids[:50])
+    assert stream.output.pushes == 50 and stream.take().text == tok.decode(ids[:50])
+    spaced = _handle(tok, stream_interval=4)
+    texts = []
+    for t in ids[:50]:
+        spaced.on_token(t, None, None, None)
+        if spaced.changed.is_set():
+            texts.append(spaced.take().text)
+    spaced.complete(FinishReason.LENGTH)
+    texts.append(spaced.take().text)
+    assert spaced.output.pushes == 1 + 49 // 4 + 1  # the first token, every 4 after it, the end's 1
+    assert "".join(texts) == tok.decode(ids[:50])
+
+
+def test_unary_handles_with_stop_strings_detokenize_every_token(tok):
+    """With stop strings nothing is held: the stop ends the request at the token that completes it."""
+    ids = tok.encode("The answer is 42. </answer> and more text after it")
+    unary = _handle(tok, stops=["</answer>"], streamed=False)
+    matched = _feed(unary, ids)
+    assert matched == "</answer>"
+    at = len(unary.take().token_ids)
+    assert unary.output.pushes == at  # one push per token, up to and including the completing one
+    assert "</answer>" in tok.decode(ids[:at]) and "</answer>" not in tok.decode(ids[: at - 1])

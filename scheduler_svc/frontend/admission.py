@@ -65,18 +65,19 @@ def bind_request_id(client_id: str) -> str:
 
 
 async def admit(engine: EngineClient, limits: RequestLimits, msg: api_pb2.GenerateRequest,
-                client_id: str) -> RequestHandle:
+                client_id: str, streamed: bool = True) -> RequestHandle:
     """Validates `msg`, queues it in the core and returns its handle; raises Refusal (counted, logged).
     A request of n > 1 samples needs `admit_samples`."""
-    group = await admit_samples(engine, limits, msg, client_id)
+    group = await admit_samples(engine, limits, msg, client_id, streamed)
     assert len(group) == 1, "a request of n > 1 samples goes through admit_samples"
     return group[0]
 
 
 async def admit_samples(engine: EngineClient, limits: RequestLimits, msg: api_pb2.GenerateRequest,
-                        client_id: str) -> list[RequestHandle]:
+                        client_id: str, streamed: bool = True) -> list[RequestHandle]:
     """`admit` for a request of n samples (sample_group.py): one handle per sample, sample 0 first,
-    all admitted or none; raises Refusal (counted, logged)."""
+    all admitted or none; raises Refusal (counted, logged). `streamed`: the caller reads the handles
+    as they change (a stream), else once at their end (a unary call: text is made in batches)."""
     try:
         tokenizer = engine.tokenizer()
         hello = engine.hello()
@@ -84,10 +85,10 @@ async def admit_samples(engine: EngineClient, limits: RequestLimits, msg: api_pb
         req.client_id = client_id
         if req.num_samples == 1:
             group = [RequestHandle(req, client_id, OutputText(tokenizer, stops),
-                                   stream_interval=limits.stream_interval)]
+                                   stream_interval=limits.stream_interval, streamed=streamed)]
         else:
             group = sample_group.handles(sample_group.expand(req), client_id, tokenizer, stops,
-                                         limits.stream_interval)
+                                         limits.stream_interval, streamed)
         for i, handle in enumerate(group):
             try:
                 await engine.submit(handle)

@@ -164,6 +164,10 @@ class OutputText:
     def stopped(self) -> bool:
         return self.matched_stop is not None
 
+    @property
+    def has_stops(self) -> bool:
+        return self._stops is not None
+
     def push(self, token_ids: Sequence[int]) -> TextDelta:
         if self.stopped or self._detok is None:
             return TextDelta("")

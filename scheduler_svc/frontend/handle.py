@@ -4,6 +4,12 @@ Owns the text pipeline of a request (incremental detokenization, stop-string hol
 hand-off between the engine, which pushes tokens as step results arrive, and the gRPC handler,
 which takes whatever accumulated since its last write. Nothing is queued per token: a slow client
 makes deltas larger, never the buffer longer than the request's own output.
+
+Text is made only when someone will read it: a stream's tokens are detokenized when it is woken
+(every token, or every `stream_interval`), a unary call's in batches of UNARY_TEXT_BATCH and at its
+end, since detokenizing one token at a time costs several times more per token (bench/detok_cost.py)
+and at a thousand rows that is milliseconds of this event loop every step. With stop strings every
+token is detokenized as it comes: a stop must end the request at the token that completes it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import grpc
 
 from scheduler_svc.core.request import FinishReason, Request
 from scheduler_svc.frontend.detokenizer import OutputText
+
+UNARY_TEXT_BATCH = 64  # tokens a unary call's handle holds before detokenizing them (its end flushes)
 
 
 @dataclass
@@ -54,6 +62,8 @@ class RequestHandle:
     completion: Completion | None = None
     error: tuple[grpc.StatusCode, str] | None = None
     stream_interval: int = 1  # tokens accumulated before `changed` wakes a stream (the first at once)
+    streamed: bool = True  # False: a unary call, which reads the handle once, at its end
+    _untexted: list[int] = field(default_factory=list)  # tokens not detokenized yet
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # something new to send (streams)
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # completed or failed (unary calls)
 
@@ -83,21 +93,32 @@ class RequestHandle:
         self._token_ids.append(token_id)
         if logprob is not None:
             self._logprobs.append((token_id, logprob, top or []))
-        matched = None
         # EOS and stop tokens end the request and stay out of the text (they stay in token_ids).
         if finish not in (FinishReason.EOS, FinishReason.STOP_TOKEN):
-            delta = self.output.push([token_id])
-            if delta.text:
-                self._text.append(delta.text)
-            matched = delta.matched_stop
-        if first or len(self._token_ids) >= self.stream_interval:
+            self._untexted.append(token_id)
+        wake = first or len(self._token_ids) >= self.stream_interval
+        batch = self.stream_interval if self.streamed else UNARY_TEXT_BATCH
+        matched = None
+        if self._untexted and (self.output.has_stops or (wake and self.streamed) or len(self._untexted) >= batch):
+            matched = self._detokenize()
+        if wake:
             self.changed.set()  # else held until the interval fills or the request ends (complete/fail)
         return matched
+
+    def _detokenize(self) -> str | None:
+        """The held tokens into text; returns the stop string they completed, if any."""
+        delta = self.output.push(self._untexted)
+        self._untexted = []
+        if delta.text:
+            self._text.append(delta.text)
+        return delta.matched_stop
 
     def complete(self, reason: FinishReason, stop_string: str | None = None) -> None:
         if self.done:
             return
         if stop_string is None:
+            if self._untexted:
+                self._detokenize()  # no stop string can match here: with stops nothing is held
             tail = self.output.finish()
             if tail:
                 self._text.append(tail)

@@ -36,14 +36,15 @@ def expand(req: Request) -> list[Request]:
 
 
 def handles(reqs: list[Request], client_id: str, tokenizer: TandemTokenizer | None,
-            stops: list[str], stream_interval: int = 1) -> list[RequestHandle]:
+            stops: list[str], stream_interval: int = 1, streamed: bool = True) -> list[RequestHandle]:
     """One handle per sample; with n > 1 they share one `changed` event, so a stream wakes once for
     whichever sample has something new."""
     changed = asyncio.Event()
     out = []
     for r in reqs:
         r.client_id = client_id
-        h = RequestHandle(r, client_id, OutputText(tokenizer, stops), stream_interval=stream_interval)
+        h = RequestHandle(r, client_id, OutputText(tokenizer, stops), stream_interval=stream_interval,
+                          streamed=streamed)
         if len(reqs) > 1:
             h.changed = changed
         out.append(h)

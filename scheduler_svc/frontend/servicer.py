@@ -102,13 +102,13 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
         self.engine = engine
         self.limits = limits
 
-    async def _admit(self, request: api_pb2.GenerateRequest,
-                     context: grpc.aio.ServicerContext) -> list[RequestHandle]:
+    async def _admit(self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                     streamed: bool) -> list[RequestHandle]:
         """One handle per sample (n), sample 0 first."""
         client_id = bind_request_id(
             request.request_id or dict(context.invocation_metadata() or ()).get("x-request-id", ""))
         try:
-            return await admission.admit_samples(self.engine, self.limits, request, client_id)
+            return await admission.admit_samples(self.engine, self.limits, request, client_id, streamed)
         except Refusal as refusal:
             await context.abort_with_status(_refusal_status(refusal))
             raise  # not reached: abort raises
@@ -118,7 +118,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
 
     async def Generate(self, request, context):  # noqa: N802 (gRPC method name)
         async with internal_errors(context):
-            group = await self._admit(request, context)
+            group = await self._admit(request, context, streamed=False)
             try:
                 # One wake-up per sample at its end, not one per token: with hundreds of unary calls in
                 # flight, per-token wake-ups would cost the event loop more than a GPU step lasts.
@@ -144,7 +144,7 @@ class TandemServicer(api_pb2_grpc.TandemServicer):
 
     async def GenerateStream(self, request, context):  # noqa: N802
         async with internal_errors(context):
-            group = await self._admit(request, context)
+            group = await self._admit(request, context, streamed=True)
             try:
                 # n > 1: the samples' messages interleaved as they progress, each with its index.
                 deltas = _indexed(group[0]) if len(group) == 1 else sample_group.interleave(group)

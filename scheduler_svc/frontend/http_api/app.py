@@ -136,7 +136,7 @@ def create_app(engine: EngineClient, limits: RequestLimits, keys: Sequence[bytes
         text = responses.TokenText(engine.tokenizer())
         client_id = admission.bind_request_id(request.headers.get("x-request-id", ""))
         try:
-            group = await admission.admit_samples(engine, limits, msg, client_id)
+            group = await admission.admit_samples(engine, limits, msg, client_id, streamed=spec.stream)
         except Refusal as refusal:
             err = from_refusal(refusal, spec.prompt_param, spec.max_tokens_param, spec.logprobs_param,
                                spec.constraint_param)
