@@ -109,3 +109,45 @@ def test_op_units_cut_after_every_aten_op_but_views() -> None:
     with torch.inference_mode(), clock.cut(units, ops=True):
         model(torch.tensor([[1, 2, 3]]))
     assert 3 * 20 < units.boundaries < OP_UNITS_PER_LAYER * len(decoder_layers(model))
+
+
+def test_units_put_the_hosts_clock_on_the_gpus_through_one_anchor(monkeypatch) -> None:
+    """StepUnits reads the host's clock at each boundary and maps it onto the GPU's through the step's
+    anchor (an event fired at once on an idle stream when the step began). Stand-in events carry GPU
+    times in ms after `start`; the host clock is stepped by hand. The anchor fires 0.2 ms after start
+    at host time 10.000 s; units issued at host 10.001, 10.002 and 10.004 s (GPU 1.2, 2.2, 4.2 ms)
+    end at GPU 1.5, 2.3 and 4.6 ms: busy 0.3 + 0.1 + 0.4 ms. With a ring slot of two events the
+    second unit has no end of its own: the last runs on from the first's end, busy 0.3 + 0.4 ms."""
+    from worker_svc import step_clock
+
+    class Event:
+        def __init__(self) -> None:
+            self.t = 0.0
+
+        def record(self, stream) -> None:
+            self.t = stream.now()
+
+        def elapsed_time(self, other: Event) -> float:
+            return other.t - self.t
+
+    class Stream:
+        def __init__(self, times) -> None:
+            self.times = iter(times)
+
+        def now(self) -> float:
+            return next(self.times)
+
+    for capacity, want in ((3, 0.3 + 0.1 + 0.4), (2, 0.3 + 0.4)):
+        host = iter([10.000, 10.001, 10.002, 10.004][: capacity + 1] + [10.004])
+        monkeypatch.setattr(step_clock.time, "perf_counter", lambda host=host: next(host))
+        clock = step_clock.StepClock.__new__(step_clock.StepClock)
+        clock.marker_stream, clock.compute_stream = Stream([0.2]), Stream([1.5, 2.3, 4.6])
+        start, done = Event(), Event()
+        units = step_clock.StepUnits(clock, Event(), [Event() for _ in range(capacity)])
+        units.boundary()
+        units.boundary()
+        if capacity == 3:
+            units.boundary()  # the third unit's end: the compute stream's last time (4.6)
+        done.t = 4.6
+        units.close(done)
+        assert units.busy_ms(start) == pytest.approx(want), capacity
