@@ -9,9 +9,9 @@ timeline shows it idle (bench/busy_check.py measured 96 % busy from the span aga
 kernels, eager, SmolLM2 shape). So a step is cut into units at the points where the host's issue
 can fall behind (after each piecewise segment and attention call; in an eager forward after every
 aten op that may launch a kernel, every attention kernel and every leaf module and decoder layer;
-between a constrained step's forward and its tail). At the end of each unit's issue the host
-records an event on the compute stream, which fires when the GPU finished the unit, and reads its
-own clock: the moment it finished issuing the unit. The host's clock is put on the GPU's by one
+between a constrained step's forward and its tail). At the end of each unit's issue the host reads
+its own clock (the moment it finished issuing the unit) and records an event on the compute stream,
+which fires when the GPU finished the unit. The host's clock is put on the GPU's by one
 anchor per step, an event recorded on an otherwise idle side stream, which fires at once (a marker
 per unit on that stream gives the same times at twice the host cost: two event records and two
 timestamp reads a unit instead of one). A unit counts as busy only from the later of (the previous unit's end, its
