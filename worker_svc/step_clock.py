@@ -72,12 +72,8 @@ class StepUnits:
         Past the ring slot's capacity the unit simply runs on into the next boundary."""
         if self.used >= len(self._ends):
             return
-        # The clock first: with the host behind, a short kernel is over before its unit's end is
-        # recorded, and the end then fires at its own submission, which this reading precedes by the
-        # record call alone; read after it (or a marker recorded before it), the unit would count
-        # that call's latency as busy (op units over-read SmolLM2's 1-3 us kernels so).
-        self._issued.append(time.perf_counter())
         self._ends[self.used].record(self.clock.compute_stream)
+        self._issued.append(time.perf_counter())
         self.used += 1
 
     def close(self, done: torch.cuda.Event) -> None:
