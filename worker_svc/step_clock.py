@@ -9,12 +9,10 @@ timeline shows it idle (bench/busy_check.py measured 96 % busy from the span aga
 kernels, eager, SmolLM2 shape). So a step is cut into units at the points where the host's issue
 can fall behind (after each piecewise segment and attention call; in an eager forward after every
 aten op that may launch a kernel, every attention kernel and every leaf module and decoder layer;
-between a constrained step's forward and its tail). At the end of each unit's issue the host reads
-its own clock (the moment it finished issuing the unit) and records an event on the compute stream,
-which fires when the GPU finished the unit. The host's clock is put on the GPU's by one
-anchor per step, an event recorded on an otherwise idle side stream, which fires at once (a marker
-per unit on that stream gives the same times at twice the host cost: two event records and two
-timestamp reads a unit instead of one). A unit counts as busy only from the later of (the previous unit's end, its
+between a constrained step's forward and its tail). At the end of each unit's issue
+the host records a marker on an otherwise idle side stream, which fires at once, so its timestamp
+is the moment the host finished issuing the unit; and an event on the compute stream, which fires
+when the GPU finished it. A unit counts as busy only from the later of (the previous unit's end, its
 own issue end) to its own end: with the host ahead, that is the unit's whole device time; with the
 host behind, only what ran after the last launch reached the GPU. The figure is therefore a lower
 bound that is exact when the host keeps ahead (the asynchronous loop's steady state, and any graph
@@ -26,7 +24,6 @@ compute time, and no units are kept.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -55,58 +52,53 @@ def busy_ms(ends: Sequence[float], issued: Sequence[float]) -> float:
 
 
 class StepUnits:
-    """One step's unit events (taken from a ring slot: the events are reused every few steps) and the
-    host's clock at each boundary."""
+    """One step's unit events (taken from a ring slot: the events are reused every few steps)."""
 
-    def __init__(self, clock: StepClock, anchor: torch.cuda.Event, ends: list[torch.cuda.Event]) -> None:
+    def __init__(self, clock: StepClock, pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> None:
         self.clock = clock
-        self._ends = ends
-        self._anchor = anchor
-        self._host0 = time.perf_counter()
-        anchor.record(clock.marker_stream)  # fires at once: the GPU's time of _host0 (plus submission)
-        self._issued: list[float] = []  # host clock at each boundary
+        self._pairs = pairs
         self.used = 0
 
     def boundary(self) -> None:
-        """The host has issued the unit so far: its end on the compute stream, the host's clock.
+        """The host has issued the unit so far: marker on the side stream, end on the compute stream.
         Past the ring slot's capacity the unit simply runs on into the next boundary."""
-        if self.used >= len(self._ends):
+        if self.used >= len(self._pairs):
             return
-        self._ends[self.used].record(self.clock.compute_stream)
-        self._issued.append(time.perf_counter())
+        marker, end = self._pairs[self.used]
+        marker.record(self.clock.marker_stream)
+        end.record(self.clock.compute_stream)
         self.used += 1
 
     def close(self, done: torch.cuda.Event) -> None:
         """The last unit ends at `done` (recorded by the caller right after this)."""
-        if self.used >= len(self._ends):
-            self.used -= 1  # the last unit runs on to the step's end
-            del self._issued[self.used:]
-        self._issued.append(time.perf_counter())
+        if self.used >= len(self._pairs):
+            self.used -= 1  # the last pair becomes the step's end
+        marker, _ = self._pairs[self.used]
+        marker.record(self.clock.marker_stream)
         self._done = done
 
     def busy_ms(self, start: torch.cuda.Event) -> float:
         """After `done` completed: the step's busy time (see the module docstring)."""
-        ends = [start.elapsed_time(end) for end in self._ends[: self.used]]
+        ends = [start.elapsed_time(end) for _, end in self._pairs[: self.used]]
         ends.append(start.elapsed_time(self._done))
-        at = start.elapsed_time(self._anchor) - 1000.0 * self._host0
-        return busy_ms(ends, [at + 1000.0 * h for h in self._issued])
+        issued = [start.elapsed_time(marker) for marker, _ in self._pairs[: self.used + 1]]
+        return busy_ms(ends, issued)
 
 
 class StepClock:
-    """Ring of unit events (as many slots as the runner's timing ring) and the side stream the anchors
+    """Ring of unit events (as many slots as the runner's timing ring) and the side stream markers
     are recorded on; `hook_layers` cuts an eager forward at its decoder layers."""
 
     def __init__(self, compute_stream: torch.cuda.Stream, ring: int, max_units: int) -> None:
         self.compute_stream = compute_stream
         self.marker_stream = torch.cuda.Stream()
-        self._ring = [(torch.cuda.Event(enable_timing=True), [torch.cuda.Event(enable_timing=True)
-                                                              for _ in range(max_units)]) for _ in range(ring)]
+        self._ring = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                       for _ in range(max_units)] for _ in range(ring)]
         self.current: StepUnits | None = None  # the step an eager forward's layer hooks cut (else None)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def begin(self, index: int) -> StepUnits:
-        anchor, ends = self._ring[index % len(self._ring)]
-        return StepUnits(self, anchor, ends)
+        return StepUnits(self, self._ring[index % len(self._ring)])
 
     def cut(self, units: StepUnits | None, ops: bool) -> _Cut:
         """`with clock.cut(units, ops):` around an eager forward: its hooks cut it into `units`, and with
