@@ -60,7 +60,8 @@ def build_parser() -> EnvArgumentParser:
                    help="run every step eagerly on CUDA too (no decode or piecewise graphs)")
     p.add_argument("--busy-units", default="leaf", choices=["op", "leaf", "layer"],
                    help="how finely an eager CUDA forward is cut for the GPU-busy figure: every aten op "
-                        "(closest to a kernel timeline, most host time), every leaf module, every layer")
+                        "(a diagnostic: closest to a kernel timeline, about twice the host time), "
+                        "every leaf module, every layer")
     p.add_argument("--fuse", action="store_true",
                    help="install the fused decoder forwards (worker_svc/fusion: merged QKV and gate/up GEMMs, "
                    "fused RMSNorm, residual add, SiLU x up and RoPE kernels) on Llama-pattern models")
