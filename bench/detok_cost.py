@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
-import sys
 import time
-from datetime import UTC, datetime
 
+from bench.records import cpu_header, write_record
 from scheduler_svc.frontend.detokenizer import OutputText
 from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
@@ -49,12 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(entries[-1]), flush=True)
     for e in entries:
         e["against_one_per_push"] = round(e["us_per_token"] / entries[0]["us_per_token"], 3)
-    record = {"command": "python -m bench.detok_cost " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date_utc": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.processor()
-              or platform.machine(), "tokens": args.tokens, "repeats": args.repeats, "entries": entries}
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+    record = {**cpu_header("bench.detok_cost", argv), "tokens": args.tokens, "repeats": args.repeats,
+              "entries": entries}
+    write_record(args.json, record)
     return 0
 
 

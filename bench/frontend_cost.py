@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
-from datetime import UTC, datetime
 
 import numpy as np
 from tandem.v1 import core_pb2 as cpb
 
+from bench.records import cpu_header, write_record
 from scheduler_svc.core import core_link as cl
 from scheduler_svc.core.request import Request
 from scheduler_svc.frontend import handle as handle_mod
@@ -90,12 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(entries[-1]), flush=True)
     finally:
         handle_mod.UNARY_TEXT_BATCH = default_batch
-    record = {"command": "python -m bench.frontend_cost " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date_utc": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.machine(),
-              "rows": args.rows, "steps": args.steps, "unary_text_batch": default_batch, "entries": entries}
-    with open(args.json, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+    record = {**cpu_header("bench.frontend_cost", argv), "rows": args.rows, "steps": args.steps,
+              "unary_text_batch": default_batch, "entries": entries}
+    write_record(args.json, record)
     return 0
 
 
