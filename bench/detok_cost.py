@@ -20,16 +20,20 @@ from scheduler_svc.frontend.detokenizer import OutputText
 from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
+def embedded_tokenizer() -> TandemTokenizer:
+    """The embedded SmolLM2's tokenizer, from the model cache (converted on first use, as `make run` does)."""
     from worker_svc.models import EMBEDDED_NAME, converted_gguf_dir, embedded_gguf_path
 
+    return TandemTokenizer((converted_gguf_dir(embedded_gguf_path(), EMBEDDED_NAME) / "tokenizer.json").read_bytes())
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.detok_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", default="docs/bench/detok_cost.json")
     args = p.parse_args(argv)
-    model_dir = converted_gguf_dir(embedded_gguf_path(), EMBEDDED_NAME)
-    tok = TandemTokenizer((model_dir / "tokenizer.json").read_bytes())
+    tok = embedded_tokenizer()
     rng = random.Random(0)
     ids = [rng.randrange(3, tok.vocab_size) for _ in range(args.tokens)]
     full = tok.decode(ids)

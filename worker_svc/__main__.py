@@ -58,6 +58,7 @@ def build_parser() -> EnvArgumentParser:
                    "being refused; its requests resume on this one")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run every step eagerly on CUDA too (no decode or piecewise graphs)")
+    # step_clock.BUSY_UNITS, spelled out: that module imports torch, which waits until after parsing.
     p.add_argument("--busy-units", default="leaf", choices=["op", "leaf", "layer"],
                    help="how finely an eager CUDA forward is cut for the GPU-busy figure: every aten op "
                         "(a diagnostic: closest to a kernel timeline, about twice the host time), "

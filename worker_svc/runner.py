@@ -160,7 +160,8 @@ class Engine:
         self.clock: StepClock | None = None
         if self.sync.cuda:
             layers = decoder_layers(self.model)
-            units = max(units_per_forward(layers, cfg.busy_units), 2 * len(layers)) + 8
+            # At least 3 a layer, above a piecewise step's 2 (segment and attention call); + tail and end.
+            units = units_per_forward(layers, cfg.busy_units) + 8
             self.clock = StepClock(self.sync.compute_stream, _TIMING_RING, units)
             self.clock.hook_layers(layers, leaves=cfg.busy_units != "layer")
         self._in_flight: deque[_Launched] = deque()
@@ -354,7 +355,8 @@ class Engine:
                     if self.clock is None:
                         logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
                     else:  # its hooks (and attention's kernels, and with "op" its aten ops) cut this forward only
-                        step.after_kernel = units.boundary if units is not None else None
+                        assert units is not None
+                        step.after_kernel = units.boundary
                         with self.clock.cut(units, ops=self.cfg.busy_units == "op"):
                             logits = self.forward(inputs, step, other, carries, inputs.sample_tokens)
                     self.step_counts["eager"] += 1

@@ -25,7 +25,7 @@ compute time, and no units are kept.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # How finely an eager forward is cut: after every aten op ("op"), after every leaf module and layer
 # ("leaf"), after every decoder layer ("layer"). Finer is closer to the kernels, and costs host time.
 BusyUnits = Literal["op", "leaf", "layer"]
-BUSY_UNITS: tuple[str, ...] = ("op", "leaf", "layer")
+BUSY_UNITS: tuple[str, ...] = get_args(BusyUnits)
 # Ring capacity per decoder layer for op units (a Llama layer issues about 40 non-view aten ops);
 # past it a unit runs on into the next boundary (a lower figure, never a wrong one).
 OP_UNITS_PER_LAYER = 96
@@ -100,7 +100,7 @@ class StepClock:
     def begin(self, index: int) -> StepUnits:
         return StepUnits(self, self._ring[index % len(self._ring)])
 
-    def cut(self, units: StepUnits | None, ops: bool) -> _Cut:
+    def cut(self, units: StepUnits, ops: bool) -> _Cut:
         """`with clock.cut(units, ops):` around an eager forward: its hooks cut it into `units`, and with
         `ops` every aten op it issues does as well (OpBoundaries)."""
         return _Cut(self, units, ops)
@@ -130,30 +130,31 @@ class StepClock:
 
 
 class OpBoundaries(TorchDispatchMode):
-    """A boundary after every aten op that is not a view (views launch nothing) while `clock.current`
-    is set. Leaf units lose, with the host behind, every kernel of a unit but its last: an unfused
-    RMSNorm is seven aten ops, RoPE about ten, and the residual adds and the MLP's product fall into
-    the next leaf's unit (on the 8B shape's eager steps leaf units read 4.7-5.5 points under the
-    profiler, op units 1.2 over, docs/benchmarks.md). A Python dispatch mode is seen by every op, so
-    it costs host time per op: an eager step took 1.8-2.4x as long, so op units are a diagnostic."""
+    """A boundary of `units` after every aten op that is not a view (views launch nothing), entered
+    by `StepClock.cut` around one eager forward. Leaf units lose, with the host behind, every kernel
+    of a unit but its last: an unfused RMSNorm is seven aten ops, RoPE about ten, and the residual
+    adds and the MLP's product fall into the next leaf's unit (on the 8B shape's eager steps leaf
+    units read 4.7-5.5 points under the profiler, op units 1.2 over, docs/benchmarks.md). A Python
+    dispatch mode is seen by every op, so it costs host time per op: an eager step took 1.8-2.4x as
+    long, so op units are a diagnostic."""
 
-    def __init__(self, clock: StepClock) -> None:
+    def __init__(self, units: StepUnits) -> None:
         super().__init__()
-        self.clock = clock
+        self.units = units
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
-        if not func.is_view and self.clock.current is not None:
-            self.clock.current.boundary()
+        if not func.is_view:
+            self.units.boundary()
         return out
 
 
 class _Cut:
     """The context `StepClock.cut` returns: sets `current` (and enters OpBoundaries) for one forward."""
 
-    def __init__(self, clock: StepClock, units: StepUnits | None, ops: bool) -> None:
+    def __init__(self, clock: StepClock, units: StepUnits, ops: bool) -> None:
         self.clock, self.units = clock, units
-        self.mode = OpBoundaries(clock) if ops and units is not None else None
+        self.mode = OpBoundaries(units) if ops else None
 
     def __enter__(self) -> None:
         self.clock.current = self.units

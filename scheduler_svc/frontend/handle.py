@@ -63,6 +63,7 @@ class RequestHandle:
     error: tuple[grpc.StatusCode, str] | None = None
     stream_interval: int = 1  # tokens accumulated before `changed` wakes a stream (the first at once)
     streamed: bool = True  # False: a unary call, which reads the handle once, at its end
+    unary_text_batch: int = UNARY_TEXT_BATCH  # a unary call's tokens held before detokenizing them
     _untexted: list[int] = field(default_factory=list)  # tokens not detokenized yet
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # something new to send (streams)
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # completed or failed (unary calls)
@@ -97,9 +98,10 @@ class RequestHandle:
         if finish not in (FinishReason.EOS, FinishReason.STOP_TOKEN):
             self._untexted.append(token_id)
         wake = first or len(self._token_ids) >= self.stream_interval
-        batch = self.stream_interval if self.streamed else UNARY_TEXT_BATCH
+        # A stream's text when it wakes, a unary call's in batches; with stop strings every token.
+        due = wake if self.streamed else len(self._untexted) >= self.unary_text_batch
         matched = None
-        if self._untexted and (self.output.has_stops or (wake and self.streamed) or len(self._untexted) >= batch):
+        if self._untexted and (due or self.output.has_stops):
             matched = self._detokenize()
         if wake:
             self.changed.set()  # else held until the interval fills or the request ends (complete/fail)
