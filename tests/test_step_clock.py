@@ -40,7 +40,7 @@ def test_an_eager_forward_is_cut_at_every_leaf_module_and_layer() -> None:
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from worker_svc.step_clock import StepClock, decoder_layers, leaf_modules, units_per_forward
+    from worker_svc.step_clock import OP_UNITS_PER_LAYER, StepClock, decoder_layers, leaf_modules, units_per_forward
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
@@ -50,6 +50,7 @@ def test_an_eager_forward_is_cut_at_every_leaf_module_and_layer() -> None:
     hooks = 33
     assert units_per_forward(layers) == hooks + 2 * 3
     assert units_per_forward(layers, "layer") == 3 + 2 * 3
+    assert units_per_forward(layers, "op") == 3 + 2 * 3 + OP_UNITS_PER_LAYER * 3  # no leaf hooks
 
     class Count:
         boundaries = 0

@@ -74,7 +74,8 @@ class EngineConfig:
     penalty_graphs: bool = True
     debug_placeholders: bool = False  # assert on the device that no placeholder sentinel survives carry-over
     # The busy figure's units in an eager forward (step_clock.py): "op" (every aten op, attention
-    # kernel, leaf module and layer), "leaf" (no aten ops) or "layer" (layers and attention kernels);
+    # kernel and layer), "leaf" (every leaf module instead of aten ops) or "layer" (layers and
+    # attention kernels);
     # finer reads closer to a kernel timeline when the host is behind and costs host time
     # (bench/busy_check.py, bench/unit_cost.py).
     busy_units: BusyUnits = "leaf"
@@ -163,7 +164,7 @@ class Engine:
             # At least 3 a layer, above a piecewise step's 2 (segment and attention call); + tail and end.
             units = units_per_forward(layers, cfg.busy_units) + 8
             self.clock = StepClock(self.sync.compute_stream, _TIMING_RING, units)
-            self.clock.hook_layers(layers, leaves=cfg.busy_units != "layer")
+            self.clock.hook_layers(layers, leaves=cfg.busy_units == "leaf")
         self._in_flight: deque[_Launched] = deque()
         self._ready: deque[StepResult] = deque()  # collected early (a launch needed its tokens), oldest first
         # Structured output: None when the worker has no grammar engine (no tokenizer, no xgrammar).

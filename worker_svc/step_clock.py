@@ -8,8 +8,8 @@ when the host is slower than the device, the GPU waits inside the span, and a pr
 timeline shows it idle (bench/busy_check.py measured 96 % busy from the span against 5 % from the
 kernels, eager, SmolLM2 shape). So a step is cut into units at the points where the host's issue
 can fall behind (after each piecewise segment and attention call; in an eager forward after every
-aten op that may launch a kernel, every attention kernel and every leaf module and decoder layer;
-between a constrained step's forward and its tail). At the end of each unit's issue
+attention kernel and decoder layer, and every leaf module or, with op units, every aten op that may
+launch a kernel; between a constrained step's forward and its tail). At the end of each unit's issue
 the host records a marker on an otherwise idle side stream, which fires at once, so its timestamp
 is the moment the host finished issuing the unit; and an event on the compute stream, which fires
 when the GPU finished it. A unit counts as busy only from the later of (the previous unit's end, its
@@ -175,10 +175,12 @@ def leaf_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def units_per_forward(layers: Sequence[torch.nn.Module], units: BusyUnits = "leaf") -> int:
-    """Boundaries an eager forward records: through `hook_layers` every leaf (unless "layer") and layer,
-    two attention kernels per layer, and with "op" up to OP_UNITS_PER_LAYER aten ops per layer."""
+    """Boundaries an eager forward records: through `hook_layers` every leaf (with "leaf") and layer,
+    two attention kernels per layer, and with "op" up to OP_UNITS_PER_LAYER aten ops per layer (op
+    units hook no leaves: the ops already end there, and an empty unit still counts its own
+    recording's few microseconds)."""
     assert units in BUSY_UNITS, units
-    hooks = sum((len(leaf_modules(layer)) if units != "layer" else 0) + 1 for layer in layers)
+    hooks = sum((len(leaf_modules(layer)) if units == "leaf" else 0) + 1 for layer in layers)
     return hooks + 2 * len(layers) + (OP_UNITS_PER_LAYER * len(layers) if units == "op" else 0)
 
 
