@@ -10,7 +10,7 @@ each, greedy, EOS ignored) and five measurements on it:
 - transformers `generate_batch`, `use_async_batching` False and True, on the same prompts.
 
     python -m bench gpu [--model random:llama-3.1-8b] [--num-requests 32] [--prompt-len 128]
-                        [--max-new-tokens 1024] [--fuse] [--json docs/bench/async_vs_sync.json]
+                        [--max-new-tokens 1024] [--no-fuse] [--json docs/bench/async_vs_sync.json]
 
 Each Tandem entry carries the workload's physical floor (`physical_floor_s`): every step streams the
 weights once (bench/floor_parts.weight_bytes_per_step) and reads each request's KV so far, over the
@@ -154,7 +154,7 @@ def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
         server = TandemServer(model=model, scheduler_args=sched, worker_args=[
             "--device", device, "--dtype", dtype, "--num-blocks", str(blocks), "--max-num-rows", str(rows),
             "--max-num-tokens", str(max(2048, min(8192, len(prompts) * len(prompts[0])))),
-            *(["--fuse"] if fuse else []),
+            "--fuse" if fuse else "--no-fuse",
         ])
         try:
             server.start(600)
@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="sync,async", help="Tandem modes to run: sync, async or both")
     p.add_argument("--variants", default="greedy",
                    help=f"end-to-end sampling variants, comma-separated: {', '.join(VARIANTS)}")
-    p.add_argument("--fuse", action="store_true", help="Tandem with the fused decoder forwards (worker --fuse)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="Tandem with the fused decoder forwards (the worker's default on CUDA); --no-fuse: "
+                        "the model as transformers wrote it")
     p.add_argument("--json", default="docs/bench/async_vs_sync.json", help="appended to if it exists")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)

@@ -223,3 +223,43 @@ def test_bf16_fused_is_no_further_from_float32_than_unfused(spec: str) -> None:
         errs = [(m.model(input_ids=ids, use_cache=False).logits.float() - want).abs().max().item()
                 for m in (plain, fused)]
     assert errs[1] <= 2 * errs[0] + 1e-2, errs
+
+
+def test_the_worker_fuses_on_cuda_unless_told_otherwise(monkeypatch) -> None:
+    """`--fuse` / `--no-fuse` win; without either, CUDA fuses and the CPU keeps the oracle; the
+    TANDEM_FUSE environment twin reads like the flag."""
+    from worker_svc.__main__ import build_parser, fuse_wanted
+
+    monkeypatch.delenv("TANDEM_FUSE", raising=False)
+    unset = build_parser().parse_args([]).fuse
+    assert unset is None
+    assert fuse_wanted(unset, "cuda") and not fuse_wanted(unset, "cpu")
+    assert fuse_wanted(build_parser().parse_args(["--fuse"]).fuse, "cpu")
+    assert not fuse_wanted(build_parser().parse_args(["--no-fuse"]).fuse, "cuda")
+    for raw, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("TANDEM_FUSE", raw)
+        assert build_parser().parse_args([]).fuse is want
+        assert build_parser().parse_args(["--fuse" if not want else "--no-fuse"]).fuse is (not want)
+
+
+def test_a_worker_started_with_fuse_serves_what_the_unfused_one_does(servers, tiny) -> None:
+    """Through the real processes: a CPU worker given --fuse installs the formulas on every layer (its
+    log says so, the default one's does not) and, in float32, answers greedy requests token for token
+    as the unfused worker does (the formulas differ from transformers' ops by float32 rounding only,
+    far below these random logits' gaps over 16 tokens; tests above bound the logits themselves)."""
+    from client import TandemClient
+    from tests.conftest import TINY_WORKER_ARGS
+
+    if "cuda" in TINY_WORKER_ARGS:
+        pytest.skip("compares float32 CPU workers")
+    fused = servers.get(worker_args=(*TINY_WORKER_ARGS, "--fuse"))
+    assert "fused 4 decoder layers (PyTorch formulas)" in fused.log_text("worker")
+    assert "fused" not in tiny.log_text("worker").replace("unfused", "")
+    prompts = [[5 + i, 17, 3 * i + 1, 40, 9] for i in range(4)]
+    answers = []
+    for server in (tiny, fused):
+        with TandemClient(server.address) as c:
+            answers.append([c.generate(token_ids=p, max_new_tokens=16, ignore_eos=True, temperature=0).token_ids
+                            for p in prompts])
+    assert answers[0] == answers[1]
+    assert all(len(a) == 16 for a in answers[1])

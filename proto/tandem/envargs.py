@@ -26,7 +26,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
             if var in os.environ:
                 raw = os.environ[var]
                 action = kw.get("action")
-                if action == "store_true":
+                if action == "store_true" or action is argparse.BooleanOptionalAction:
                     kw["default"] = raw.strip().lower() in ("1", "true", "yes", "on")
                 elif action == "append" or kw.get("nargs") in ("*", "+"):
                     kw["default"] = [s for s in raw.split(",") if s]
