@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the same Poisson rates for both modes (default: each mode's own evenly spaced sweep)")
     p.add_argument("--max-num-rows", type=int, default=128)
     p.add_argument("--result-dir", default="docs/bench/sweep")
-    p.add_argument("--worker-args", default="", help="extra worker_svc flags for both servers (e.g. --fuse)")
+    p.add_argument("--worker-args", default="", help="extra worker_svc flags for both servers (e.g. --no-fuse)")
     args = p.parse_args(argv)
     out_dir = Path(args.result_dir)
     sweeps: dict[str, list[dict]] = {}
