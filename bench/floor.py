@@ -38,7 +38,7 @@ from tandem.wire import StepPlan
 
 from bench.decode_state import decode_plan, fixed_context_rows
 from bench.floor_parts import graph_ms, linear_ms, logits_check, physical_floor_ms, weight_bytes_per_step
-from worker_svc.cuda_graphs import decode_layout, pad_decode_batch
+from worker_svc.graphs.cuda_graphs import decode_layout, pad_decode_batch
 
 # (batch, contexts): what fits next to 16 GB of 8B weights on an 80 GB GPU.
 DEFAULT_GRID = {32: (1024, 4096, 8192), 128: (1024,), 256: (1024,)}

@@ -237,7 +237,7 @@ def measure_after(rows: int, context: int, grid: Grid, link: Link) -> StepFn:
     from tandem import wire
     from tandem.wire import StepPlan, StepResult
 
-    from worker_svc.cuda_graphs import decode_layout, pad_decode_batch, row_buckets
+    from worker_svc.graphs.cuda_graphs import decode_layout, pad_decode_batch, row_buckets
 
     engine = _after_engine(grid)
     sched = _after_scheduler(engine, rows, context)

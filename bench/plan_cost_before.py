@@ -104,7 +104,6 @@ def measure_before(rows: int, context: int, grid: Any, link: Any) -> Callable[[]
     bucket + IOSlot.load, then untimed a faked StepResult into process_result."""
     from tandem import wire
     from tandem.wire import StepPlan, StepResult
-
     from worker_svc.cuda_graphs import decode_layout, pad_decode_plan, row_buckets
 
     engine = build_engine(grid)

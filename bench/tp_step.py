@@ -76,7 +76,7 @@ def relay_rank(rank: int, port: int, iters: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from worker_svc.group_link import _encode
+    from worker_svc.parallel.group_link import _encode
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     for size in RELAY_SIZES:

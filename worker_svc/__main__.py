@@ -100,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from worker_svc import models, tensor_parallel
-    from worker_svc.group_link import FollowerLink, LeaderLink
+    from worker_svc import models
     from worker_svc.link import WorkerLink
     from worker_svc.loop import WorkerLoop
+    from worker_svc.parallel import tensor_parallel
+    from worker_svc.parallel.group_link import FollowerLink, LeaderLink
     from worker_svc.runner import Engine, EngineConfig
     from worker_svc.structured import grammar as grammar_mod
 

@@ -40,13 +40,13 @@ import torch
 from tandem.wire import StepPlan, StepResult, WireError
 
 from worker_svc.attention import PagedStep, install, row_layout
-from worker_svc.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_batch
-from worker_svc.graph_capture import capture_graphs
+from worker_svc.graphs.cuda_graphs import DecodeGraphs, decode_layout, pad_decode_batch
+from worker_svc.graphs.graph_capture import capture_graphs
+from worker_svc.graphs.piecewise import PiecewiseGraph
 from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
 from worker_svc.kv_cache import PagedKVCache, config_for_model
 from worker_svc.models import LoadedModel
 from worker_svc.penalties import NONE, PenaltyFlags, PenaltyState
-from worker_svc.piecewise import PiecewiseGraph
 from worker_svc.row_state import RowState, StepBatch
 from worker_svc.sampler import sample
 from worker_svc.step_clock import BusyUnits, StepClock, StepUnits, decoder_layers, units_per_forward

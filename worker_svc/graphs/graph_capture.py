@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from worker_svc.attention import PagedStep, attend, row_layout
-from worker_svc.cuda_graphs import DecodeGraphs, decode_layout
+from worker_svc.graphs.cuda_graphs import DecodeGraphs, decode_layout
+from worker_svc.graphs.piecewise import AttentionIO, PiecewiseGraph, token_buckets
 from worker_svc.io_slots import DeviceSync, IOSlot, SlotLimits
 from worker_svc.penalties import ALL, PenaltyState
-from worker_svc.piecewise import AttentionIO, PiecewiseGraph, token_buckets
 from worker_svc.row_state import StepBatch
 from worker_svc.sampler import sample
 from worker_svc.step_forward import StepForward
