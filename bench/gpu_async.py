@@ -116,7 +116,7 @@ def _floor(result: Result, floor_s: float | None) -> Result:
 
 
 def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int,
-                modes: tuple[str, ...] = MODES, fuse: bool = False) -> Iterator[Result]:
+                modes: tuple[str, ...] = MODES, fuse: bool = True) -> Iterator[Result]:
     from worker_svc.models import load
     from worker_svc.runner import Engine, EngineConfig
 
@@ -144,7 +144,7 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
 
 
 def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
-               modes: tuple[str, ...] = MODES, fuse: bool = False,
+               modes: tuple[str, ...] = MODES, fuse: bool = True,
                variants: tuple[str, ...] = ("greedy",), device: str = "cuda") -> Iterator[Result]:
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
     for depth, mode in _depths(modes):

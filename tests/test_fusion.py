@@ -242,7 +242,7 @@ def test_the_worker_fuses_on_cuda_unless_told_otherwise(monkeypatch) -> None:
         assert build_parser().parse_args(["--fuse" if not want else "--no-fuse"]).fuse is (not want)
 
 
-def test_a_worker_started_with_fuse_serves_what_the_unfused_one_does(servers, tiny) -> None:
+def test_a_worker_started_with_fuse_serves_what_the_unfused_one_does(servers) -> None:
     """Through the real processes: a CPU worker given --fuse installs the formulas on every layer (its
     log says so, the default one's does not) and, in float32, answers greedy requests token for token
     as the unfused worker does (the formulas differ from transformers' ops by float32 rounding only,
@@ -250,11 +250,12 @@ def test_a_worker_started_with_fuse_serves_what_the_unfused_one_does(servers, ti
     from client import TandemClient
     from tests.conftest import TINY_WORKER_ARGS
 
-    if "cuda" in TINY_WORKER_ARGS:
-        pytest.skip("compares float32 CPU workers")
-    fused = servers.get(worker_args=(*TINY_WORKER_ARGS, "--fuse"))
+    # CPU workers even where TANDEM_TEST_DEVICE=cuda: the comparison is of float32 CPU workers.
+    cpu = ("--device", "cpu", *TINY_WORKER_ARGS[2:])
+    assert TINY_WORKER_ARGS[0] == "--device"
+    tiny, fused = servers.get(worker_args=cpu), servers.get(worker_args=(*cpu, "--fuse"))
     assert "fused 4 decoder layers (PyTorch formulas)" in fused.log_text("worker")
-    assert "fused" not in tiny.log_text("worker").replace("unfused", "")
+    assert "fused 4 decoder layers" not in tiny.log_text("worker")
     prompts = [[5 + i, 17, 3 * i + 1, 40, 9] for i in range(4)]
     answers = []
     for server in (tiny, fused):
