@@ -23,9 +23,12 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import random
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -54,6 +57,7 @@ class Result:
     steps: int | None = None
     physical_floor_s: float | None = None
     over_floor: float | None = None
+    client_procs: int = 1
     error: str | None = None
 
 
@@ -143,9 +147,35 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
     torch.cuda.empty_cache()
 
 
+def _run_split(address: str, prompts, max_new: int, params: dict, procs: int) -> float:
+    """The requests sent at once by `procs` client processes (bench/load_slice.py), each its own
+    interpreter and channel; wall from the first process's start to the last one's end."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"address": address, "prompts": prompts, "max_new": max_new, "params": params}, f)
+    cut = [len(prompts) * i // procs for i in range(procs + 1)]
+    kids = [subprocess.Popen([sys.executable, "-m", "bench.load_slice", f.name, str(a), str(b - a)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for a, b in zip(cut, cut[1:], strict=False)]
+    try:
+        for k in kids:
+            assert k.stdout.readline().strip() == "ready", "a client process did not connect"
+        for k in kids:
+            k.stdin.write("go\n")
+            k.stdin.flush()
+        out = [json.loads(k.stdout.readline()) for k in kids]
+        assert all(k.wait(60) == 0 for k in kids)
+    finally:
+        for k in kids:
+            k.kill()
+        os.unlink(f.name)
+    assert sum(o["tokens"] for o in out) == len(prompts) * max_new
+    return max(o["t1"] for o in out) - min(o["t0"] for o in out)
+
+
 def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
                modes: tuple[str, ...] = MODES, fuse: bool = True,
-               variants: tuple[str, ...] = ("greedy",), device: str = "cuda") -> Iterator[Result]:
+               variants: tuple[str, ...] = ("greedy",), device: str = "cuda",
+               client_procs: tuple[int, ...] = (1,)) -> Iterator[Result]:
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
     for depth, mode in _depths(modes):
         # Every request is sent at once: the waiting queue must hold them (its default, 256, refused
@@ -174,14 +204,18 @@ def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
             asyncio.run(run(8, "greedy"))
             results = []
             for variant in variants:
-                before = server.stats()
-                wall = asyncio.run(run(max_new, variant))
-                after = server.stats()
-                steps = after.steps - before.steps
-                results.append(Result("tandem-e2e", mode, model, len(prompts), variant, wall_s=wall,
-                                      output_tok_s=len(prompts) * max_new / wall,
-                                      ms_per_step=1000 * wall / max(1, steps),
-                                      gpu_busy_ratio=after.worker_busy_ratio, steps=steps))
+                for procs in client_procs:
+                    assert procs == 1 or variant == "greedy", "several client processes: greedy only"
+                    before = server.stats()
+                    wall = (asyncio.run(run(max_new, variant)) if procs == 1
+                            else _run_split(server.address, prompts, max_new, VARIANTS[variant][1], procs))
+                    after = server.stats()
+                    steps = after.steps - before.steps
+                    results.append(Result("tandem-e2e", mode, model, len(prompts), variant, wall_s=wall,
+                                          output_tok_s=len(prompts) * max_new / wall,
+                                          ms_per_step=1000 * wall / max(1, steps),
+                                          gpu_busy_ratio=after.worker_busy_ratio, steps=steps,
+                                          client_procs=procs))
         except Exception as e:  # a failed entry is reported, the run goes on
             traceback.print_exc()
             results = [Result("tandem-e2e", mode, model, len(prompts), error=f"{type(e).__name__}: {e}")]
@@ -243,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="Tandem with the fused decoder forwards (the worker's default on CUDA); --no-fuse: "
                         "the model as transformers wrote it")
+    p.add_argument("--client-procs", type=int, nargs="+", default=[1],
+                   help="end to end: the requests split over this many client processes (each value one "
+                        "entry; greedy only above 1), to tell the client's share of the loss from the server's")
     p.add_argument("--json", default="docs/bench/async_vs_sync.json", help="appended to if it exists")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -293,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
                                                           modes, args.fuse))
         if "e2e" in parts:
             save(_floor(r, floor_s) for r in end_to_end(args.model, prompts, args.max_new_tokens, args.dtype, rows,
-                                                         modes, args.fuse, tuple(args.variants.split(","))))
+                                                         modes, args.fuse, tuple(args.variants.split(",")),
+                                                         client_procs=tuple(args.client_procs)))
         if hf_modes:
             save(transformers_cb(args.model, prompts, args.max_new_tokens, dtype, hf_modes))
     for r in results:
-        print(f"| {r.engine} | {r.mode} | {r.variant} | {r.model} | {r.num_requests} | {_f(r.wall_s)} "
+        print(f"| {r.engine} | {r.mode} | {r.variant} | {r.client_procs} | {r.model} | {r.num_requests} | {_f(r.wall_s)} "
               f"| {_f(r.output_tok_s, 0)} "
               f"| {_f(r.ms_per_step)} | {_f(r.gpu_busy_ratio, 3)} | {_f(r.over_floor, 3)} | {r.error or ''} |")
     return 0
