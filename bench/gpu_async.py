@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         if hf_modes:
             save(transformers_cb(args.model, prompts, args.max_new_tokens, dtype, hf_modes))
     for r in results:
-        print(f"| {r.engine} | {r.mode} | {r.variant} | {r.client_procs} | {r.model} | {r.num_requests} | {_f(r.wall_s)} "
+        print(f"| {r.engine} | {r.mode} | {r.variant} | {r.client_procs} | {r.model} | {r.num_requests} "
+              f"| {_f(r.wall_s)} "
               f"| {_f(r.output_tok_s, 0)} "
               f"| {_f(r.ms_per_step)} | {_f(r.gpu_busy_ratio, 3)} | {_f(r.over_floor, 3)} | {r.error or ''} |")
     return 0

@@ -386,10 +386,11 @@ class Server:
 
     def __init__(self, tree: Tree, workdir: Path, model: str, settings: Settings,
                  scheduler_prefix: list[str] | None = None, tag: str = "",
-                 scheduler_env: dict[str, str] | None = None) -> None:
+                 scheduler_env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None) -> None:
         self.tree, self.model, self.settings = tree, model, settings
         self.split = is_split(tree.path)  # front end + core
         self.scheduler_env = scheduler_env or {}
+        self.worker_env = worker_env or {}
         self.core_pid: int | None = None
         self.core_pinning: str | None = None
         self.dir = Path(tempfile.mkdtemp(prefix=f"{tree.code}{tag}-", dir=workdir))
@@ -424,7 +425,7 @@ class Server:
         threads = {"OMP_NUM_THREADS": str(len(s.other_cpus))} if s.other_cpus else {}
         self.worker = self._spawn("worker", [
             "-m", "worker_svc", "--model", self.model, "--engine-address", self.engine_address,
-            *s.worker_args()], s.other_cpus, threads)
+            *s.worker_args()], s.other_cpus, {**threads, **self.worker_env})
         self.wait_serving(timeout)
         if self.split:
             self.core_pid = find_core(self.scheduler_pid)  # SERVING: the worker is connected to the core
@@ -868,18 +869,24 @@ def run_sampler(tree: Tree, workdir: Path, model: str, prompts: list[list[int]],
     # per process: (name, where its sampler writes, role for the areas)
     procs = [("scheduler", workdir / f"{tree.code}.sampler.txt", "front" if split else "scheduler")]
     scheduler_env: dict[str, str] = {}
+    worker_env: dict[str, str] = {}
     if split:
+        site = workdir / f"{tree.code}-core-sitecustomize"
         procs.append(("core", workdir / f"{tree.code}.core.sampler.txt", "core"))
-        scheduler_env = prof.core_sitecustomize(workdir / f"{tree.code}-core-sitecustomize", procs[1][1],
-                                                interval_us, tree.env()["PYTHONPATH"])
-    server = Server(tree, workdir, model, s, tag="-sampler", scheduler_env=scheduler_env, scheduler_prefix=[
+        scheduler_env = prof.core_sitecustomize(site, procs[1][1], interval_us, tree.env()["PYTHONPATH"])
+        # The worker too (its own-time frames only: the area rules are the scheduler side's): on a GPU its
+        # host work (plan in, launch, results out) is on the critical path beside the core's.
+        procs.append(("worker", workdir / f"{tree.code}.worker.sampler.txt", "worker"))
+        worker_env = prof.worker_sitecustomize_env(site, procs[2][1], interval_us, tree.env()["PYTHONPATH"])
+    server = Server(tree, workdir, model, s, tag="-sampler", scheduler_env=scheduler_env, worker_env=worker_env,
+                    scheduler_prefix=[
         str(Path(prof.__file__).resolve()), "--sample", str(procs[0][1]), "--interval-us", str(interval_us)])
     stacks: dict[str, dict[str, int]] = {name: {} for name, _, _ in procs}
     metas: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in procs}
     measured: list[Measured] = []
 
     def pids() -> list[int]:
-        return [server.scheduler_pid] + ([server.core_pid] if server.core_pid is not None else [])
+        return [server.scheduler_pid] + ([server.core_pid, server.worker_pid] if server.core_pid is not None else [])
 
     async def hook(round_fn: Any) -> None:
         for i in range(rounds):
@@ -922,6 +929,9 @@ def run_sampler(tree: Tree, workdir: Path, model: str, prompts: list[list[int]],
             "interval_us": interval_us, "samples": sum(x["samples"] for x in ms),
             "cpu_s": sum(x["cpu_s"] for x in ms), "gc_s": sum(x["gc_s"] for x in ms),
             "gc_collections": [x["gc_collections"] for x in ms], "modules": ms[-1]["modules"]}))
+        if role == "worker":
+            summaries[name] = prof.own_time_summary(merged, steps)
+            continue
         threads: dict[str, float] = {}
         for m in measured:
             for k, v in (m.core_threads_cpu_s if name == "core" else m.sched_threads_cpu_s).items():
@@ -940,6 +950,7 @@ def run_sampler(tree: Tree, workdir: Path, model: str, prompts: list[list[int]],
     if split:
         got["core_cpu_ms_per_step"] = round(1000 * sum(m.core_cpu_s or 0.0 for m in measured) / max(1, steps), 3)
         got["core_summary"] = summaries["core"]
+        got["worker_summary"] = summaries["worker"]
         got["core_sampler"] = "sitecustomize.py on the front end's PYTHONPATH (bench/host_e2e_profile.py " \
                               "core_sitecustomize), the same SIGPROF sampler installed in the core only"
     return got
@@ -1110,6 +1121,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n{e.code}: where the core's (python -m scheduler_svc.core) time goes "
                       f"({e.profile['profiler']}; on the critical path)")
                 print(prof.summary_markdown(e.profile["core_summary"]))
+            if e.profile and "worker_summary" in e.profile:
+                w = e.profile["worker_summary"]
+                print(f"\n{e.code}: the worker's own time, innermost frames ({w['cpu_ms_per_step']} ms CPU a step, "
+                      f"{w['samples']} samples)")
+                for row in w["own"][:15]:
+                    print(f"  {100 * row['fraction']:5.1f}%  {row['ms_per_step']:6.3f} ms  {row['frame']}")
             elif e.split and e.profile:
                 print(f"\n{e.code}: the core was not profiled ({e.profile['profiler']}); its CPU time is in the "
                       f"table")

@@ -503,25 +503,28 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ the CPU sampler
 
 SAMPLER_ENV = "TANDEM_BENCH_CORE_SAMPLER"  # "OUT INTERVAL_US": the core's sampler, set by core_sitecustomize
+WORKER_SAMPLER_ENV = "TANDEM_BENCH_WORKER_SAMPLER"  # the same for the worker (worker_sitecustomize_env)
 LIVE_MODULES = ("__main__", "scheduler_svc", "scheduler_svc.engine", "scheduler_svc.engine_client",
                 "scheduler_svc.core", "scheduler_svc.scheduler", "scheduler_svc.core.engine",
                 "scheduler_svc.frontend.engine_client", "scheduler_svc.core.scheduler", "tandem", "tandem.wire")
 
 SITECUSTOMIZE = """\
-# Written by bench/host_e2e.py: the CPU sampler of bench/host_e2e_profile.py in the scheduler's core only.
+# Written by bench/host_e2e.py: the CPU sampler of bench/host_e2e_profile.py in the scheduler's core, and in
+# the worker when its variable is set; in no other process.
 import os as _os
 
 
 def _tandem_bench_core_sampler():
-    spec = _os.environ.get({env!r}, "")
-    if not spec:
-        return
     try:
         with open("/proc/self/cmdline", "rb") as f:
             args = f.read().split(b"\\0")
     except OSError:
         return
-    if b"scheduler_svc.core" not in args:
+    spec = ""
+    for env, module in (({env!r}, b"scheduler_svc.core"), ({worker_env!r}, b"worker_svc")):
+        if module in args:
+            spec = _os.environ.get(env, "")
+    if not spec:
         return
     import importlib.util
     import sys
@@ -543,10 +546,40 @@ def core_sitecustomize(directory: Path, out: Path, interval_us: int, pythonpath:
     DIRECTORY at its end, still ahead of site-packages; SAMPLER_ENV), which its core inherits. Processes
     without the argument `scheduler_svc.core` load it and do nothing."""
     directory.mkdir(parents=True, exist_ok=True)
-    text = SITECUSTOMIZE.format(env=SAMPLER_ENV, module=str(Path(__file__).resolve()))
+    text = SITECUSTOMIZE.format(env=SAMPLER_ENV, worker_env=WORKER_SAMPLER_ENV, module=str(Path(__file__).resolve()))
     (directory / "sitecustomize.py").write_text(text)
     return {"PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(directory)])),
             SAMPLER_ENV: f"{out} {interval_us}"}
+
+
+def worker_sitecustomize_env(directory: Path, out: Path, interval_us: int, pythonpath: str) -> dict[str, str]:
+    """The worker's environment additions for the same sitecustomize.py (written by core_sitecustomize)."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, str(directory)])),
+            WORKER_SAMPLER_ENV: f"{out} {interval_us}"}
+
+
+def own_time_summary(path: Path, steps: int, top: int = 25) -> dict[str, Any]:
+    """Folded stacks of a process no area rules cover (the worker): samples per innermost frame and per
+    frame anywhere on the stack (inclusive), as shares and ms per step of the sampled CPU time."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    own: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # "function (file)", line dropped
+        total += int(n)
+        own[frames[-1]] += int(n)
+        for f in set(frames):
+            incl[f] += int(n)
+    ms = 1000 * meta["cpu_s"] / steps if steps else 0.0
+
+    def table(c: Counter[str]) -> list[dict[str, Any]]:
+        return [{"frame": f, "fraction": round(k / total, 4), "ms_per_step": round(ms * k / total, 3)}
+                for f, k in c.most_common(top)] if total else []
+
+    return {"samples": total, "cpu_s": meta["cpu_s"], "cpu_ms_per_step": round(ms, 3), "steps": steps,
+            "own": table(own), "inclusive": table(incl)}
 
 
 def install_sampler(out: Path, interval_us: int) -> None:
