@@ -58,6 +58,7 @@ class Result:
     physical_floor_s: float | None = None
     over_floor: float | None = None
     client_procs: int = 1
+    host_ms_per_step: dict[str, float] | None = None  # engine-only: bench.inprocess.LoopStats.host_ms per step
     error: str | None = None
 
 
@@ -141,7 +142,8 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
         assert tokens == len(prompts) * max_new, tokens
         yield Result("tandem-engine", mode, model, len(prompts), wall_s=stats.wall_s,
                      output_tok_s=tokens / stats.wall_s, ms_per_step=1000 * stats.wall_s / stats.steps,
-                     gpu_busy_ratio=stats.busy_ratio, steps=stats.steps)
+                     gpu_busy_ratio=stats.busy_ratio, steps=stats.steps,
+                     host_ms_per_step=stats.host_ms_per_step())
     del engine, loaded
     gc.collect()
     torch.cuda.empty_cache()
@@ -339,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
               f"| {_f(r.wall_s)} "
               f"| {_f(r.output_tok_s, 0)} "
               f"| {_f(r.ms_per_step)} | {_f(r.gpu_busy_ratio, 3)} | {_f(r.over_floor, 3)} | {r.error or ''} |")
+    for r in results:
+        if r.host_ms_per_step:
+            print(f"host ms per step, {r.engine} {r.mode} {r.num_requests} rows: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r.host_ms_per_step.items()))
     return 0
 
 

@@ -16,6 +16,8 @@ from tandem.wire import PLACEHOLDER_SENTINEL
 from scheduler_svc.core.request import Request
 from scheduler_svc.core.scheduler import Scheduler, SchedulerLimits
 
+HOST_PARTS = ("build", "launch", "collect", "process")
+
 
 @dataclass
 class LoopStats:
@@ -25,6 +27,14 @@ class LoopStats:
     idle_gap_ms: float = 0.0
     outputs: dict[str, list[int]] = field(default_factory=dict)
     prefix_hits: int = 0  # prompt tokens the prefix cache served (with prefix_caching)
+    # Host time by part, summed over the run (ms): build = Scheduler.build_plan, launch = Engine.launch
+    # (plan checks, inputs, the graph's replay issued), collect = Engine.collect (mostly waiting for the
+    # device: the host's slack), process = Scheduler.process_result. build + launch + process is the host's
+    # own work between a result and the next launch, the part that must fit under a device step.
+    host_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(HOST_PARTS, 0.0))
+
+    def host_ms_per_step(self) -> dict[str, float]:
+        return {k: round(v / self.steps, 4) for k, v in self.host_ms.items()} if self.steps else {}
 
     @property
     def busy_ratio(self) -> float:
@@ -55,17 +65,30 @@ def run_requests(engine, requests: list[Request], depth: int, prefix_caching: bo
     for r in requests:
         sched.add(r)
     stats = LoopStats()
-    t0 = time.perf_counter()
+    host = stats.host_ms
+    clock = time.perf_counter
+    t0 = clock()
     while not sched.is_idle:
-        while sched.in_flight < depth and (built := sched.build_plan()) is not None:
+        while True:
+            a = clock()
+            built = sched.build_plan() if sched.in_flight < depth else None
+            b = clock()
+            host["build"] += 1000 * (b - a)
+            if built is None:
+                break
             engine.launch(built[0])
+            host["launch"] += 1000 * (clock() - b)
+        a = clock()
         result = engine.collect()
+        b = clock()
+        host["collect"] += 1000 * (b - a)
         stats.steps += 1
         stats.compute_ms += result.compute_ms
         if stats.steps > 1:  # the first step's gap is the time since the previous run
             stats.idle_gap_ms += result.idle_gap_ms
         sched.process_result(result)
-    stats.wall_s = time.perf_counter() - t0
+        host["process"] += 1000 * (clock() - b)
+    stats.wall_s = clock() - t0
     stats.outputs = {r.req_id: list(r.output_ids) for r in requests}
     stats.prefix_hits = sched.blocks.hits
     return stats
