@@ -513,38 +513,9 @@ class Scheduler:
         events: list[TokenEvent] = []
         now = None
         want_logprobs = result.logprob is not None
-        requests = info.requests
-        # The common step (every row live, sane logits, below its cap): each token is appended and becomes
-        # an event, unless it ends the request. About half the per-row cost of the general loop below,
-        # which is most of what process_result spends at a thousand rows.
-        if live.all() and not broken.any() and not at_cap.any():
-            append = events.append
-            for r, token in zip(rows.tolist(), tokens.tolist(), strict=True):
-                assert token >= 0, f"step {info.step_id} row {r} sampled nothing"
-                req = requests[r]
-                req.output_ids.append(token)
-                if req.first_token_time is None:
-                    now = now or time.monotonic()
-                    req.first_token_time = now
-                if token in req.eos_token_ids and not req.ignore_eos:
-                    finish = FinishReason.EOS
-                elif token in req.stop_token_ids:
-                    finish = FinishReason.STOP_TOKEN
-                else:
-                    finish = None
-                if want_logprobs and req.sampling.num_logprobs >= 0:
-                    logprob, top = self._logprobs(result, r, req)
-                    append(TokenEvent(req, token, logprob, top, finish))
-                else:
-                    append(TokenEvent(req, token, None, None, finish))
-                if finish is not None:
-                    self._finish(req, finish)
-            self.blocks.release_through(info.step_id)
-            rt.pool.release_through(info.step_id)
-            return events
         for r, token, is_live, cap_hit, bad in zip(
                 rows.tolist(), tokens.tolist(), live.tolist(), at_cap.tolist(), broken.tolist(), strict=True):
-            req = requests[r]
+            req = info.requests[r]
             if not is_live:
                 if req.is_finished:
                     continue  # the overrun of a request already finished: discarded
