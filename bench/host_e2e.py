@@ -952,7 +952,8 @@ def run_sampler(tree: Tree, workdir: Path, model: str, prompts: list[list[int]],
         got["core_summary"] = summaries["core"]
         got["worker_summary"] = summaries["worker"]
         got["core_sampler"] = "sitecustomize.py on the front end's PYTHONPATH (bench/host_e2e_profile.py " \
-                              "core_sitecustomize), the same SIGPROF sampler installed in the core only"
+                              "core_sitecustomize), the same SIGPROF sampler installed in the core only; " \
+                              "the worker's from the same file (worker_sitecustomize_env)"
     return got
 
 
@@ -1117,16 +1118,16 @@ def main(argv: list[str] | None = None) -> int:
                 who = "the front end's (python -m scheduler_svc)" if e.split else "the scheduler's"
                 print(f"\n{e.code}: where {who} time goes ({e.profile['profiler']})")
                 print(prof.summary_markdown(e.profile["summary"]))
-            if e.profile and "core_summary" in e.profile:
-                print(f"\n{e.code}: where the core's (python -m scheduler_svc.core) time goes "
-                      f"({e.profile['profiler']}; on the critical path)")
-                print(prof.summary_markdown(e.profile["core_summary"]))
             if e.profile and "worker_summary" in e.profile:
                 w = e.profile["worker_summary"]
                 print(f"\n{e.code}: the worker's own time, innermost frames ({w['cpu_ms_per_step']} ms CPU a step, "
                       f"{w['samples']} samples)")
                 for row in w["own"][:15]:
                     print(f"  {100 * row['fraction']:5.1f}%  {row['ms_per_step']:6.3f} ms  {row['frame']}")
+            if e.profile and "core_summary" in e.profile:
+                print(f"\n{e.code}: where the core's (python -m scheduler_svc.core) time goes "
+                      f"({e.profile['profiler']}; on the critical path)")
+                print(prof.summary_markdown(e.profile["core_summary"]))
             elif e.split and e.profile:
                 print(f"\n{e.code}: the core was not profiled ({e.profile['profiler']}); its CPU time is in the "
                       f"table")

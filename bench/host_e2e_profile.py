@@ -21,7 +21,9 @@ Three sources:
   scheduler_svc.core`, environment inherited), gets the same sampler from `core_sitecustomize()`: a
   sitecustomize.py put on the front end's PYTHONPATH that installs it (`install_sampler`) in a process
   whose command line has the argument `scheduler_svc.core`, and in no other, writing where the
-  environment variable SAMPLER_ENV says;
+  environment variable SAMPLER_ENV says; the worker gets it likewise (`worker_sitecustomize_env`:
+  the same file on its PYTHONPATH, WORKER_SAMPLER_ENV), summarised by its own-time frames only
+  (`own_time_summary`), since the area rules are the scheduler side's;
 - py-spy raw folded stacks (`py-spy record --format raw --threads --full-filenames [--native]`) taken
   from the running scheduler for one measured round. Each sample is given to ONE area (exclusive, so
   the fractions add up to 1): walking the stack from the innermost frame outwards, the first frame of
