@@ -466,6 +466,8 @@ def summarize_sampler(path: Path, tree: Path, steps: int, thread_cpu_s: dict[str
     meta = json.loads(path.with_suffix(".json").read_text())
     out = summarize_stacks(path, tree, meta["cpu_s"], steps, 1e6 / meta["interval_us"], thread_cpu_s, True,
                            "CPU time: SIGPROF from setitimer(ITIMER_PROF), main thread's Python stack", role)
+    if "error" in out:  # no samples (a round shorter than the timer's tick): said, not a KeyError below
+        return {**out, "samples": 0, "live_imports": meta.get("modules", {})}
     # ITIMER_PROF fires on the kernel's tick (CONFIG_HZ): fewer samples than asked, still in proportion to CPU
     out["effective_rate_hz"] = round(out["samples"] / meta["cpu_s"], 1) if meta["cpu_s"] else None
     out["coverage"] = None

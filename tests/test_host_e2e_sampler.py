@@ -11,7 +11,9 @@ from bench.host_e2e import main
 
 def test_the_sampler_profiles_front_end_core_and_worker(tmp_path, capsys):
     out = tmp_path / "record.json"
-    assert main(["--codes", "after", "--live-after", "--rows", "16", "--max-new-tokens", "8", "--repeats", "1",
+    # ITIMER_PROF fires on the kernel's tick, so a process is sampled only every few ms of its CPU: about
+    # a hundred steps give the core (the least busy, ~1 ms a step) tens of samples; 9 steps once gave it 0.
+    assert main(["--codes", "after", "--live-after", "--rows", "64", "--max-new-tokens", "96", "--repeats", "1",
                  "--profile", "--profile-rounds", "1", "--no-pin", "--json", str(out)]) == 0
     profile = json.loads(out.read_text())["entries"][0]["profile"]
     assert "error" not in profile, profile.get("error")
