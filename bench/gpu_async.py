@@ -37,10 +37,9 @@ from datetime import UTC, datetime
 
 import torch
 
-from bench.inprocess import run_requests
+from bench.inprocess import greedy_requests, run_requests
 from client import AsyncTandemClient
 from client.local_server import TandemServer
-from scheduler_svc.core.request import Request, SamplingParams
 
 
 @dataclass
@@ -85,13 +84,6 @@ def prompts_for(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, 49152) for _ in range(length)] for _ in range(n)]
 
 
-def _requests(prompts: list[list[int]], max_new: int) -> list[Request]:
-    return [Request(req_id=f"r{i}", prompt_ids=p, max_new_tokens=max_new,
-                    sampling=SamplingParams(temperature=0.0, seed=i), stop_token_ids=frozenset(),
-                    eos_token_ids=frozenset(), ignore_eos=True, arrival_time=time.monotonic())
-            for i, p in enumerate(prompts)]
-
-
 def workload_bytes(model: str, num_requests: int, prompt_len: int, max_new: int) -> tuple[int, int]:
     """(weight bytes, KV bytes) the workload must move at the least, from the model's shape alone
     (built on the meta device: no weights): each of the `max_new` steps streams the weights once and
@@ -134,10 +126,10 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
     engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=rows,
                                          max_num_tokens=max(2048, min(8192, len(prompts) * len(prompts[0])))),
                     "cuda")
-    run_requests(engine, _requests(prompts, 8), 2)  # warm-up: allocator, kernels
+    run_requests(engine, greedy_requests(prompts, 8), 2)  # warm-up: allocator, kernels
     for depth, mode in _depths(modes):
         torch.cuda.synchronize()
-        stats = run_requests(engine, _requests(prompts, max_new), depth)
+        stats = run_requests(engine, greedy_requests(prompts, max_new), depth)
         tokens = sum(len(v) for v in stats.outputs.values())
         assert tokens == len(prompts) * max_new, tokens
         yield Result("tandem-engine", mode, model, len(prompts), wall_s=stats.wall_s,

@@ -571,7 +571,7 @@ def own_time_summary(path: Path, steps: int, top: int = 25) -> dict[str, Any]:
     total = 0
     for line in path.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # "function (file)", line dropped
+        frames = [f"{fr.func} ({fr.file})" for fr in map(parse_frame, stack.split(";"))]  # lines dropped
         total += int(n)
         own[frames[-1]] += int(n)
         for f in set(frames):

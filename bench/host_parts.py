@@ -15,41 +15,41 @@ import argparse
 import json
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from bench.inprocess import HOST_PARTS, run_requests
+from bench.inprocess import HOST_PARTS, greedy_requests, run_requests
 from bench.records import cpu_header, write_record
-from scheduler_svc.core.request import Request, SamplingParams
 
 VOCAB = 512
 
 
-def _requests(rows: int, new_tokens: int) -> list[Request]:
-    return [Request(req_id=f"r{i}", prompt_ids=[3 + i % (VOCAB - 3), 7, 9, 11], max_new_tokens=new_tokens,
-                    ignore_eos=True, sampling=SamplingParams(temperature=0.0), arrival_time=time.monotonic())
-            for i in range(rows)]
-
-
-def measure(rows: int, new_tokens: int, rounds: int) -> dict:
+def tiny_cpu_engine(rows: int, num_blocks: int, max_num_tokens: int, layers: int = 1):
+    """A CPU worker Engine over tiny-llama narrowed to hidden 64 and a 512-token vocabulary (random weights)."""
     from worker_svc.models import load
     from worker_svc.presets import preset_config
     from worker_svc.runner import Engine, EngineConfig
 
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "model.json"
         spec.write_text(json.dumps({**preset_config("tiny-llama"), "vocab_size": VOCAB, "hidden_size": 64,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}))
+                                    "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1}))
         loaded = load(f"random:{spec}", device="cpu", dtype=torch.float32)
-    engine = Engine(loaded, EngineConfig(num_blocks=rows * -(-(4 + new_tokens) // 16) + 64, max_num_rows=rows,
-                                         max_num_tokens=max(rows, 4096)), "cpu")
-    run_requests(engine, _requests(8, 4), 2)  # warm-up
+    return Engine(loaded, EngineConfig(num_blocks=num_blocks, max_num_rows=rows, max_num_tokens=max_num_tokens), "cpu")
+
+
+def _prompts(rows: int) -> list[list[int]]:
+    return [[3 + i % (VOCAB - 3), 7, 9, 11] for i in range(rows)]
+
+
+def measure(rows: int, new_tokens: int, rounds: int) -> dict:
+    torch.set_num_threads(1)
+    engine = tiny_cpu_engine(rows, rows * -(-(4 + new_tokens) // 16) + 64, max(rows, 4096))
+    run_requests(engine, greedy_requests(_prompts(8), 4), 2)  # warm-up
     per_round = []
     for _ in range(rounds):
-        stats = run_requests(engine, _requests(rows, new_tokens), 2)
+        stats = run_requests(engine, greedy_requests(_prompts(rows), new_tokens), 2)
         assert sum(len(v) for v in stats.outputs.values()) == rows * new_tokens
         per_round.append(stats.host_ms_per_step())
     return {"rows": rows, "new_tokens": new_tokens, "steps": stats.steps, "rounds": per_round,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tandem.wire import PLACEHOLDER_SENTINEL
 
-from scheduler_svc.core.request import Request
+from scheduler_svc.core.request import Request, SamplingParams
 from scheduler_svc.core.scheduler import Scheduler, SchedulerLimits
 
 HOST_PARTS = ("build", "launch", "collect", "process")
@@ -59,6 +59,14 @@ def scheduler_for(engine, depth: int, max_waiting: int = 100_000, check_state: b
     ))
 
 
+def greedy_requests(prompts: list[list[int]], max_new: int) -> list[Request]:
+    """A benchmark's requests: greedy, EOS ignored, each generating exactly `max_new` tokens."""
+    return [Request(req_id=f"r{i}", prompt_ids=p, max_new_tokens=max_new,
+                    sampling=SamplingParams(temperature=0.0, seed=i), stop_token_ids=frozenset(),
+                    eos_token_ids=frozenset(), ignore_eos=True, arrival_time=time.monotonic())
+            for i, p in enumerate(prompts)]
+
+
 def run_requests(engine, requests: list[Request], depth: int, prefix_caching: bool = False) -> LoopStats:
     """Runs `requests` to completion at pipeline depth 1 or 2; returns outputs and timings."""
     sched = scheduler_for(engine, depth, prefix_caching=prefix_caching)
@@ -69,9 +77,9 @@ def run_requests(engine, requests: list[Request], depth: int, prefix_caching: bo
     clock = time.perf_counter
     t0 = clock()
     while not sched.is_idle:
-        while True:
+        while sched.in_flight < depth:
             a = clock()
-            built = sched.build_plan() if sched.in_flight < depth else None
+            built = sched.build_plan()
             b = clock()
             host["build"] += 1000 * (b - a)
             if built is None:
