@@ -114,6 +114,8 @@ SPLIT_RULES: list[tuple[str, str, str]] = [
     ("proto/tandem/wire.py", r"^(pack_arrays|unpack_arrays|split)$", ""),
     ("scheduler_svc/engine.py", r"\._on_result$", "process_result: Engine._on_result (core: meter, dispatch)"),
     ("scheduler_svc/engine.py", r"\._outputs$", "core link: Engine._outputs (token arrays for the front end)"),
+    # Trees whose process_result is split: the rows' Python that waits until the next plan is out.
+    ("scheduler_svc/scheduler.py", r"\.(_settle|take_events)$", "core link: Scheduler._settle (rows after the plan)"),
     ("scheduler_svc/engine.py", r"\._on_submit$", "admission: Engine._on_submit (core)"),
     ("scheduler_svc/engine.py", r"\._recv_worker$", "zmq link + wire: Engine._recv_worker"),
     ("scheduler_svc/engine.py", r"\._recv_front$", "core link: Engine._recv_front (core)"),
@@ -136,7 +138,8 @@ RULES: list[tuple[str, str, str]] = [
     ("scheduler_svc/scheduler.py",
      r"\.(build_plan|_schedule_decodes|_reserve|_fit_chunk|_make_room|_may_sample|_preempt)$",
      "plan building: Scheduler.build_plan (rows, KV blocks)"),
-    ("scheduler_svc/scheduler.py", r"\.(process_result|_finish_reason|_logprobs)$", "process_result"),
+    ("scheduler_svc/scheduler.py", r"\.(process_result|accept_result|_end_row|_finish_reason|_logprobs)$",
+     "process_result"),
     ("scheduler_svc/engine.py", r"\._pump$", "plan building: Engine._pump"),
     ("scheduler_svc/engine.py", r"\._on_result$", "engine per-token: Engine._on_result loop"),
     ("scheduler_svc/engine.py", r"\._record_finish$", "engine per-token: finish log + metrics"),

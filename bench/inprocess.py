@@ -29,8 +29,9 @@ class LoopStats:
     prefix_hits: int = 0  # prompt tokens the prefix cache served (with prefix_caching)
     # Host time by part, summed over the run (ms): build = Scheduler.build_plan, launch = Engine.launch
     # (plan checks, inputs, the graph's replay issued), collect = Engine.collect (mostly waiting for the
-    # device: the host's slack), process = Scheduler.process_result. build + launch + process is the host's
-    # own work between a result and the next launch, the part that must fit under a device step.
+    # device: the host's slack), process = Scheduler.accept_result + take_events (the latter after the next
+    # launch, as the core settles a result's rows after sending the next plan). build + launch + process is
+    # the host's own work per step, all of which must fit under a device step.
     host_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(HOST_PARTS, 0.0))
 
     def host_ms_per_step(self) -> dict[str, float]:
@@ -76,6 +77,7 @@ def run_requests(engine, requests: list[Request], depth: int, prefix_caching: bo
     host = stats.host_ms
     clock = time.perf_counter
     t0 = clock()
+    unsettled = False
     while not sched.is_idle:
         while sched.in_flight < depth:
             a = clock()
@@ -86,6 +88,11 @@ def run_requests(engine, requests: list[Request], depth: int, prefix_caching: bo
                 break
             engine.launch(built[0])
             host["launch"] += 1000 * (clock() - b)
+        if unsettled:  # the last result's rows, once the next step is launched (as the core does)
+            a = clock()
+            sched.take_events()
+            host["process"] += 1000 * (clock() - a)
+            unsettled = False
         a = clock()
         result = engine.collect()
         b = clock()
@@ -94,8 +101,10 @@ def run_requests(engine, requests: list[Request], depth: int, prefix_caching: bo
         stats.compute_ms += result.compute_ms
         if stats.steps > 1:  # the first step's gap is the time since the previous run
             stats.idle_gap_ms += result.idle_gap_ms
-        sched.process_result(result)
+        sched.accept_result(result)
+        unsettled = True
         host["process"] += 1000 * (clock() - b)
+    sched.take_events()
     stats.wall_s = clock() - t0
     stats.outputs = {r.req_id: list(r.output_ids) for r in requests}
     stats.prefix_hits = sched.blocks.hits

@@ -112,8 +112,10 @@ class FakeWorker:
         return StepResult(step_id=plan.step_id, sampled=sampled, state_digest=digest), batch
 
 
-def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: int = 3) -> dict:
-    """A minimal engine loop with invariant checks; returns per-request outputs and statistics."""
+def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: int = 3, deferred: bool = False) -> dict:
+    """A minimal engine loop with invariant checks; returns per-request outputs and statistics.
+    `deferred`: the core's order (engine.py): accept a result, build and send the next plans, and only
+    then take the result's events, so that plans are built with rows unsettled."""
     lim = sched.limits
     truth = {r.req_id: oracle(r)[0] for r in reqs}
     worker = FakeWorker(lim, truth)
@@ -124,11 +126,29 @@ def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: in
     last_ref: dict[int, tuple[tuple[str, int], int]] = {}  # block -> ((req, incarnation), step)
     reported = -1
     stats = Counter()
+    unsettled = False
+    preempt = sched._preempt
+
+    def preempt_counted(req: Request) -> None:
+        # A victim whose last token is still unsettled: _preempt must settle it before it leaves its slot.
+        pending = sched._unsettled
+        stats["preempted_unsettled"] += pending is not None and any(r is req for r in pending[0].requests)
+        preempt(req)
+
+    sched._preempt = preempt_counted
+
+    def take(evs: list) -> None:
+        for ev in evs:
+            assert not events[ev.request.req_id] or events[ev.request.req_id][-1].finish is None
+            events[ev.request.req_id].append(ev)
+        sched.check_integrity()
+
     while queue or not sched.is_idle:
         for _ in range(arrive_per_step):
             if queue:
                 sched.add(queue.popleft())
         while sched.in_flight < lim.pipeline_depth:
+            stats["built_unsettled"] += sched._unsettled is not None
             built = sched.build_plan()
             if built is None:
                 break
@@ -155,19 +175,22 @@ def run_to_completion(sched: Scheduler, reqs: list[Request], arrive_per_step: in
                     assert samples[req.req_id] <= req.max_new_tokens, "sample scheduled past max_new_tokens"
                     assert batch.kv_lens[r] < lim.max_context
             inflight.append((result, info.requests))
+        if unsettled:
+            take(sched.take_events())
+            unsettled = False
         if not inflight:
             assert sched.is_idle, "nothing schedulable but work remains (deadlock)"
             continue  # more arrivals, or done
         result, rows = inflight.popleft()
         live_before = [not req.is_finished for req in rows]
-        evs = sched.process_result(result)
+        if deferred:
+            sched.accept_result(result)
+            unsettled = True
+        else:
+            take(sched.process_result(result))
         reported = result.step_id
         stats["overruns"] += sum(1 for r in range(len(rows)) if result.sampled[r] >= 0 and not live_before[r])
-        for ev in evs:
-            assert not events[ev.request.req_id] or events[ev.request.req_id][-1].finish is None
-            events[ev.request.req_id].append(ev)
-        sched.check_integrity()
-    sched.check_integrity()
+    take(sched.take_events())
     assert sched.blocks.num_free == lim.num_blocks
     stats["preemptions"] = sched.num_preemptions
     return {"events": events, "samples": samples, "stats": stats}
@@ -186,16 +209,18 @@ def mixed_requests() -> list[Request]:
     return reqs
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_outputs_match_oracle_with_chunking_and_preemption(depth: int) -> None:
+@pytest.mark.parametrize(("depth", "deferred"), [(1, False), (2, False), (1, True), (2, True)])
+def test_outputs_match_oracle_with_chunking_and_preemption(depth: int, deferred: bool) -> None:
     reqs = mixed_requests()
-    out = run_to_completion(Scheduler(limits(depth, check_state=True)), reqs)
+    out = run_to_completion(Scheduler(limits(depth, check_state=True)), reqs, deferred=deferred)
     stats = out["stats"]
     assert stats["preemptions"] > 0 and stats["chunked"] > 0
     if depth == 2:
         assert stats["carried"] > 0 and stats["overruns"] > 0
     else:
         assert stats["carried"] == 0 and stats["overruns"] == 0
+    if deferred:  # plans were built, and requests preempted, with a result's rows unsettled
+        assert stats["built_unsettled"] > 0 and stats["preempted_unsettled"] > 0
     reasons = Counter()
     for req in reqs:
         _, expected, reason = oracle(req)
@@ -444,13 +469,13 @@ def shared_prefix_requests(salted: bool = False) -> list[Request]:
     return reqs
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_prefix_cache_shares_blocks_and_tokens_match_the_oracle(depth: int) -> None:
+@pytest.mark.parametrize(("depth", "deferred"), [(1, False), (2, False), (2, True)])
+def test_prefix_cache_shares_blocks_and_tokens_match_the_oracle(depth: int, deferred: bool) -> None:
     """The fake worker checks every row's context against the truth, so a wrongly shared or evicted
     block fails here; the pool is small enough to evict and preempt."""
     reqs = shared_prefix_requests()
     sched = Scheduler(limits(depth, num_blocks=20, check_state=True, prefix_caching=True))
-    out = run_to_completion(sched, reqs, arrive_per_step=2)
+    out = run_to_completion(sched, reqs, arrive_per_step=2, deferred=deferred)
     for req in reqs:
         assert req.output_ids == oracle(req)[1], req.req_id
     assert sched.blocks.hits > 0 and sum(r.num_cached_tokens for r in reqs) == sched.blocks.hits

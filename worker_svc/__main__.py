@@ -73,6 +73,9 @@ def build_parser() -> EnvArgumentParser:
     p.add_argument("--hang-timeout", type=float, default=300.0,
                    help="exit (status 3) when one step keeps the worker busy this many seconds, so a supervisor "
                    "restarts it; 0 = never")
+    p.add_argument("--step-trace", default="",
+                   help="a file: one JSON line per plan received, step launched and result sent, on the host's "
+                   "monotonic clock (the scheduler's --step-trace shares it; bench.chain_trace joins them)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("engine link: %s", exc)
         return exit_codes.LOAD_ERROR
     loop = WorkerLoop(engine, link, args.hang_timeout, instance_token=args.instance_token, replace=args.replace,
-                      tensor_parallel_size=args.tensor_parallel_size, group_num_blocks=group_blocks)
+                      tensor_parallel_size=args.tensor_parallel_size, group_num_blocks=group_blocks,
+                      step_trace=args.step_trace)
     loop_ref.append(loop)
     log.info("model %s ready; connecting to %s", loaded.name, args.engine_address)
     try:

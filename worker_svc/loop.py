@@ -131,7 +131,8 @@ def make_hello(engine: Engine, instance_token: str = "", replace: bool = False, 
 
 class WorkerLoop:
     def __init__(self, engine: Engine, link: WorkerLink, hang_timeout_s: float = 0.0, instance_token: str = "",
-                 replace: bool = False, tensor_parallel_size: int = 1, group_num_blocks: int | None = None) -> None:
+                 replace: bool = False, tensor_parallel_size: int = 1, group_num_blocks: int | None = None,
+                 step_trace: str = "") -> None:
         self.engine = engine
         self.link = link
         self.instance_token = instance_token
@@ -144,8 +145,14 @@ class WorkerLoop:
         self.faults = parse_faults(os.environ.get(FAULTS_ENV, ""))
         self._refused_by_fault = False
         self.exit_status = 0  # set by REJECT (4, or 2 when final) and by BYE (0, or 5 when replaced)
+        self._trace = open(step_trace, "a", buffering=1 << 20) if step_trace else None  # noqa: SIM115
         if self.faults:
             log.warning("fault injection on (%s=%s): for tests only", FAULTS_ENV, os.environ[FAULTS_ENV])
+
+    def trace(self, event: str, step: int) -> None:
+        """--step-trace: when this worker received, launched and answered each step (monotonic clock)."""
+        if self._trace is not None:
+            self._trace.write(f'{{"ev": "{event}", "t": {time.monotonic()!r}, "step": {step}}}\n')
 
     def hello(self, replace: bool | None = None) -> wire.Hello:
         return make_hello(self.engine, self.instance_token, self.replace if replace is None else replace,
@@ -227,6 +234,7 @@ class WorkerLoop:
         except Exception as exc:  # protobuf DecodeError as well as WireError
             self.refuse(-1, f"undecodable plan: {exc}")
             return
+        self.trace("plan_in", plan.step_id)
         if plan.step_id <= self.engine.last_step_id:
             self.refuse(plan.step_id, f"already at step {self.engine.last_step_id}")
             return
@@ -267,6 +275,7 @@ class WorkerLoop:
         if not self.engine.is_async:
             self.send_pending(keep=0)
         self.engine.launch(plan)
+        self.trace("launched", plan.step_id)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step %d launched: %d rows, %d tokens, carry from %d, flush %s", plan.step_id,
                       plan.num_rows, plan.num_tokens, plan.carry_from_step, plan.flush)
@@ -285,4 +294,6 @@ class WorkerLoop:
             result = self.engine.collect()
             if self.faults.get("nan_logits_at_step") == result.step_id and result.logprob is not None:
                 result.logprob[self.faults.get("nan_row", 0)] = np.nan  # what the sampler reports for broken logits
+            self.trace("collected", result.step_id)
             self.link.send(result.encode())
+            self.trace("result_out", result.step_id)

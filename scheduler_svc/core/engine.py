@@ -514,8 +514,9 @@ class Engine:
         self.trace("result", step=result.step_id, compute_ms=result.compute_ms, idle_gap_ms=result.idle_gap_ms)
         info = s.scheduler.oldest_in_flight
         decode = info is not None and info.step_id == result.step_id and info.num_tokens == len(info.requests)
-        events = s.scheduler.process_result(result)
-        self._pump(after_result=True)  # the next plan goes out before the front end hears of this step's tokens
+        s.scheduler.accept_result(result)  # counters and finishes: what the next plan depends on
+        self._pump(after_result=True)  # the next plan goes out before the rows' Python and the front end's tokens
+        events = s.scheduler.take_events()
         if events:
             self.front.send_frames(self._outputs(result, events, decode).encode())
         self._check_idle()

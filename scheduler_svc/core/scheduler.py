@@ -2,7 +2,10 @@
 
 Owns the waiting queue, the running set, the KV block tables and the steps in flight. Pure Python +
 numpy (never torch). The engine loop calls `build_plan` while fewer than `pipeline_depth` steps are in
-flight and `process_result` for every result, in step order; the plan returned counts as sent.
+flight and `process_result` for every result, in step order; the plan returned counts as sent. The core
+splits the latter: `accept_result` (the row counters, and the rows that end), then the next plans, then
+`take_events` (the other rows' tokens appended and their events), so that a result's per-row Python is
+not on the path from the worker's result to its next plan.
 
 Plans are incremental (engine.proto): each running request holds a worker row slot (`RowTable`), and
 a plan carries the slots freed and started, the KV blocks appended, and the rows this step runs. The
@@ -85,6 +88,7 @@ class Scheduler:
     def __init__(self, limits: SchedulerLimits) -> None:
         self.limits = limits
         self.num_preemptions = 0
+        self._events: list[TokenEvent] = []  # not reset with a session: `drain` leaves them to be taken
         self._reset()
 
     def _reset(self) -> None:
@@ -95,6 +99,11 @@ class Scheduler:
         self._running: dict[str, Request] = {}  # admission order: the last one is preempted first
         self._in_flight: deque[StepInfo] = deque()
         self._next_step = 0
+        # The EOS and stop tokens of every request added this session: a sampled token outside them
+        # cannot end its request, so its row's Python waits until the next plan is out (accept_result).
+        self._stop_set: set[int] = set()
+        self._stop_ids = np.zeros(0, np.int64)
+        self._unsettled: tuple[StepInfo, StepResult, np.ndarray, np.ndarray, float] | None = None
 
     # ---- introspection -------------------------------------------------------------------------
 
@@ -133,6 +142,7 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         """Block and slot accounting invariants; when idle, every block and slot is back in its pool."""
+        self._settle()
         owned = Counter(b for req in self._running.values() for b in req.block_ids)
         self.blocks.check_integrity(owned)  # a block's references are the requests holding it
         self.rows.check_integrity(self.limits.block_size)
@@ -160,6 +170,13 @@ class Scheduler:
             raise QueueFull(f"{len(self._waiting)} requests waiting (limit {self.limits.max_waiting})")
         self._requests[req.req_id] = req
         self._waiting.append(req)
+        self._note_stops(req)
+
+    def _note_stops(self, req: Request) -> None:
+        ids = set(req.stop_token_ids) if req.ignore_eos else set(req.stop_token_ids) | set(req.eos_token_ids)
+        if not ids <= self._stop_set:
+            self._stop_set |= ids
+            self._stop_ids = np.fromiter(sorted(self._stop_set), np.int64, len(self._stop_set))
 
     def resume(self, req: Request) -> None:
         """Queues a request held through a worker loss (`drain` gave it back): it recomputes its prompt
@@ -171,6 +188,7 @@ class Scheduler:
         req.status, req.finish_reason, req.finish_time = RequestStatus.WAITING, None, None
         self._requests[req.req_id] = req
         self._waiting.append(req)
+        self._note_stops(req)
 
     def abort(self, req_id: str, reason: FinishReason = FinishReason.ABORTED) -> Request | None:
         """Stops a request; returns it, or None if it is unknown or already finished (idempotent)."""
@@ -184,7 +202,9 @@ class Scheduler:
         return self.abort(req_id, reason)
 
     def drain(self) -> list[Request]:
-        """The worker is gone: removes and returns every unfinished request; fresh state for the next."""
+        """The worker is gone: removes and returns every unfinished request; fresh state for the next.
+        Events not taken yet stay for `take_events` (the tokens they carry are in the requests too)."""
+        self._settle()
         lost = list(self._requests.values())
         now = time.monotonic()
         for req in lost:
@@ -197,6 +217,7 @@ class Scheduler:
         return lost
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        self._settle()
         del self._requests[req.req_id]
         if req.status is RequestStatus.RUNNING:
             del self._running[req.req_id]
@@ -218,6 +239,7 @@ class Scheduler:
         known and written by step `written_in` at the latest (sent, or the plan being built)."""
         if not self.blocks.caching:
             return
+        self._settle()
         bs = self.limits.block_size
         first, last = start // bs, end // bs
         if last <= first:
@@ -231,6 +253,7 @@ class Scheduler:
         (which is always computed, for its logits); not taken yet."""
         if not self.blocks.caching:
             return []
+        self._settle()
         bs = self.limits.block_size
         upto = (req.num_known_tokens - 1) // bs
         if upto <= 0:
@@ -252,6 +275,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         """Recompute-preemption: drop its KV; it rejoins the queue's front with prompt + outputs to redo."""
+        self._settle()
         del self._running[req.req_id]
         self._free_blocks(req)
         self.rows.release(req, self._next_step - 1)
@@ -282,6 +306,8 @@ class Scheduler:
         decode, appended, stalled = self._schedule_decodes(order[ready & (todo == 1)], row_cap, in_step)
         budget = L.max_num_tokens - decode.size
         chunks: list[_Chunk] = []
+        # Continuing prefills and waiting requests have no unsettled token: a request's sample makes its
+        # next row a decode, and preemption settles (_preempt).
         for s in order[ready & (todo > 1)].tolist():
             if decode.size + len(chunks) == L.max_num_rows or budget == 0:
                 break
@@ -488,7 +514,17 @@ class Scheduler:
     # ---- results -------------------------------------------------------------------------------
 
     def process_result(self, result: StepResult) -> list[TokenEvent]:
+        """`accept_result` then `take_events`: the result's token events, every row settled."""
+        self.accept_result(result)
+        return self.take_events()
+
+    def accept_result(self, result: StepResult) -> None:
+        """Applies `result` to the row counters and finishes the rows that end with it; the other rows'
+        per-request Python (output_ids, token events) waits for `take_events`, so that the caller can
+        build and send the next plan first: the steady decode path of `build_plan` reads only the row
+        table's arrays. Any path that reads a request's tokens settles them first (`_settle`)."""
         assert self._in_flight, f"result for step {result.step_id} with nothing in flight"
+        self._settle()  # at most one result's rows wait at a time
         info = self._in_flight.popleft()
         assert result.step_id == info.step_id, f"result for step {result.step_id}, expected {info.step_id}"
         assert result.sampled.shape == (len(info.requests),)
@@ -510,48 +546,83 @@ class Scheduler:
         at_cap[live] = rt.known[ls] >= rt.cap[ls]
         # The worker's sampler marks a row whose logits were not finite with a NaN logprob.
         broken = np.isnan(result.logprob[rows]) if result.logprob is not None else np.zeros(rows.size, bool)
-        events: list[TokenEvent] = []
-        now = None
+        # Rows that may end here go now, one by one: not live, broken, at their cap, or a token that is
+        # some running request's EOS or stop token (a superset: the exact test is per request).
+        ends = ~live | broken | at_cap | (tokens < 0)
+        if self._stop_ids.size:
+            ends |= np.isin(tokens, self._stop_ids)
+        now = time.monotonic()
+        for i in np.flatnonzero(ends).tolist():
+            self._end_row(info, result, int(rows[i]), int(tokens[i]), bool(live[i]), bool(at_cap[i]),
+                          bool(broken[i]), now)
+        keep = ~ends
+        if keep.any():
+            self._unsettled = (info, result, rows[keep], tokens[keep], now)
+        self.blocks.release_through(info.step_id)
+        rt.pool.release_through(info.step_id)
+
+    def take_events(self) -> list[TokenEvent]:
+        """The token events since the last call, every accepted row settled."""
+        self._settle()
+        events, self._events = self._events, []
+        return events
+
+    def _settle(self) -> None:
+        """The deferred rows of the last accepted result: their tokens appended, their events made."""
+        if self._unsettled is None:
+            return
+        info, result, rows, tokens, now = self._unsettled
+        self._unsettled = None
+        events = self._events
+        reqs = info.requests[rows]
         want_logprobs = result.logprob is not None
-        for r, token, is_live, cap_hit, bad in zip(
-                rows.tolist(), tokens.tolist(), live.tolist(), at_cap.tolist(), broken.tolist(), strict=True):
-            req = info.requests[r]
-            if not is_live:
-                if req.is_finished:
-                    continue  # the overrun of a request already finished: discarded
-                # Preempted with this sample in flight: it waits, its counters in its own fields.
-                req._inflight -= 1
-                assert req._inflight >= 0
-                if req._inflight == 0:
-                    req._last_sample = None
-                cap_hit = req.num_known_tokens + 1 >= min(req.token_cap, self.limits.max_context)
-            if bad:
-                events.append(TokenEvent(req, -1, None, None, FinishReason.ABORTED, error="non-finite logits"))
-                self._finish(req, FinishReason.ABORTED)
-                continue
-            assert token >= 0, f"step {info.step_id} row {r} sampled nothing"
+        for r, req, token in zip(rows.tolist(), reqs.tolist(), tokens.tolist(), strict=True):
+            assert req.rows is not None, "a request left its slot with a token unsettled"
             req.output_ids.append(token)
             if req.first_token_time is None:
-                now = now or time.monotonic()
                 req.first_token_time = now
-            if token in req.eos_token_ids and not req.ignore_eos:
-                finish = FinishReason.EOS
-            elif token in req.stop_token_ids:
-                finish = FinishReason.STOP_TOKEN
-            elif cap_hit:
-                finish = FinishReason.LENGTH
-            else:
-                finish = None
             if want_logprobs and req.sampling.num_logprobs >= 0:
                 logprob, top = self._logprobs(result, r, req)
             else:
                 logprob, top = None, None
-            events.append(TokenEvent(req, token, logprob, top, finish))
-            if finish is not None:
-                self._finish(req, finish)
-        self.blocks.release_through(info.step_id)
-        rt.pool.release_through(info.step_id)
-        return events
+            events.append(TokenEvent(req, token, logprob, top, None))
+
+    def _end_row(self, info: StepInfo, result: StepResult, r: int, token: int, is_live: bool, cap_hit: bool,
+                 bad: bool, now: float) -> None:
+        """One sampled row that may end its request (or was preempted, or belongs to one that ended)."""
+        req = info.requests[r]
+        if not is_live:
+            if req.is_finished:
+                return  # the overrun of a request already finished: discarded
+            # Preempted with this sample in flight: it waits, its counters in its own fields.
+            req._inflight -= 1
+            assert req._inflight >= 0
+            if req._inflight == 0:
+                req._last_sample = None
+            cap_hit = req.num_known_tokens + 1 >= min(req.token_cap, self.limits.max_context)
+        if bad:
+            self._events.append(TokenEvent(req, -1, None, None, FinishReason.ABORTED, error="non-finite logits"))
+            self._finish(req, FinishReason.ABORTED)
+            return
+        assert token >= 0, f"step {info.step_id} row {r} sampled nothing"
+        req.output_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if token in req.eos_token_ids and not req.ignore_eos:
+            finish = FinishReason.EOS
+        elif token in req.stop_token_ids:
+            finish = FinishReason.STOP_TOKEN
+        elif cap_hit:
+            finish = FinishReason.LENGTH
+        else:
+            finish = None
+        if result.logprob is not None and req.sampling.num_logprobs >= 0:
+            logprob, top = self._logprobs(result, r, req)
+        else:
+            logprob, top = None, None
+        self._events.append(TokenEvent(req, token, logprob, top, finish))
+        if finish is not None:
+            self._finish(req, finish)
 
     @staticmethod
     def _logprobs(

@@ -1,0 +1,249 @@
+"""Where the host's serial chain goes, part by part: every function between a step's result and the
+next step's launch, timed inclusive, over the real Scheduler driving an in-process worker Engine
+(bench/inprocess.py) at steady decode.
+
+The chain across the processes is: the worker encodes step N's result, the core decodes it,
+`accept_result` (`process_result` in older trees), `build_plan` and the plan's encode; the worker
+decodes the plan and `Engine.launch` runs its checks, loads an I/O slot and issues the step. In one
+process the link's sockets are
+missing, so each plan and result here also goes through its wire encode and decode (timed as
+`plan_encode`, `plan_decode`, `result_encode`, `result_decode`), which is what the link adds
+besides ZeroMQ itself. Every part is wrapped with a perf_counter pair (about 0.3 us each, counted
+in the part); `launch` is the whole of Engine.launch, its sub-parts are inside it, so sub-parts do
+not add up to it exactly (the rest is launch's own lines). `take_events` (the rows settled once the
+next step is launched) and `collect` are off the chain.
+
+    python -m bench.launch_parts --model random:smollm2-135m --rows 1024 256 [--new-tokens 256] [--json F]
+
+On CPU (`--device cpu`, a one-layer tiny model by default) `launch` includes the forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import time
+from collections.abc import Iterator
+
+import torch
+
+from bench.inprocess import greedy_requests, run_requests
+from bench.records import cpu_header, write_record
+
+# (part name, module, dotted attribute): wrapped in place, and where another module imported the
+# function by name, there too (see _patch).
+PARTS: list[tuple[str, str, str]] = [
+    ("process_result", "scheduler_svc.core.scheduler", "Scheduler.process_result"),  # trees before the split
+    ("accept_result", "scheduler_svc.core.scheduler", "Scheduler.accept_result"),  # on the chain
+    ("take_events", "scheduler_svc.core.scheduler", "Scheduler.take_events"),  # after the next launch
+    ("build_plan", "scheduler_svc.core.scheduler", "Scheduler.build_plan"),
+    ("launch", "worker_svc.runner", "Engine.launch"),
+    ("launch.check", "worker_svc.runner", "Engine._check"),
+    ("launch.check.validate", "tandem.wire", "StepPlan.validate"),
+    ("launch.check.rows_check", "worker_svc.row_state", "RowState._check"),
+    ("launch.check.rows_apply", "worker_svc.row_state", "RowState._apply"),
+    ("launch.check.penalty_check", "worker_svc.penalties", "PenaltyState.check"),
+    ("launch.hints", "worker_svc.runner", "SamplingHints.of"),
+    ("launch.penalty_stage", "worker_svc.penalties", "PenaltyState.stage"),
+    ("launch.penalty_flags", "worker_svc.penalties", "PenaltyState.flags"),
+    ("launch.row_layout", "worker_svc.attention", "row_layout"),
+    ("launch.pad_decode", "worker_svc.graphs.cuda_graphs", "pad_decode_batch"),
+    ("launch.slot_load", "worker_svc.io_slots", "IOSlot.load"),
+    ("launch.graph_replay", "worker_svc.graphs.cuda_graphs", "DecodeGraphs.replay"),
+    ("launch.clock_begin", "worker_svc.step_clock", "StepClock.begin"),
+    ("launch.finish", "worker_svc.runner", "Engine._finish"),
+    ("collect", "worker_svc.runner", "Engine.collect"),
+]
+WIRE_PARTS = ("plan_encode", "plan_decode", "result_encode", "result_decode")
+
+
+class Timers:
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def add(self, name: str, ms: float) -> None:
+        self.ms[name] = self.ms.get(name, 0.0) + ms
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def reset(self) -> None:
+        self.ms.clear()
+        self.calls.clear()
+
+
+def _resolve(module: str, dotted: str) -> tuple[object, str, object]:
+    owner = importlib.import_module(module)
+    *path, attr = dotted.split(".")
+    for p in path:
+        owner = getattr(owner, p)
+    return owner, attr, owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+
+
+def _timed(name: str, fn, timers: Timers):
+    clock = time.perf_counter
+
+    def wrapper(*args, **kwargs):
+        t0 = clock()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timers.add(name, 1000 * (clock() - t0))
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _patch(timers: Timers) -> Iterator[None]:
+    """Wraps every part; a plain function is also replaced where worker_svc.runner imported it."""
+    runner = importlib.import_module("worker_svc.runner")
+    undo: list[tuple[object, str, object]] = []
+    try:
+        for name, module, dotted in PARTS:
+            try:
+                owner, attr, orig = _resolve(module, dotted)
+            except (AttributeError, KeyError):
+                continue  # an older tree without this function: its part reads as absent
+            wrapped = orig
+            if isinstance(orig, staticmethod):
+                wrapped = staticmethod(_timed(name, orig.__func__, timers))
+            elif isinstance(orig, classmethod):
+                wrapped = classmethod(_timed(name, orig.__func__, timers))
+            else:
+                wrapped = _timed(name, orig, timers)
+            undo.append((owner, attr, orig))
+            setattr(owner, attr, wrapped)
+            if not isinstance(owner, type) and getattr(runner, attr, None) is orig:
+                undo.append((runner, attr, orig))
+                setattr(runner, attr, wrapped)
+        yield
+    finally:
+        for owner, attr, orig in reversed(undo):
+            setattr(owner, attr, orig)
+
+
+def _wire_roundtrip(engine, timers: Timers) -> contextlib.AbstractContextManager:
+    """Sends each plan and result through its wire encode and decode, as the link would."""
+    from tandem import wire
+
+    clock = time.perf_counter
+    launch, collect = engine.launch, engine.collect
+
+    def launch_over_wire(plan):
+        t0 = clock()
+        frames = plan.encode()
+        t1 = clock()
+        frames = [bytes(f) if isinstance(f, memoryview) else f for f in frames]  # what arrives from a socket
+        t2 = clock()
+        _kind, header, arrays = wire.split(frames)
+        plan = wire.StepPlan.decode(header, arrays)
+        t3 = clock()
+        timers.add("plan_encode", 1000 * (t1 - t0))
+        timers.add("plan_decode", 1000 * (t3 - t2))
+        return launch(plan)
+
+    def collect_over_wire():
+        result = collect()
+        t0 = clock()
+        frames = result.encode()
+        t1 = clock()
+        frames = [bytes(f) if isinstance(f, memoryview) else f for f in frames]
+        t2 = clock()
+        _kind, header, arrays = wire.split(frames)
+        result = wire.StepResult.decode(header, arrays)
+        t3 = clock()
+        timers.add("result_encode", 1000 * (t1 - t0))
+        timers.add("result_decode", 1000 * (t3 - t2))
+        return result
+
+    @contextlib.contextmanager
+    def cm():
+        engine.launch, engine.collect = launch_over_wire, collect_over_wire
+        try:
+            yield
+        finally:
+            del engine.launch, engine.collect
+
+    return cm()
+
+
+def build_engine(model: str, device: str, rows: int, prompt_len: int, new_tokens: int):
+    from worker_svc.models import load
+    from worker_svc.runner import Engine, EngineConfig
+
+    max_num_tokens = max(2048, min(8192, rows * prompt_len))
+    blocks = rows * -(-(prompt_len + new_tokens) // 16) + 64
+    if device == "cpu" and model == "tiny":
+        from bench.host_parts import tiny_cpu_engine
+
+        return tiny_cpu_engine(rows, blocks, max_num_tokens)
+    loaded = load(model, device=device, dtype=torch.bfloat16 if device != "cpu" else torch.float32)
+    if device.startswith("cuda"):
+        from worker_svc import fusion
+
+        fusion.apply(loaded.model)
+    return Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=rows, max_num_tokens=max_num_tokens), device)
+
+
+def measure(engine, rows: int, prompt_len: int, new_tokens: int, vocab: int, rounds: int) -> dict:
+    """Best round (least wall time) of `rounds`: its parts in ms per step."""
+    from bench.gpu_async import prompts_for
+
+    prompts = [[t % vocab for t in p] for p in prompts_for(rows, prompt_len)]
+    timers = Timers()
+    run_requests(engine, greedy_requests(prompts, 4), 2)  # warm-up
+    best = None
+    for _ in range(rounds):
+        timers.reset()
+        with _patch(timers), _wire_roundtrip(engine, timers):
+            stats = run_requests(engine, greedy_requests(prompts, new_tokens), 2)
+        entry = {
+            "rows": rows, "steps": stats.steps, "wall_s": round(stats.wall_s, 4),
+            "ms_per_step": round(1000 * stats.wall_s / stats.steps, 4), "busy_ratio": round(stats.busy_ratio, 4),
+            "parts_ms_per_step": {k: round(v / stats.steps, 4) for k, v in sorted(timers.ms.items())},
+            "calls_per_step": {k: round(v / stats.steps, 3) for k, v in sorted(timers.calls.items())},
+        }
+        if best is None or entry["wall_s"] < best["wall_s"]:
+            best = entry
+    p = best["parts_ms_per_step"]
+    chain = ("result_encode", "result_decode", "process_result", "accept_result", "build_plan", "plan_encode",
+             "plan_decode", "launch")
+    best["serial_chain_ms"] = round(sum(p.get(k, 0.0) for k in chain), 4)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.launch_parts", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random:smollm2-135m", help="a model spec; 'tiny' with --device cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", type=int, nargs="+", default=[1024, 512, 256])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    model = args.model if args.device != "cpu" or args.model != "random:smollm2-135m" else "tiny"
+    entries = []
+    for rows in args.rows:
+        engine = build_engine(model, args.device, rows, args.prompt_len, args.new_tokens)
+        vocab = engine.loaded.vocab_size
+        e = measure(engine, rows, args.prompt_len, args.new_tokens, vocab, args.rounds)
+        e["model"], e["device"] = model, args.device
+        entries.append(e)
+        print(f"rows {rows}: {e['ms_per_step']} ms/step, busy {e['busy_ratio']}, "
+              f"serial chain {e['serial_chain_ms']} ms")
+        for k, v in e["parts_ms_per_step"].items():
+            print(f"  {k:28s} {v:8.4f} ms/step  ({e['calls_per_step'][k]} calls)")
+        del engine
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.json:
+        header = cpu_header("bench.launch_parts", argv)
+        if args.device.startswith("cuda"):
+            header["gpu"], header["torch"] = torch.cuda.get_device_name(), torch.__version__
+        write_record(args.json, {**header, "entries": entries})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
