@@ -110,42 +110,49 @@ class RowState:
 
     def _check(self, plan: StepPlan) -> _Checked:
         """Every check on copies of the slot columns; the copies are the state after the plan, which
-        `_apply` then takes as it is."""
+        `_apply` then takes as it is. A steady decode plan frees and starts nothing: those checks go."""
         free, new, rows = plan.free_slots, plan.new_slots, plan.rows
-        if not np.all(self.active[free]):
-            raise WireError("free_slots: a slot that holds no request")
         active = self.active.copy()
-        active[free] = False
-        if np.any(active[new]):
-            raise WireError("new_slots: a slot still in use")
-        active[new] = True
-        t, p, k, m = plan.new_temperature, plan.new_top_p, plan.new_top_k, plan.new_min_p
-        if not (np.all(t >= 0) and np.all((p > 0) & (p <= 1)) and np.all(k >= 0) and np.all((m >= 0) & (m <= 1))):
-            raise WireError("sampling parameter out of range")
-        if np.any(plan.new_num_logprobs < -1) or np.any(plan.new_num_logprobs > MAX_TOP_LOGPROBS):
-            raise WireError(f"num_logprobs outside [-1, {MAX_TOP_LOGPROBS}]")
-        a_slots, a_blocks = plan.append_slots, plan.append_blocks
-        if not np.all(active[a_slots]):
-            raise WireError("append_slots: a slot that holds no request")
-        ranks, runs = _run_ranks(a_slots)
-        if runs != np.count_nonzero(np.bincount(a_slots, minlength=1)):
-            raise WireError("append_slots: one slot's appends are not contiguous")
-        if a_blocks.size and (a_blocks.min() < 0 or a_blocks.max() >= self.num_kv_blocks):
-            raise WireError(f"append_blocks: block id outside [0, {self.num_kv_blocks})")
         base_blocks = self.num_blocks.copy()
         context = self.context.copy()
-        base_blocks[free] = context[free] = 0
-        base_blocks[new] = 0
-        context[new] = plan.new_context
-        if np.any(plan.new_context < 0):
-            raise WireError("new_context: negative")
-        num_blocks = base_blocks + np.bincount(a_slots, minlength=self.num_slots)
-        if np.any(num_blocks > self.max_blocks_per_row):
-            raise WireError(f"a block table longer than {self.max_blocks_per_row} blocks")
+        if free.size:
+            if not np.all(self.active[free]):
+                raise WireError("free_slots: a slot that holds no request")
+            active[free] = False
+            base_blocks[free] = context[free] = 0
+        if new.size:
+            if np.any(active[new]):
+                raise WireError("new_slots: a slot still in use")
+            active[new] = True
+            t, p, k, m = plan.new_temperature, plan.new_top_p, plan.new_top_k, plan.new_min_p
+            if not (np.all(t >= 0) and np.all((p > 0) & (p <= 1)) and np.all(k >= 0)
+                    and np.all((m >= 0) & (m <= 1))):
+                raise WireError("sampling parameter out of range")
+            if np.any(plan.new_num_logprobs < -1) or np.any(plan.new_num_logprobs > MAX_TOP_LOGPROBS):
+                raise WireError(f"num_logprobs outside [-1, {MAX_TOP_LOGPROBS}]")
+            if np.any(plan.new_context < 0):
+                raise WireError("new_context: negative")
+            base_blocks[new] = 0
+            context[new] = plan.new_context
+        a_slots, a_blocks = plan.append_slots, plan.append_blocks
+        num_blocks = base_blocks
+        ranks = np.zeros(0, np.int64)
+        if a_slots.size:
+            if not np.all(active[a_slots]):
+                raise WireError("append_slots: a slot that holds no request")
+            ranks, runs = _run_ranks(a_slots)
+            counts = np.bincount(a_slots, minlength=self.num_slots)
+            if runs != np.count_nonzero(counts):
+                raise WireError("append_slots: one slot's appends are not contiguous")
+            if a_blocks.min() < 0 or a_blocks.max() >= self.num_kv_blocks:
+                raise WireError(f"append_blocks: block id outside [0, {self.num_kv_blocks})")
+            num_blocks = base_blocks + counts
+            if num_blocks.max() > self.max_blocks_per_row:
+                raise WireError(f"a block table longer than {self.max_blocks_per_row} blocks")
         if not np.all(active[rows]):
             raise WireError("rows: a slot that holds no request")
         kv = context[rows] + np.diff(plan.query_start)
-        if np.any(kv > self.max_context):
+        if kv.max() > self.max_context:
             raise WireError(f"a row's context past max_context {self.max_context}")
         if np.any(kv > num_blocks[rows] * self.block_size):
             raise WireError("a row's context is longer than its block table")

@@ -16,7 +16,8 @@ import numpy as np
 
 from tandem.v1 import engine_pb2 as pb
 
-PROTOCOL_VERSION = 3  # 2: incremental plans over row slots held by the worker; 3: penalties, logit bias, min_tokens
+PROTOCOL_VERSION = 4  # 2: incremental plans over row slots held by the worker; 3: penalties, logit bias, min_tokens;
+# 4: a plan's empty arrays stay off the wire
 
 KIND_HELLO = b"HELLO"
 KIND_PLAN = b"PLAN"
@@ -163,6 +164,7 @@ PLAN_ARRAYS: dict[str, str] = {
 }
 _NEW_ARRAYS = tuple(name for name in PLAN_ARRAYS if name.startswith("new_"))
 _ROW_ARRAYS = ("rows", "carry_index", "sample")
+_FLAT_ARRAYS = ("bias_ids", "bias_values", "mask_ids", "history")  # entries of the new slots, in order
 # The value of each per-new-slot penalty array that leaves sampling as it is.
 _PENALTY_DEFAULTS = {
     "new_repetition_penalty": 1.0, "new_presence_penalty": 0.0, "new_frequency_penalty": 0.0,
@@ -172,6 +174,10 @@ _PENALTY_DEFAULTS = {
 
 def _none(dtype: str) -> np.ndarray:
     return np.zeros(0, dtype)
+
+
+# A decoded plan's absent arrays: shared, which is safe for arrays with no element to write.
+_EMPTY = {dtype: _none(dtype) for dtype in set(PLAN_ARRAYS.values())}
 
 
 @dataclass
@@ -251,6 +257,8 @@ class StepPlan:
         for name in _NEW_ARRAYS:
             if getattr(self, name).shape != (n,):
                 raise WireError(f"{name}: shape {getattr(self, name).shape}, expected ({n},)")
+        if not n and any(getattr(self, name).size for name in _FLAT_ARRAYS):
+            raise WireError("bias_ids / bias_values / mask_ids / history: entries without a new slot")
         for name in _ROW_ARRAYS:
             if getattr(self, name).shape != (r,):
                 raise WireError(f"{name}: shape {getattr(self, name).shape}, expected ({r},)")
@@ -267,25 +275,30 @@ class StepPlan:
             if arr.size > 1 and np.bincount(arr).max() > 1:
                 raise WireError(f"{name}: a slot listed twice")
         qs = self.query_start
-        if qs[0] != 0 or qs[-1] != t or np.any(np.diff(qs) <= 0):
+        lens = np.diff(qs)
+        if qs[0] != 0 or qs[-1] != t or lens.min() <= 0:
             raise WireError("query_start: not a strictly increasing 0..T range")
         ids = self.input_ids
-        placeholder = ids == PLACEHOLDER_SENTINEL
-        if np.any(placeholder):
+        if ids.max() >= vocab_size:
+            raise WireError("input_ids: token id outside the vocabulary")
+        if ids.min() < 0:  # only the placeholder sentinel (debug mode) may be negative
+            placeholder = ids == PLACEHOLDER_SENTINEL
+            if np.any((ids < 0) & ~placeholder):
+                raise WireError("input_ids: token id outside the vocabulary")
             # A sentinel may only sit at the first token of a row that carries over.
             carried = np.zeros(t, dtype=bool)
             carried[qs[:-1][self.carry_index >= 0]] = True
             if np.any(placeholder & ~carried):
                 raise WireError("input_ids: placeholder sentinel at a position nothing carries into")
-        if np.any((ids < 0) & ~placeholder) or np.any(ids >= vocab_size):
-            raise WireError("input_ids: token id outside the vocabulary")
-        self._validate_penalties(vocab_size)
-        g = self.new_grammar
-        if g.size and (g.min() < -1 or g.max() >= len(self.grammar_keys)):
-            raise WireError(f"new_grammar: index outside [-1, {len(self.grammar_keys)})")
-        if np.any(self.carry_index >= 0) and self.carry_from_step < 0:
+        if n:
+            self._validate_penalties(vocab_size)
+            g = self.new_grammar
+            if g.min() < -1 or g.max() >= len(self.grammar_keys):
+                raise WireError(f"new_grammar: index outside [-1, {len(self.grammar_keys)})")
+        carries = self.carry_index >= 0
+        if self.carry_from_step < 0 and carries.any():
             raise WireError("carry_index set but carry_from_step is -1")
-        if np.any((self.carry_index >= 0) & (np.diff(qs) != 1)):
+        if lens.max() > 1 and np.any(carries & (lens != 1)):
             raise WireError("carry_index set on a row of several tokens")
 
     def _validate_penalties(self, vocab_size: int) -> None:
@@ -310,7 +323,8 @@ class StepPlan:
             raise WireError("bias_values: not finite")
 
     def encode(self) -> list:
-        specs, frames = pack_arrays({name: getattr(self, name) for name in PLAN_ARRAYS})
+        # Empty arrays are left out (a steady decode step has some twenty): the receiver fills them in.
+        specs, frames = pack_arrays({name: arr for name in PLAN_ARRAYS if (arr := getattr(self, name)).size})
         header = pb.StepPlanHeader(
             step_id=self.step_id, carry_from_step=self.carry_from_step, flush=self.flush, arrays=specs,
             request_ids=self.request_ids, check_state=self.check_state, grammar_keys=self.grammar_keys,
@@ -321,8 +335,12 @@ class StepPlan:
     def decode(cls, header: bytes, frames: list) -> StepPlan:
         msg = pb.StepPlanHeader.FromString(header)
         arrays = unpack_arrays(msg.arrays, frames)
-        if list(arrays) != list(PLAN_ARRAYS):
-            raise WireError(f"plan arrays {list(arrays)} != {list(PLAN_ARRAYS)}")
+        names = iter(PLAN_ARRAYS)
+        if len(arrays) != len(msg.arrays) or not all(name in names for name in arrays):  # in order, once each
+            raise WireError(f"plan arrays {list(arrays)}: not a subsequence of {list(PLAN_ARRAYS)}")
+        for name in PLAN_ARRAYS:
+            if name not in arrays:
+                arrays[name] = _EMPTY[PLAN_ARRAYS[name]]
         return cls(step_id=msg.step_id, carry_from_step=msg.carry_from_step, flush=msg.flush, **arrays,
                    request_ids=msg.request_ids, check_state=msg.check_state, grammar_keys=list(msg.grammar_keys))
 
