@@ -11,7 +11,8 @@ missing, so each plan and result here also goes through its wire encode and deco
 besides ZeroMQ itself. Every part is wrapped with a perf_counter pair (about 0.3 us each, counted
 in the part); `launch` is the whole of Engine.launch, its sub-parts are inside it, so sub-parts do
 not add up to it exactly (the rest is launch's own lines). `take_events` (the rows settled once the
-next step is launched) and `collect` are off the chain.
+next step is launched) and `collect` are off the chain. Each figure is per steady decode step: the
+difference between a run of `--new-tokens` and one of a quarter as many, over the steps between them.
 
     python -m bench.launch_parts --model random:smollm2-135m --rows 1024 256 [--new-tokens 256] [--json F]
 
@@ -185,31 +186,42 @@ def build_engine(model: str, device: str, rows: int, prompt_len: int, new_tokens
     return Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=rows, max_num_tokens=max_num_tokens), device)
 
 
+def _run(engine, prompts, new_tokens: int, rounds: int) -> tuple[object, Timers]:
+    """Best round (least wall time) of `rounds`: its loop stats and part timers."""
+    best = None
+    for _ in range(rounds):
+        timers = Timers()
+        with _patch(timers), _wire_roundtrip(engine, timers):
+            stats = run_requests(engine, greedy_requests(prompts, new_tokens), 2)
+        if best is None or stats.wall_s < best[0].wall_s:
+            best = (stats, timers)
+    return best
+
+
 def measure(engine, rows: int, prompt_len: int, new_tokens: int, vocab: int, rounds: int) -> dict:
-    """Best round (least wall time) of `rounds`: its parts in ms per step."""
+    """The parts per steady decode step: a run of `new_tokens` minus one of a quarter as many, per
+    step of the difference, so that admission and prefill (the same in both) drop out."""
     from bench.gpu_async import prompts_for
 
     prompts = [[t % vocab for t in p] for p in prompts_for(rows, prompt_len)]
-    timers = Timers()
     run_requests(engine, greedy_requests(prompts, 4), 2)  # warm-up
-    best = None
-    for _ in range(rounds):
-        timers.reset()
-        with _patch(timers), _wire_roundtrip(engine, timers):
-            stats = run_requests(engine, greedy_requests(prompts, new_tokens), 2)
-        entry = {
-            "rows": rows, "steps": stats.steps, "wall_s": round(stats.wall_s, 4),
-            "ms_per_step": round(1000 * stats.wall_s / stats.steps, 4), "busy_ratio": round(stats.busy_ratio, 4),
-            "parts_ms_per_step": {k: round(v / stats.steps, 4) for k, v in sorted(timers.ms.items())},
-            "calls_per_step": {k: round(v / stats.steps, 3) for k, v in sorted(timers.calls.items())},
-        }
-        if best is None or entry["wall_s"] < best["wall_s"]:
-            best = entry
-    p = best["parts_ms_per_step"]
+    short, long = _run(engine, prompts, max(2, new_tokens // 4), rounds), _run(engine, prompts, new_tokens, rounds)
+    steps = long[0].steps - short[0].steps
+    assert steps > 0, "the longer run took no more steps"
+    names = sorted(long[1].ms)
+    wall = long[0].wall_s - short[0].wall_s
+    entry = {
+        "rows": rows, "steps": steps, "steps_long": long[0].steps, "steps_short": short[0].steps,
+        "new_tokens": [max(2, new_tokens // 4), new_tokens], "wall_s": round(wall, 4),
+        "ms_per_step": round(1000 * wall / steps, 4), "busy_ratio_long": round(long[0].busy_ratio, 4),
+        "parts_ms_per_step": {k: round((long[1].ms[k] - short[1].ms.get(k, 0.0)) / steps, 4) for k in names},
+        "calls_per_step": {k: round((long[1].calls[k] - short[1].calls.get(k, 0)) / steps, 3) for k in names},
+    }
+    p = entry["parts_ms_per_step"]
     chain = ("result_encode", "result_decode", "process_result", "accept_result", "build_plan", "plan_encode",
              "plan_decode", "launch")
-    best["serial_chain_ms"] = round(sum(p.get(k, 0.0) for k in chain), 4)
-    return best
+    entry["serial_chain_ms"] = round(sum(p.get(k, 0.0) for k in chain), 4)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         e = measure(engine, rows, args.prompt_len, args.new_tokens, vocab, args.rounds)
         e["model"], e["device"] = model, args.device
         entries.append(e)
-        print(f"rows {rows}: {e['ms_per_step']} ms/step, busy {e['busy_ratio']}, "
+        print(f"rows {rows}: {e['ms_per_step']} ms/step (steady decode), busy {e['busy_ratio_long']}, "
               f"serial chain {e['serial_chain_ms']} ms")
         for k, v in e["parts_ms_per_step"].items():
             print(f"  {k:28s} {v:8.4f} ms/step  ({e['calls_per_step'][k]} calls)")
