@@ -3,15 +3,17 @@
 
 At depth 2, step N's result leaves the worker while step N+1 computes; the core turns it into plan
 N+2, and the worker launches N+2 and then waits for N+1. Per step N the links are:
-- `result_to_core`: worker sent result N -> the core's loop took it;
-- `core`: the core took result N -> it sent plan N+2 (process_result, build_plan, encode);
+- `result_to_core`: step N's outputs on the worker's host -> the core's loop took its result (the
+  result's encode and send, the wire, the core's wake-up);
+- `core`: the core took result N -> it sent plan N+2 (accept_result, build_plan, encode);
 - `plan_to_worker`: plan N+2 sent -> the worker had it decoded;
 - `launch`: the worker's Engine.launch of N+2;
 - `wait`: launched N+2 -> step N+1's outputs were on the host (the host's slack: near 0 when the
-  host chain, not the device, sets the pace);
-- `send_result`: N+1 collected -> its result sent.
-Their sum is one period of the loop. Medians (and p90) over the steady steps: those whose whole
-chain is in both traces, the first and last `--trim` fraction left out (admission, the tail).
+  host chain, not the device, sets the pace).
+Their sum is one period of the loop. (The worker's `result_out`, after its send returns, is in the
+trace but not a link: a send may return after the core already has the message.) Medians, p90 and
+minima over the steady steps: those whose whole chain is in both traces, the first and last `--trim`
+fraction left out (admission, the tail).
 
     python -m bench.chain_trace --core CORE.jsonl --worker WORKER.jsonl [--trim 0.1] [--json F]
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-LINKS = ("result_to_core", "core", "plan_to_worker", "launch", "wait", "send_result")
+LINKS = ("result_to_core", "core", "plan_to_worker", "launch", "wait")
 
 
 def _events(path: str | Path, names: set[str]) -> dict[str, dict[int, float]]:
@@ -40,12 +42,12 @@ def _events(path: str | Path, names: set[str]) -> dict[str, dict[int, float]]:
 
 def chain(core: str | Path, worker: str | Path, trim: float = 0.1) -> dict:
     c = _events(core, {"result", "plan"})
-    w = _events(worker, {"plan_in", "launched", "collected", "result_out"})
+    w = _events(worker, {"plan_in", "launched", "collected"})
     rows: list[list[float]] = []
-    for n in sorted(w["result_out"]):
+    for n in sorted(w["collected"]):
         try:
-            t = (w["result_out"][n], c["result"][n], c["plan"][n + 2], w["plan_in"][n + 2],
-                 w["launched"][n + 2], w["collected"][n + 1], w["result_out"][n + 1])
+            t = (w["collected"][n], c["result"][n], c["plan"][n + 2], w["plan_in"][n + 2],
+                 w["launched"][n + 2], w["collected"][n + 1])
         except KeyError:
             continue
         rows.append([1000 * (b - a) for a, b in zip(t, t[1:], strict=False)])
@@ -59,6 +61,7 @@ def chain(core: str | Path, worker: str | Path, trim: float = 0.1) -> dict:
         "steps": int(len(a)),
         "median_ms": {name: round(float(np.median(a[:, i])), 4) for i, name in enumerate(LINKS)},
         "p90_ms": {name: round(float(np.percentile(a[:, i], 90)), 4) for i, name in enumerate(LINKS)},
+        "min_ms": {name: round(float(a[:, i].min()), 4) for i, name in enumerate(LINKS)},
         "period_median_ms": round(float(np.median(period)), 4),
         "host_chain_median_ms": round(float(np.median(period - a[:, LINKS.index("wait")])), 4),
     }
