@@ -1027,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="Measured rounds per version (median reported).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channels", type=int, default=4, help="gRPC connections the streams are spread over.")
-    p.add_argument("--pipeline-depth", type=int, default=0, choices=(0, 1, 2), help="0 = the server's auto.")
+    p.add_argument("--pipeline-depth", type=int, default=0, choices=(0, 1, 2, 3), help="0 = the server's auto.")
     p.add_argument("--max-num-tokens", type=int, default=4096, help="Tokens per step (prefill chunking).")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--stop", nargs="*", default=[], help="Stop strings every request carries (default none).")

@@ -69,7 +69,9 @@ def greedy_requests(prompts: list[list[int]], max_new: int) -> list[Request]:
 
 
 def run_requests(engine, requests: list[Request], depth: int, prefix_caching: bool = False) -> LoopStats:
-    """Runs `requests` to completion at pipeline depth 1 or 2; returns outputs and timings."""
+    """Runs `requests` to completion at pipeline depth 1 or 2; returns outputs and timings. (Depth 3 is a
+    link's: its third plan waits in the worker's socket, which one thread has not got.)"""
+    assert depth in (1, 2), depth
     sched = scheduler_for(engine, depth, prefix_caching=prefix_caching)
     for r in requests:
         sched.add(r)

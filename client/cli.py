@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     sg = s.add_argument_group("scheduler")
     sg.add_argument("--address", default=None, help=f"gRPC listen address (default {DEFAULT_ADDRESS})")
     sg.add_argument(
-        "--pipeline-depth", type=int, choices=(0, 1, 2), default=None,
-        help="1 = sync, 2 = async, 0 = auto (default: 2 on a CUDA worker, 1 on a CPU worker)"
+        "--pipeline-depth", type=int, choices=(0, 1, 2, 3), default=None,
+        help="1 = sync, 2 = async, 3 = async with one plan more queued at the worker, 0 = auto (default: 2 on "
+        "a CUDA worker, 1 on a CPU worker)"
     )
     sg.add_argument("--sync", action="store_true", help="same as --pipeline-depth 1")
     sg.add_argument("--max-waiting", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
@@ -560,8 +561,8 @@ def worker_group(worker: list[str], env: dict[str, str], size: int) -> list[Chil
 
 
 def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.sync and args.pipeline_depth == 2:
-        parser.error("--sync contradicts --pipeline-depth 2")
+    if args.sync and args.pipeline_depth in (2, 3):
+        parser.error(f"--sync contradicts --pipeline-depth {args.pipeline_depth}")
     address = args.address or DEFAULT_ADDRESS
     private = None
     if args.engine_address is None:

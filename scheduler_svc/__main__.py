@@ -22,9 +22,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--address", default="localhost:50051", help="gRPC listen address.")
     p.add_argument("--engine-address", default=default_engine_address(),
                    help="ZeroMQ address the worker connects to (ipc:// or tcp://).")
-    p.add_argument("--pipeline-depth", type=int, choices=(0, 1, 2), default=0,
+    p.add_argument("--pipeline-depth", type=int, choices=(0, 1, 2, 3), default=0,
                    help="Steps in flight: 2 = asynchronous (run ahead with carry-over), 1 = synchronous, "
-                        "0 = auto (2 for a CUDA worker, 1 for a CPU worker).")
+                        "3 = one plan more queued at the worker (the core's and the worker's host work each "
+                        "get a device step), 0 = auto (2 for a CUDA worker, 1 for a CPU worker).")
     p.add_argument("--sync", action="store_true", help="Same as --pipeline-depth 1.")
     p.add_argument("--max-waiting", type=int, default=256, help="Waiting-queue bound (RESOURCE_EXHAUSTED past it).")
     p.add_argument("--max-num-rows", type=int, default=0, help="Cap on requests per step (0 = worker's).")

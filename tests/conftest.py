@@ -77,6 +77,11 @@ def tiny_sync(servers) -> TandemServer:
 
 
 @pytest.fixture(scope="session")
+def tiny_depth3(servers) -> TandemServer:
+    return servers.get(depth=3, worker_args=tuple(TINY_WORKER_ARGS))
+
+
+@pytest.fixture(scope="session")
 def smol(servers) -> TandemServer:
     return servers.get("smollm2-135m-instruct", worker_args=("--max-num-tokens", "256"))
 

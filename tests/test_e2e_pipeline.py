@@ -1,4 +1,5 @@
-"""Acceptance: run-ahead (depth 2) changes nothing a client can see; neither does batching or KV pressure."""
+"""Acceptance: run-ahead (depth 2, and the opt-in depth 3) changes nothing a client can see; neither does
+batching or KV pressure."""
 
 from __future__ import annotations
 
@@ -54,6 +55,26 @@ def test_depth1_and_depth2_identical_greedy_and_seeded(tiny, tiny_sync, tiny_mod
     for server in (tiny, tiny_sync):
         st = server.wait_idle()
         assert st.kv_blocks_free == st.kv_blocks_total
+
+
+def test_depth3_identical_to_depth1_greedy_and_seeded(tiny_depth3, tiny_sync, tiny_model):
+    """Three plans in flight (the third queued at the worker): the same tokens as the synchronous loop."""
+    cases = _mixed_cases(7)
+    for kw in ({"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95}):
+        deep = asyncio.run(_generate_all(tiny_depth3.address, cases, **kw))
+        sync_results = asyncio.run(_generate_all(tiny_sync.address, cases, **kw))
+        if kw["temperature"] == 0:
+            _assert_same_or_tie(tiny_model, cases, deep, sync_results, "greedy, depth 3")
+        else:
+            assert [r.token_ids for r in deep] == [r.token_ids for r in sync_results]
+    st = tiny_depth3.wait_idle()
+    assert st.kv_blocks_free == st.kv_blocks_total
+
+    async def depth() -> int:
+        async with AsyncTandemClient(tiny_depth3.address) as c:
+            return (await c.model_info()).pipeline_depth
+
+    assert asyncio.run(depth()) == 3  # the server ran at the depth it was asked for
 
 
 CHATS = [

@@ -209,30 +209,34 @@ def mixed_requests() -> list[Request]:
     return reqs
 
 
-@pytest.mark.parametrize(("depth", "deferred"), [(1, False), (2, False), (1, True), (2, True)])
+@pytest.mark.parametrize(("depth", "deferred"), [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)])
 def test_outputs_match_oracle_with_chunking_and_preemption(depth: int, deferred: bool) -> None:
     reqs = mixed_requests()
     out = run_to_completion(Scheduler(limits(depth, check_state=True)), reqs, deferred=deferred)
     stats = out["stats"]
     assert stats["preemptions"] > 0 and stats["chunked"] > 0
-    if depth == 2:
+    if depth > 1:
         assert stats["carried"] > 0 and stats["overruns"] > 0
     else:
         assert stats["carried"] == 0 and stats["overruns"] == 0
     if deferred:  # plans were built, and requests preempted, with a result's rows unsettled
         assert stats["built_unsettled"] > 0 and stats["preempted_unsettled"] > 0
     reasons = Counter()
+    extras = []
     for req in reqs:
         _, expected, reason = oracle(req)
         evs = out["events"][req.req_id]
         assert [e.token_id for e in evs] == expected == req.output_ids, req.req_id
         assert evs[-1].finish == reason == req.finish_reason and req.is_finished
         assert all(e.finish is None for e in evs[:-1])
-        # Length finishes are known in advance: no sample was ever scheduled past the end.
+        # Length finishes are known in advance: no sample was ever scheduled past the end; an EOS or
+        # stop token may have up to depth - 1 more in flight.
         extra = out["samples"][req.req_id] - len(expected)
-        assert extra == 0 if (depth == 1 or reason == FinishReason.LENGTH) else extra in (0, 1)
+        assert extra == 0 if (depth == 1 or reason == FinishReason.LENGTH) else 0 <= extra < depth
+        extras.append(extra)
         reasons[reason] += 1
     assert reasons[FinishReason.EOS] and reasons[FinishReason.LENGTH] and reasons[FinishReason.STOP_TOKEN]
+    assert max(extras) == depth - 1  # some finish had every step the depth allows still in flight
 
 
 def test_depth_1_and_2_identical_and_timestamps_set() -> None:
@@ -469,7 +473,7 @@ def shared_prefix_requests(salted: bool = False) -> list[Request]:
     return reqs
 
 
-@pytest.mark.parametrize(("depth", "deferred"), [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize(("depth", "deferred"), [(1, False), (2, False), (2, True), (3, True)])
 def test_prefix_cache_shares_blocks_and_tokens_match_the_oracle(depth: int, deferred: bool) -> None:
     """The fake worker checks every row's context against the truth, so a wrongly shared or evicted
     block fails here; the pool is small enough to evict and preempt."""

@@ -5,6 +5,9 @@ detokenizing, stop strings: frontend/engine_client.py), so that no per-stream wo
 Owns the pipeline: at depth 1 (synchronous) one step is in flight and the worker idles while the
 scheduler plans the next; at depth 2 (asynchronous) the next plan is built and sent while the
 worker computes the current one, its decode rows carrying the pending tokens over on the worker.
+Depth 3 (opt-in) sends one plan more: the worker still launches at most two steps, and the third
+waits in its socket, so that the core's part of the chain (result in, plan out) and the worker's
+(launch) each have a whole device step to fit in, instead of sharing one.
 Everything runs on the asyncio loop: results are processed, then the pipeline is topped up, then the
 step's tokens go to the front end, in the same callback, so a plan is never built from stale state.
 One `WorkerSession` per connected worker: a worker that dies takes its session (allocator, in-flight
@@ -53,7 +56,7 @@ REFUSALS_WINDOW_S = 60.0
 
 @dataclass
 class EngineConfig:
-    pipeline_depth: int = 0  # 0 = auto: 2 when the worker computes asynchronously (CUDA), else 1
+    pipeline_depth: int = 0  # 0 = auto: 2 when the worker computes asynchronously (CUDA), else 1; 3 opt-in
     max_waiting: int = 256
     max_num_rows: int = 0  # 0 = the worker's limit
     step_timeout_s: float = 60.0  # watchdog: no result for this long with steps in flight = dead worker
@@ -113,7 +116,7 @@ class Engine:
     `link` (the worker: plans out, results in)."""
 
     def __init__(self, link: EngineLink, front: CoreLink, config: EngineConfig, instance_token: str = "") -> None:
-        assert config.pipeline_depth in (0, 1, 2)
+        assert config.pipeline_depth in (0, 1, 2, 3)
         self.link = link
         # When set, only a worker whose HELLO carries it is served (it belongs to this instance); kept
         # out of EngineConfig, which travels on the core's command line.

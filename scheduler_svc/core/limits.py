@@ -35,7 +35,7 @@ class SchedulerLimits:
     prefix_caching: bool = False  # full blocks are kept and shared by requests with the same prefix
 
     def __post_init__(self) -> None:
-        assert self.pipeline_depth in (1, 2), "pipeline depth is 1 (sync) or 2 (async)"
+        assert self.pipeline_depth in (1, 2, 3), "pipeline depth is 1 (sync), 2 or 3 (async)"
         assert min(self.num_blocks, self.block_size, self.max_num_tokens, self.max_num_rows,
                    self.max_blocks_per_row, self.max_context) > 0
         assert self.num_slots == 0 or self.num_slots >= self.max_num_rows

@@ -17,11 +17,11 @@ With prefix caching (block_manager.py), admission takes the cached blocks of the
 prefix of a request and schedules only the rest; full blocks are named once the step writing them
 is sent, so only later steps can read them.
 
-Running ahead (depth 2) is made safe here, not in the worker:
+Running ahead (depth 2 or 3) is made safe here, not in the worker:
 - a decode whose input token is the in-flight step's sample carries it over (input 0 + carry_index);
   one whose pending sample comes from an older in-flight step waits;
 - a sample is never scheduled past max_new_tokens or max_context (in-flight samples count);
-- EOS / stop-token / outside `finish` may leave one step in flight: its rows are discarded;
+- EOS / stop-token / outside `finish` may leave depth - 1 steps in flight: their rows are discarded;
 - blocks and the row slot of a finished, aborted or preempted request are freed tagged with the last
   step sent, and return to their pools only when that step has reported.
 """
