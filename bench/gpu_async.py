@@ -74,9 +74,11 @@ VARIANTS: dict[str, tuple[int, dict]] = {
 }
 
 
-def _depths(modes: tuple[str, ...]) -> list[tuple[int, str]]:
-    """Pipeline depth per mode: sync is depth 1 (no overlap), async depth 2."""
-    return [(d, m) for d, m in ((1, "sync"), (2, "async")) if m in modes]
+def _depths(modes: tuple[str, ...], link: bool = False) -> list[tuple[int, str]]:
+    """Pipeline depth per mode: sync is depth 1 (no overlap), async depth 2; async3 is depth 3, which
+    only a link has (its third plan waits in the worker's socket): end to end, not engine-only."""
+    known = ((1, "sync"), (2, "async"), (3, "async3")) if link else ((1, "sync"), (2, "async"))
+    return [(d, m) for d, m in known if m in modes]
 
 
 def prompts_for(n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -171,7 +173,7 @@ def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
                variants: tuple[str, ...] = ("greedy",), device: str = "cuda",
                client_procs: tuple[int, ...] = (1,)) -> Iterator[Result]:
     blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
-    for depth, mode in _depths(modes):
+    for depth, mode in _depths(modes, link=True):
         # Every request is sent at once: the waiting queue must hold them (its default, 256, refused
         # part of 1024 on the H200).
         sched = ["--pipeline-depth", str(depth), "--max-waiting", str(max(256, 2 * len(prompts)))]
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--parts", default="engine,e2e,transformers",
                    help="comma-separated subset of engine, e2e, transformers (or transformers-sync / -async)")
-    p.add_argument("--modes", default="sync,async", help="Tandem modes to run: sync, async or both")
+    p.add_argument("--modes", default="sync,async",
+                   help="Tandem modes to run, comma-separated: sync, async; async3 (depth 3) end to end only")
     p.add_argument("--variants", default="greedy",
                    help=f"end-to-end sampling variants, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
