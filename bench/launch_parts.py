@@ -15,6 +15,7 @@ next step is launched) and `collect` are off the chain. Each figure is per stead
 difference between a run of `--new-tokens` and one of a quarter as many, over the steps between them.
 
     python -m bench.launch_parts --model random:smollm2-135m --rows 1024 256 [--new-tokens 256] [--json F]
+    python -m bench.launch_parts --trees OLD_CHECKOUT . ...   # before/after in one invocation
 
 On CPU (`--device cpu`, a one-layer tiny model by default) `launch` includes the forward.
 """
@@ -24,8 +25,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -221,10 +228,48 @@ def measure(engine, rows: int, prompt_len: int, new_tokens: int, vocab: int, rou
     chain = ("result_encode", "result_decode", "process_result", "accept_result", "build_plan", "plan_encode",
              "plan_decode", "launch")
     entry["serial_chain_ms"] = round(sum(p.get(k, 0.0) for k in chain), 4)
+    # The chain's timed host parts alone: launch's own sub-parts in place of the whole launch, which on
+    # CPU also runs the forward (so this is the figure two trees compare by on a machine without a GPU).
+    launch_parts = sum(v for k, v in p.items() if k.startswith("launch.") and k.count(".") == 1)
+    entry["host_chain_parts_ms"] = round(sum(p.get(k, 0.0) for k in chain if k != "launch") + launch_parts, 4)
     return entry
 
 
+def _measure_here(args: argparse.Namespace, model: str) -> list[dict]:
+    entries = []
+    for rows in args.rows:
+        engine = build_engine(model, args.device, rows, args.prompt_len, args.new_tokens)
+        e = measure(engine, rows, args.prompt_len, args.new_tokens, engine.loaded.vocab_size, args.rounds)
+        e["model"], e["device"] = model, args.device
+        entries.append(e)
+        del engine
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return entries
+
+
+def _measure_tree(tree: Path, argv: list[str]) -> list[dict]:
+    """This file's measurement with `tree`'s code, in a child process (`python -P`, the tree first on
+    its path): the code versions meet in one invocation, on one machine, one after the other."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "entries.json"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "proto"),
+                                                            os.environ.get("PYTHONPATH", "")])}
+        subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), *argv, "--child-out", str(out)],
+                       env=env, check=True)
+        return json.loads(out.read_text())
+
+
+def _print(e: dict) -> None:
+    print(f"{e.get('tree', '.')}: rows {e['rows']}: {e['ms_per_step']} ms/step (steady decode), "
+          f"busy {e['busy_ratio_long']}, serial chain {e['serial_chain_ms']} ms, its timed host parts "
+          f"{e['host_chain_parts_ms']} ms")
+    for k, v in e["parts_ms_per_step"].items():
+        print(f"  {k:28s} {v:8.4f} ms/step  ({e['calls_per_step'][k]} calls)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m bench.launch_parts", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random:smollm2-135m", help="a model spec; 'tiny' with --device cpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -232,29 +277,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--trees", nargs="+", default=None,
+                   help="source trees to measure, each in a child process, in this order (an older checkout "
+                   "first for a before/after); default: this tree, in this process")
     p.add_argument("--json", default=None)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     model = args.model if args.device != "cpu" or args.model != "random:smollm2-135m" else "tiny"
-    entries = []
-    for rows in args.rows:
-        engine = build_engine(model, args.device, rows, args.prompt_len, args.new_tokens)
-        vocab = engine.loaded.vocab_size
-        e = measure(engine, rows, args.prompt_len, args.new_tokens, vocab, args.rounds)
-        e["model"], e["device"] = model, args.device
-        entries.append(e)
-        print(f"rows {rows}: {e['ms_per_step']} ms/step (steady decode), busy {e['busy_ratio_long']}, "
-              f"serial chain {e['serial_chain_ms']} ms")
-        for k, v in e["parts_ms_per_step"].items():
-            print(f"  {k:28s} {v:8.4f} ms/step  ({e['calls_per_step'][k]} calls)")
-        del engine
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+    if args.child_out:
+        import bench
+
+        here = Path(bench.__file__).resolve().parent.parent
+        Path(args.child_out).write_text(json.dumps([{**e, "tree": str(here)} for e in _measure_here(args, model)]))
+        return 0
+    if args.trees:
+        child_argv = _without(_without(argv, "--trees", len(args.trees)), "--json", 1)
+        entries = [e for tree in args.trees for e in _measure_tree(Path(tree).resolve(), child_argv)]
+    else:
+        entries = _measure_here(args, model)
+    for e in entries:
+        _print(e)
     if args.json:
         header = cpu_header("bench.launch_parts", argv)
         if args.device.startswith("cuda"):
             header["gpu"], header["torch"] = torch.cuda.get_device_name(), torch.__version__
         write_record(args.json, {**header, "entries": entries})
     return 0
+
+
+def _without(argv: list[str], flag: str, nargs: int) -> list[str]:
+    """`argv` less `flag` and the `nargs` values after it."""
+    if flag not in argv:
+        return argv
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 1 + nargs:]
 
 
 if __name__ == "__main__":

@@ -49,3 +49,17 @@ def test_launch_parts_times_every_part_once_a_step():
     assert calls["take_events"] >= 1.0
     p = entry["parts_ms_per_step"]
     assert entry["serial_chain_ms"] >= p["launch"] + p["accept_result"] + p["build_plan"] > 0
+
+
+def test_launch_parts_measures_a_tree_in_a_child_process(tmp_path):
+    from pathlib import Path
+
+    from bench.launch_parts import main as launch_parts
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "record.json"
+    assert launch_parts(["--device", "cpu", "--rows", "16", "--prompt-len", "16", "--new-tokens", "12",
+                         "--rounds", "1", "--trees", str(root), "--json", str(out)]) == 0
+    (entry,) = json.loads(out.read_text())["entries"]
+    assert entry["tree"] == str(root) and entry["steps"] == 9
+    assert 0 < entry["host_chain_parts_ms"] <= entry["serial_chain_ms"]
