@@ -264,7 +264,6 @@ class Engine:
         digest = self.rows.digest() if step_plan.check_state else 0
         slot = self.slots[self._launches % 2]
         other = self.slots[(self._launches + 1) % 2]
-        layout = row_layout(plan.query_start, plan.kv_lens, self.cache.cfg.block_size)
         sampling = plan.sample.astype(bool)
         asked = plan.num_logprobs[sampling]
         num_top = int(asked.max(initial=0))
@@ -309,14 +308,15 @@ class Engine:
                                        append_blocks=plan.append_blocks[:0])
         appends = plan.append_slots.shape[0] > 0
         if bucket is not None:
-            layout = decode_layout(bucket, self.limits.max_blocks_per_row)
+            layout = decode_layout(bucket, self.limits.max_blocks_per_row)  # a graph's: no per-row layout to build
             # Forward-only: padding rows do not sample, so the tail's sampling inputs are the plan's own.
             inputs = slot.load(pad_decode_batch(plan, bucket, sample_all=not forward_only), layout)
-        elif tokens is not None:
-            # Rows (and sampled rows) never outnumber tokens: padding to that bound keeps lm_head small.
-            inputs = slot.load(plan, layout, pad_to=(tokens, min(tokens, self.limits.max_num_rows)))
         else:
-            inputs = slot.load(plan, layout)
+            layout = row_layout(plan.query_start, plan.kv_lens, self.cache.cfg.block_size)
+            # Rows (and sampled rows) never outnumber tokens: padding a piecewise graph's inputs to that
+            # bound keeps lm_head small.
+            pad_to = (tokens, min(tokens, self.limits.max_num_rows)) if tokens is not None else None
+            inputs = slot.load(plan, layout, pad_to=pad_to)
         compute = self.sync.compute_stream
         with self.sync.on(compute), torch.inference_mode():
             compute.wait_event(slot.h2d_done)
