@@ -83,10 +83,11 @@ def _prompts(n: int, seed: int, lo: int = 4, hi: int = 24) -> list[list[int]]:
     return [[rng.randrange(3, 40000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def test_200_mixed_requests_valid_and_identical_at_both_depths(tiny, tiny_sync) -> None:
+def test_200_mixed_requests_valid_and_identical_at_every_depth(tiny, tiny_sync, tiny_depth3) -> None:
     """200 requests, constrained and free in the same batches (temperature 0 and seeded 0.9): every
-    constrained one ends on EOS within its budget with a valid output, and depth 2 gives depth 1's
-    tokens (the sampler's RNG is keyed by (seed, position), so seeded rows must match too)."""
+    constrained one ends on EOS within its budget with a valid output, and depths 2 and 3 give depth
+    1's tokens (the sampler's RNG is keyed by (seed, position), so seeded rows must match too; at depth
+    3 a constrained row that ends may have two overrun rows in flight, whose masks are all-ones)."""
     prompts = _prompts(200, seed=5)
     # Seeded random rows are a quarter: the CPU sampler's counter-based noise costs more than a forward.
     seeds = [{"temperature": 0.9, "seed": 100 + i} if i % 4 == 1 else {"temperature": 0.0} for i in range(200)]
@@ -98,8 +99,10 @@ def test_200_mixed_requests_valid_and_identical_at_both_depths(tiny, tiny_sync) 
 
     deep = asyncio.run(run(tiny.address))
     sync = asyncio.run(run(tiny_sync.address))
-    for i, (a, b) in enumerate(zip(deep, sync, strict=True)):
+    deeper = asyncio.run(run(tiny_depth3.address))
+    for i, (a, b, c) in enumerate(zip(deep, sync, deeper, strict=True)):
         assert a.token_ids == b.token_ids, f"request {i} ({_kinds(i)}): depth 2 and depth 1 differ"
+        assert c.token_ids == b.token_ids, f"request {i} ({_kinds(i)}): depth 3 and depth 1 differ"
         kw = _kinds(i)
         if kw and (a.finish_reason == "eos" or "json_object" not in kw):
             assert a.finish_reason == "eos", (i, kw, a.text, a.finish_reason)
@@ -112,6 +115,8 @@ def test_200_mixed_requests_valid_and_identical_at_both_depths(tiny, tiny_sync) 
     free = [r for i, r in enumerate(deep) if not _kinds(i)]
     assert sum(r.finish_reason == "length" for r in free) >= 0.9 * len(free)  # noise: free rows run on
     tiny.wait_idle(timeout=1.0)  # every KV block back within a second of the last answer
+    st = tiny_depth3.wait_idle(timeout=1.0)
+    assert st.kv_blocks_free == st.kv_blocks_total
 
 
 def test_embedded_smollm2_follows_a_schema_and_a_choice(smol) -> None:
