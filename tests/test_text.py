@@ -203,7 +203,9 @@ def test_detokenizer_never_emits_broken_characters(tok, text):
     assert "".join(deltas) + detok.flush() == text
 
 
-def test_detokenizer_decodes_a_bounded_window(tok):
+def test_detokenizer_decodes_in_the_stream_not_over_the_output(tok):
+    """Per token only tokenizers' DecodeStream runs: no full decode of the output, at any length; one
+    at the end only when the output ends inside a character, to release it."""
     seen: list[int] = []
 
     class Counting(TandemTokenizer):
@@ -215,8 +217,39 @@ def test_detokenizer_decodes_a_bounded_window(tok):
     ids = tok.encode(" ".join(MULTIBYTE) * 40)
     detok = IncrementalDetokenizer(counting)
     text = "".join(detok.push([i]) for i in ids) + detok.flush()
-    assert text == tok.decode(ids)
-    assert len(ids) > 1000 and max(seen) <= 8
+    assert text == tok.decode(ids) and len(ids) > 1000 and seen == []
+    # Cut inside the last character of an emoji: the stream holds its bytes, flush releases them.
+    emoji = tok.encode("ok 😀")
+    cut = next(k for k in range(len(emoji) - 1, 0, -1) if tok.decode(emoji[:k]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(counting)
+    streamed = "".join(detok.push([i]) for i in emoji[:cut])
+    assert "\ufffd" not in streamed
+    assert streamed + detok.flush() == tok.decode(emoji[:cut]) and seen == [cut]
+
+
+def test_detokenizer_goes_on_from_full_decodes_when_the_stream_refuses(tok, monkeypatch, caplog):
+    """tokenizers' stream checks that each decode extends the last; were it to refuse a sequence
+    (a DecodeStreamError), the request's text continues, whole and unbroken, from full decodes."""
+    real = tok.stream
+
+    def refusing(skip):
+        step, calls = real(skip), [0]
+
+        def stepper(ids):
+            calls[0] += 1
+            if calls[0] == 5:
+                raise Exception("InvalidPrefix")  # what tokenizers raises: a plain Exception
+            return step(ids)
+
+        return stepper
+
+    monkeypatch.setattr(tok, "stream", refusing)
+    text = "emoji 😀👍🏽 and 你好 " * 5
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push([i]) for i in ids]
+    assert "".join(deltas) + detok.flush() == text
+    assert not any("\ufffd" in d for d in deltas) and "full decodes" in caplog.text
 
 
 # --- stop strings ------------------------------------------------------------------------------

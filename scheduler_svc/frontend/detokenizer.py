@@ -10,72 +10,77 @@ checker likewise skips stops before min_tokens), so it neither ends the request 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from scheduler_svc.frontend.tokenizer import TandemTokenizer
 
+log = logging.getLogger("tandem.detokenizer")
 REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
     """Token ids in, only the new text out; the deltas concatenate to `tokenizer.decode(all ids)`.
 
-    Each push decodes a short window `ids[prefix:]` and compares it with the decode of
-    `ids[prefix:read]` (tokens already turned into text). Decoding the context tokens too, rather
-    than the new tokens alone, keeps the decoder's word-boundary rules (leading-space stripping,
-    byte merging) the same as in a full decode. Cost per token is bounded by the window, not by the
-    length of the output.
+    tokenizers' own incremental decoder (`DecodeStream`, in Rust) does the work: it decodes each push
+    with a short window of context, so that the decoder's word-boundary rules (leading-space
+    stripping, byte merging) are those of a full decode, and holds tokens that end inside a UTF-8
+    character until the character is complete. Cost per token is bounded by that window, not by the
+    length of the output; one call per push. `flush` releases what is still held when generation ends
+    (the output is then final even if its last bytes are invalid UTF-8). Should the stream refuse a
+    sequence (its prefix check), this request's text goes on from full decodes instead.
     """
 
-    def __init__(
-        self, tokenizer: TandemTokenizer, skip_special_tokens: bool = True, max_held_tokens: int = 16
-    ) -> None:
+    def __init__(self, tokenizer: TandemTokenizer, skip_special_tokens: bool = True) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        # A trailing U+FFFD may be an incomplete character (at most 3 bytes, so a few tokens) or
-        # genuinely invalid bytes the model produced; past this many pending tokens assume the latter
-        # rather than holding (and re-decoding) garbage forever.
-        self._max_held = max_held_tokens
+        self._step = tokenizer.stream(skip_special_tokens)
         self._ids: list[int] = []
-        self._prefix = 0  # window start: context tokens decoded again for the decoder's sake
-        self._read = 0  # tokens before this are fully released as text
-        self._prefix_len = 0  # len(decode(ids[prefix:read]))
-        self._partial = 0  # chars after prefix_len already released from a window ending in U+FFFD
+        self._released = 0  # characters released so far
+        self._holding = False  # pushed tokens have not all reached the text (or decoded to nothing)
+        self._full = False  # the stream refused a push: every push decodes the whole output
 
     @property
     def token_ids(self) -> list[int]:
         return self._ids
 
     def push(self, token_ids: Sequence[int]) -> str:
-        self._ids.extend(int(t) for t in token_ids)
-        return self._advance(final=False)
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            return ""
+        self._ids.extend(ids)
+        if not self._full:
+            try:
+                text = self._step(ids)
+            except Exception as exc:  # tokenizers' DecodeStreamError, raised as a plain Exception
+                log.warning("incremental decoding refused a token sequence (%s); this request's text "
+                            "continues from full decodes", exc)
+                self._full = True
+            else:
+                if text is None:
+                    # Held (an incomplete character) or nothing to show (skipped special tokens, ids
+                    # past the vocabulary): only the first kind must be released by `flush`.
+                    self._holding = self._holding or any(not (self._skip and self._tok.is_special(t)) for t in ids)
+                    return ""
+                self._holding = False
+                self._released += len(text)
+                return text
+        return self._from_full(final=False)
 
     def flush(self) -> str:
-        """Release whatever is held (generation ended): the output is final even if invalid UTF-8."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        if self._read == len(self._ids):
+        """Release whatever is held (generation ended): the rest of the full decode."""
+        if not (self._holding or self._full):
             return ""
-        text = self._tok.decode(self._ids[self._prefix :], self._skip)
-        settled = final or not text.endswith(REPLACEMENT) or len(self._ids) - self._read > self._max_held
-        # Everything before the trailing U+FFFD run is fixed: later bytes cannot change it.
-        safe = text if settled else text.rstrip(REPLACEMENT)
-        start = self._prefix_len + self._partial
-        delta = safe[start:]
-        if not settled:
-            self._partial += len(delta)
-            return delta
-        # Slide the window: the tokens just released become the context of the next decode. Keep
-        # the old context when the new one would decode to nothing (only skipped special tokens),
-        # since decoders treat the first visible token of a decode specially.
-        window = self._ids[self._read :]
-        if any(not (self._skip and self._tok.is_special(t)) for t in window):
-            self._prefix = self._read
-        self._read = len(self._ids)
-        self._prefix_len = len(self._tok.decode(self._ids[self._prefix : self._read], self._skip))
-        self._partial = 0
+        self._holding = False
+        return self._from_full(final=True)
+
+    def _from_full(self, final: bool) -> str:
+        text = self._tok.decode(self._ids, self._skip)
+        if not final:
+            text = text.rstrip(REPLACEMENT)  # a trailing U+FFFD may still become a character
+        delta = text[self._released:]
+        self._released += len(delta)
         return delta
 
 

@@ -10,7 +10,7 @@ the worker's model was trained on exactly those ids.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +20,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tandem.wire import Hello
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 # Roles a client may send. Templates usually render any role verbatim, so an unknown role would
 # silently become a turn the model never saw in training; reject it up front instead.
@@ -169,6 +170,14 @@ class TandemTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # Ids beyond the tokenizer's vocabulary (padded embedding rows) decode to nothing.
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def stream(self, skip_special_tokens: bool = True) -> Callable[[list[int]], str | None]:
+        """A fresh incremental decoder (tokenizers' DecodeStream): each call takes the next token ids and
+        returns the text they complete, or None while it holds an incomplete character (or they show
+        nothing)."""
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        tok = self._tok
+        return lambda ids: stream.step(tok, ids[0] if len(ids) == 1 else ids)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """Vocabulary strings of each id (e.g. 'Ġworld'), '' for ids the tokenizer does not know."""
