@@ -161,16 +161,19 @@ class RowState:
 
     def _apply(self, plan: StepPlan, checked: _Checked) -> StepBatch:
         free, new, rows, qs = plan.free_slots, plan.new_slots, plan.rows, plan.query_start
-        for s in free:
+        for s in free.tolist():
             self.request_ids[s] = ""
         self.active, self.num_blocks, self.context = checked.active, checked.num_blocks, checked.context
-        self.temperature[new], self.top_p[new], self.top_k[new] = plan.new_temperature, plan.new_top_p, plan.new_top_k
-        self.min_p[new], self.seed[new], self.num_logprobs[new] = plan.new_min_p, plan.new_seed, plan.new_num_logprobs
-        for s, rid in zip(new.tolist(), plan.new_request_ids(), strict=True):
-            self.request_ids[s] = rid
+        if new.size:  # a steady decode plan starts nothing
+            self.temperature[new], self.top_p[new] = plan.new_temperature, plan.new_top_p
+            self.top_k[new], self.min_p[new] = plan.new_top_k, plan.new_min_p
+            self.seed[new], self.num_logprobs[new] = plan.new_seed, plan.new_num_logprobs
+            for s, rid in zip(new.tolist(), plan.new_request_ids(), strict=True):
+                self.request_ids[s] = rid
         a_slots = plan.append_slots
         a_cols = checked.append_cols.astype(np.int32)
-        self.table[a_slots, a_cols] = plan.append_blocks
+        if a_slots.size:
+            self.table[a_slots, a_cols] = plan.append_blocks
 
         n = np.diff(qs)
         kv = self.context[rows]
