@@ -40,6 +40,8 @@ def new_slot_arrays(reqs: list[Request]) -> dict[str, np.ndarray | list[str]]:
 
     A request is admitted only with no sample in flight, so prompt + outputs is every token before
     this plan's own sample: the history a recreated slot rebuilds its counts from."""
+    if not reqs:
+        return {}  # a plan that starts nothing: StepPlan's defaults are these arrays, empty
     ps = [r.sampling for r in reqs]
     n = len(reqs)
 
