@@ -108,6 +108,12 @@ def workload_bytes(model: str, num_requests: int, prompt_len: int, max_new: int)
     return max_new * weight_bytes_per_step(meta, num_requests), num_requests * kv_per_token * contexts
 
 
+def engine_sizes(num_requests: int, prompt_len: int, max_new: int) -> tuple[int, int]:
+    """(KV blocks, tokens a step) of a benchmark's worker: every request's prompt and outputs at once
+    in 16-token blocks (plus 64 spare), and a step budget of every prompt, within [2048, 8192]."""
+    return num_requests * -(-(prompt_len + max_new) // 16) + 64, max(2048, min(8192, num_requests * prompt_len))
+
+
 def _floor(result: Result, floor_s: float | None) -> Result:
     if floor_s and result.wall_s:
         result.physical_floor_s, result.over_floor = floor_s, result.wall_s / floor_s
@@ -124,10 +130,8 @@ def engine_only(model: str, prompts, max_new: int, dtype: torch.dtype, rows: int
         from worker_svc import fusion
 
         fusion.apply(loaded.model)
-    blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
-    engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=rows,
-                                         max_num_tokens=max(2048, min(8192, len(prompts) * len(prompts[0])))),
-                    "cuda")
+    blocks, max_num_tokens = engine_sizes(len(prompts), len(prompts[0]), max_new)
+    engine = Engine(loaded, EngineConfig(num_blocks=blocks, max_num_rows=rows, max_num_tokens=max_num_tokens), "cuda")
     run_requests(engine, greedy_requests(prompts, 8), 2)  # warm-up: allocator, kernels
     for depth, mode in _depths(modes):
         torch.cuda.synchronize()
@@ -172,14 +176,14 @@ def end_to_end(model: str, prompts, max_new: int, dtype: str, rows: int,
                modes: tuple[str, ...] = MODES, fuse: bool = True,
                variants: tuple[str, ...] = ("greedy",), device: str = "cuda",
                client_procs: tuple[int, ...] = (1,)) -> Iterator[Result]:
-    blocks = len(prompts) * -(-(len(prompts[0]) + max_new) // 16) + 64
+    blocks, max_num_tokens = engine_sizes(len(prompts), len(prompts[0]), max_new)
     for depth, mode in _depths(modes, link=True):
         # Every request is sent at once: the waiting queue must hold them (its default, 256, refused
         # part of 1024 on the H200).
         sched = ["--pipeline-depth", str(depth), "--max-waiting", str(max(256, 2 * len(prompts)))]
         server = TandemServer(model=model, scheduler_args=sched, worker_args=[
             "--device", device, "--dtype", dtype, "--num-blocks", str(blocks), "--max-num-rows", str(rows),
-            "--max-num-tokens", str(max(2048, min(8192, len(prompts) * len(prompts[0])))),
+            "--max-num-tokens", str(max_num_tokens),
             "--fuse" if fuse else "--no-fuse",
         ])
         try:

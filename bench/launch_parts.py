@@ -137,32 +137,24 @@ def _wire_roundtrip(engine, timers: Timers) -> contextlib.AbstractContextManager
     clock = time.perf_counter
     launch, collect = engine.launch, engine.collect
 
-    def launch_over_wire(plan):
+    def over_wire(message, kind: str):
+        """`message` encoded and decoded again (its parts timed as `<kind>_encode` / `_decode`)."""
         t0 = clock()
-        frames = plan.encode()
+        frames = message.encode()
         t1 = clock()
         frames = [bytes(f) if isinstance(f, memoryview) else f for f in frames]  # what arrives from a socket
         t2 = clock()
         _kind, header, arrays = wire.split(frames)
-        plan = wire.StepPlan.decode(header, arrays)
-        t3 = clock()
-        timers.add("plan_encode", 1000 * (t1 - t0))
-        timers.add("plan_decode", 1000 * (t3 - t2))
-        return launch(plan)
+        decoded = type(message).decode(header, arrays)
+        timers.add(f"{kind}_decode", 1000 * (clock() - t2))
+        timers.add(f"{kind}_encode", 1000 * (t1 - t0))
+        return decoded
+
+    def launch_over_wire(plan):
+        return launch(over_wire(plan, "plan"))
 
     def collect_over_wire():
-        result = collect()
-        t0 = clock()
-        frames = result.encode()
-        t1 = clock()
-        frames = [bytes(f) if isinstance(f, memoryview) else f for f in frames]
-        t2 = clock()
-        _kind, header, arrays = wire.split(frames)
-        result = wire.StepResult.decode(header, arrays)
-        t3 = clock()
-        timers.add("result_encode", 1000 * (t1 - t0))
-        timers.add("result_decode", 1000 * (t3 - t2))
-        return result
+        return over_wire(collect(), "result")
 
     @contextlib.contextmanager
     def cm():
@@ -176,11 +168,11 @@ def _wire_roundtrip(engine, timers: Timers) -> contextlib.AbstractContextManager
 
 
 def build_engine(model: str, device: str, rows: int, prompt_len: int, new_tokens: int):
+    from bench.gpu_async import engine_sizes
     from worker_svc.models import load
     from worker_svc.runner import Engine, EngineConfig
 
-    max_num_tokens = max(2048, min(8192, rows * prompt_len))
-    blocks = rows * -(-(prompt_len + new_tokens) // 16) + 64
+    blocks, max_num_tokens = engine_sizes(rows, prompt_len, new_tokens)
     if device == "cpu" and model == "tiny":
         from bench.host_parts import tiny_cpu_engine
 

@@ -43,32 +43,29 @@ def _assert_same_or_tie(model, cases, a, b, what: str) -> None:
         assert diverged <= near_ties, f"{what}: {diverged} sequences diverge, {near_ties} references hold a near-tie"
 
 
-def test_depth1_and_depth2_identical_greedy_and_seeded(tiny, tiny_sync, tiny_model):
+def _assert_same_tokens_as_sync(deep, sync, model, what: str) -> None:
+    """`deep`'s greedy and seeded tokens equal the synchronous server's on _mixed_cases(7); both give
+    every KV block back."""
     cases = _mixed_cases(7)
     for kw in ({"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95}):
-        async_results = asyncio.run(_generate_all(tiny.address, cases, **kw))
-        sync_results = asyncio.run(_generate_all(tiny_sync.address, cases, **kw))
+        deep_results = asyncio.run(_generate_all(deep.address, cases, **kw))
+        sync_results = asyncio.run(_generate_all(sync.address, cases, **kw))
         if kw["temperature"] == 0:
-            _assert_same_or_tie(tiny_model, cases, async_results, sync_results, "greedy")
+            _assert_same_or_tie(model, cases, deep_results, sync_results, f"greedy, {what}")
         else:
-            assert [r.token_ids for r in async_results] == [r.token_ids for r in sync_results]
-    for server in (tiny, tiny_sync):
+            assert [r.token_ids for r in deep_results] == [r.token_ids for r in sync_results]
+    for server in (deep, sync):
         st = server.wait_idle()
         assert st.kv_blocks_free == st.kv_blocks_total
 
 
+def test_depth1_and_depth2_identical_greedy_and_seeded(tiny, tiny_sync, tiny_model):
+    _assert_same_tokens_as_sync(tiny, tiny_sync, tiny_model, "depth 2")
+
+
 def test_depth3_identical_to_depth1_greedy_and_seeded(tiny_depth3, tiny_sync, tiny_model):
     """Three plans in flight (the third queued at the worker): the same tokens as the synchronous loop."""
-    cases = _mixed_cases(7)
-    for kw in ({"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95}):
-        deep = asyncio.run(_generate_all(tiny_depth3.address, cases, **kw))
-        sync_results = asyncio.run(_generate_all(tiny_sync.address, cases, **kw))
-        if kw["temperature"] == 0:
-            _assert_same_or_tie(tiny_model, cases, deep, sync_results, "greedy, depth 3")
-        else:
-            assert [r.token_ids for r in deep] == [r.token_ids for r in sync_results]
-    st = tiny_depth3.wait_idle()
-    assert st.kv_blocks_free == st.kv_blocks_total
+    _assert_same_tokens_as_sync(tiny_depth3, tiny_sync, tiny_model, "depth 3")
 
     async def depth() -> int:
         async with AsyncTandemClient(tiny_depth3.address) as c:
